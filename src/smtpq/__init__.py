@@ -1,0 +1,1 @@
+"""smtpq: the queue service of a mail transfer agent, on asyncio."""

@@ -1,0 +1,151 @@
+"""The storage contract every queue backend implements.
+
+Two sides:
+
+* **Records** — ``write``, ``set_timestamp``, ``increment_attempts``, ``set_recipients_delivered``,
+  ``load``, ``get``/``get_entry``, ``remove``, ``get_info``, ``close``: the durable state of each
+  message (envelope, next attempt time, attempts, delivered recipients, held flag, last reply).
+* **Schedule** — ``claim``, ``renew``, ``release``, ``next_due``, ``wait``, ``flush``, ``set_held``:
+  which message is due, and which worker attempts it. A claim is a *lease* that lasts
+  :attr:`QueueStorage.lease_timeout` seconds unless renewed; a worker that dies loses it and another
+  worker takes the message over. Local backends keep the schedule in memory (rebuilt by ``load``);
+  shared backends keep it in the shared store.
+
+Recipient indexes always refer to the recipient list *as first written*. ``get`` returns only the
+pending recipients; :attr:`StoredMessage.pending` gives the original index of each of them.
+
+Times are Unix epoch seconds as floats, given by the caller (the Queue's clock), never read here
+from the event loop, so that they mean the same after a restart or on another host.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from smtpq.envelope import Envelope
+from smtpq.reply import Reply
+
+__all__ = ["QueueStorage", "StoredMessage"]
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    """Everything stored about one message.
+
+    :ivar envelope: the envelope with only the pending recipients.
+    :ivar pending: for each recipient of :attr:`envelope`, its index in the list as written.
+    """
+
+    id: str
+    envelope: Envelope
+    attempts: int
+    timestamp: float
+    pending: tuple[int, ...]
+    held: bool = False
+    last_reply: Reply | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class QueueStorage(abc.ABC):
+    """Abstract queue storage; every method is a coroutine and safe to call concurrently."""
+
+    #: Seconds a claim lasts unless renewed.
+    lease_timeout: float = 60.0
+
+    # -- records -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def write(self, envelope: Envelope, timestamp: float, *, claimed: bool = False) -> str:
+        """Store a new message due at ``timestamp`` with 0 attempts; return its new id.
+
+        Durable when it returns (for durable backends). With ``claimed=True`` the writer holds
+        the lease at once (until ``timestamp + lease_timeout``), so that it can make the first
+        attempt from the envelope in memory while no other worker takes the message.
+        Raises :class:`~smtpq.errors.QueueError` when the message could not be stored.
+        """
+
+    @abc.abstractmethod
+    async def set_timestamp(
+        self, id: str, timestamp: float, *, last_reply: Reply | None = None
+    ) -> None:
+        """Set the next attempt time (and remember the reply that deferred it).
+
+        This ends the attempt: the lease, if any, is released, and the message is due again at
+        ``timestamp``. Waiters are woken.
+        """
+
+    @abc.abstractmethod
+    async def increment_attempts(self, id: str) -> int:
+        """Add one to the attempt count and return the new count."""
+
+    @abc.abstractmethod
+    async def set_recipients_delivered(self, id: str, indexes: Iterable[int]) -> None:
+        """Mark recipients (indexes into the list as first written) as done; idempotent."""
+
+    @abc.abstractmethod
+    async def load(self) -> list[tuple[float, str]]:
+        """Every stored message as ``(timestamp, id)``; rebuilds a local schedule.
+
+        Safe while another task or process removes messages.
+        """
+
+    @abc.abstractmethod
+    async def get_entry(self, id: str) -> StoredMessage:
+        """Everything stored about a message; :class:`KeyError` when it is gone."""
+
+    async def get(self, id: str) -> tuple[Envelope, int]:
+        """The envelope (pending recipients only) and the attempt count; KeyError when gone."""
+        entry = await self.get_entry(id)
+        return entry.envelope, entry.attempts
+
+    @abc.abstractmethod
+    async def remove(self, id: str) -> None:
+        """Forget a message; idempotent."""
+
+    @abc.abstractmethod
+    async def get_info(self) -> dict[str, Any]:
+        """Facts about the storage; at least ``size``, the number of messages stored."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, not abstract
+        """Release connections and threads. The default has nothing to release."""
+
+    # -- schedule ------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def claim(self, now: float, limit: int) -> list[str]:
+        """Lease up to ``limit`` messages that are due at ``now`` and not held.
+
+        A message is claimable when its next attempt time has come and it has no live lease
+        (or its lease expired: its holder died). Each claimed message is leased to this storage
+        object until ``now + lease_timeout``.
+        """
+
+    @abc.abstractmethod
+    async def renew(self, ids: Sequence[str], now: float) -> None:
+        """Extend the leases this storage object holds on ``ids`` to ``now + lease_timeout``."""
+
+    @abc.abstractmethod
+    async def release(self, id: str) -> None:
+        """Give up a lease without changing the next attempt time (an interrupted attempt)."""
+
+    @abc.abstractmethod
+    async def next_due(self) -> float | None:
+        """When the schedule next has something to claim (an attempt or a lease expiry)."""
+
+    @abc.abstractmethod
+    async def wait(self, timeout: float) -> None:
+        """Return when a message is written or rescheduled (by anyone), or after ``timeout``."""
+
+    @abc.abstractmethod
+    async def flush(self, now: float, ids: Sequence[str] | None = None) -> int:
+        """Make messages (all, or ``ids``) due at ``now``; leased and held ones are left alone.
+
+        Returns how many were rescheduled.
+        """
+
+    @abc.abstractmethod
+    async def set_held(self, id: str, held: bool) -> None:
+        """Hold a message (never claimed, across restarts) or release it (due at its time)."""

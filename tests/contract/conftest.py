@@ -1,0 +1,52 @@
+"""The storage under test: every backend runs the same contract suite.
+
+A backend joins by adding a factory to ``BACKENDS``: an async context manager that yields a
+fresh, empty storage and a way to open a second storage object on the same data (another
+worker, or the same process after a restart).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smtpq.storage import DictStorage, QueueStorage
+
+
+@dataclass
+class Backend:
+    """A storage under test and how to reopen it."""
+
+    storage: QueueStorage
+    reopen: Callable[[], Awaitable[QueueStorage]]
+    durable: bool
+
+
+@asynccontextmanager
+async def dict_backend(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    env_db: dict[str, Any] = {}
+    meta_db: dict[str, Any] = {}
+
+    async def reopen() -> QueueStorage:
+        return DictStorage(env_db, meta_db, lease_timeout=5.0)
+
+    storage = DictStorage(env_db, meta_db, lease_timeout=5.0)
+    yield Backend(storage, reopen, durable=False)
+    await storage.close()
+
+
+BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], Any]] = {
+    "dict": dict_backend,
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """Each backend in turn, empty, with a lease timeout of 5 seconds."""
+    async with BACKENDS[request.param](tmp_path, request) as b:
+        yield b
