@@ -1,1 +1,52 @@
-"""smtpq: the queue service of a mail transfer agent, on asyncio."""
+"""smtpq: the queue service of a mail transfer agent, on asyncio.
+
+The names of python-slimta's queue documentation, rebuilt on asyncio: :class:`Envelope`,
+:class:`Reply`, :class:`Relay`, :class:`Queue`, the storages, :class:`Bounce` and backoff functions.
+"""
+
+from smtpq.backoff import Backoff, DefaultBackoff, exponential_backoff
+from smtpq.bounce import Bounce, BounceFactory
+from smtpq.clock import Clock, ManualClock, SystemClock
+from smtpq.envelope import Envelope
+from smtpq.errors import EnvelopeFormatError, QueueError, SmtpqError
+from smtpq.policy import (
+    AddMissingHeaders,
+    AddReceivedHeader,
+    QueuePolicy,
+    RecipientDomainSplit,
+    RecipientSplit,
+)
+from smtpq.queue import Queue, QueueEvent
+from smtpq.relay import PermanentRelayError, Relay, RelayError, TransientRelayError
+from smtpq.reply import Reply
+from smtpq.storage import DictStorage, QueueStorage, StoredMessage
+
+__all__ = [
+    "AddMissingHeaders",
+    "AddReceivedHeader",
+    "Backoff",
+    "Bounce",
+    "BounceFactory",
+    "Clock",
+    "DefaultBackoff",
+    "DictStorage",
+    "Envelope",
+    "EnvelopeFormatError",
+    "ManualClock",
+    "PermanentRelayError",
+    "Queue",
+    "QueueError",
+    "QueueEvent",
+    "QueuePolicy",
+    "QueueStorage",
+    "RecipientDomainSplit",
+    "RecipientSplit",
+    "Relay",
+    "RelayError",
+    "Reply",
+    "SmtpqError",
+    "StoredMessage",
+    "SystemClock",
+    "TransientRelayError",
+    "exponential_backoff",
+]
