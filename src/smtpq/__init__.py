@@ -17,7 +17,7 @@ from smtpq.policy import (
     RecipientSplit,
 )
 from smtpq.queue import Queue, QueueEvent
-from smtpq.relay import PermanentRelayError, Relay, RelayError, TransientRelayError
+from smtpq.relay import PermanentRelayError, Relay, RelayError, RelayResult, TransientRelayError
 from smtpq.reply import Reply
 from smtpq.storage import DictStorage, QueueStorage, StoredMessage
 
@@ -43,6 +43,7 @@ __all__ = [
     "RecipientSplit",
     "Relay",
     "RelayError",
+    "RelayResult",
     "Reply",
     "SmtpqError",
     "StoredMessage",

@@ -152,11 +152,12 @@ def _build(
 def notify_wants(envelope: Envelope, recipient: str, kind: str) -> bool:
     """Whether RFC 3461 NOTIFY for ``recipient`` asks for ``kind`` (``FAILURE``, ``DELAY``).
 
-    Without NOTIFY, failures are reported and delays are not asked for (so the MTA decides).
+    Without NOTIFY, failures and delays may be reported (RFC 3461 §4.1: the MTA's own settings
+    decide whether delay warnings are sent at all).
     """
     notify = envelope.rcpt_params.get(recipient, {}).get("NOTIFY")
     if notify is None:
-        return kind == "FAILURE"
+        return kind in ("FAILURE", "DELAY")
     values = {v.strip().upper() for v in notify.split(",")}
     return "NEVER" not in values and kind in values
 

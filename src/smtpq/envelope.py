@@ -116,15 +116,12 @@ class Envelope:
         """Split a whole message into its header block (with the blank line) and its body."""
         data = bytes(data)
         if data[:1] == b"\n" or data[:2] == b"\r\n":
-            split = 1 if data[:1] == b"\n" else 2
+            split = 1 if data[:1] == b"\n" else 2  # an empty header block
+        elif not _HEADER_FIELD.match(data):
+            split = 0  # does not start with a header field: it is all body
         else:
             match = _BLANK_LINE.search(data)
-            if match is not None:
-                split = match.end()
-            elif _HEADER_FIELD.match(data):
-                split = len(data)  # headers only, no body
-            else:
-                split = 0
+            split = match.end() if match is not None else len(data)
         self._header_bytes = data[:split]
         self.body = data[split:]
         self._parsed = None

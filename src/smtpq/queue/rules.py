@@ -6,7 +6,7 @@ functions plain values and carries out what they decide.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from smtpq.relay.base import RelayError, RelayResult
@@ -72,7 +72,7 @@ def judge(
     exception that is not a RelayError.
     """
     per_rcpt: dict[str, Reply | None]
-    if isinstance(result, dict):
+    if isinstance(result, Mapping):
         per_rcpt = {}
         missing = missing_recipient_reply()
         for rcpt in recipients:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from typing import TypeAlias
 
 from smtpq.envelope import Envelope
@@ -21,7 +22,7 @@ __all__ = [
 #: The outcome for one recipient: None (delivered), a Reply judged by its code, or an error.
 RecipientResult: TypeAlias = "Reply | RelayError | None"
 #: What ``attempt`` returns: None or a Reply for the whole message, or results per recipient.
-RelayResult: TypeAlias = "Reply | dict[str, RecipientResult] | None"
+RelayResult: TypeAlias = "Reply | Mapping[str, RecipientResult] | None"
 
 
 class RelayError(SmtpqError):

@@ -1,0 +1,73 @@
+"""Reply: enhanced status codes and classification."""
+
+from __future__ import annotations
+
+import pytest
+
+from smtpq.errors import QueueError
+from smtpq.reply import Reply, ReplyClass, classify
+
+
+def test_default_enhanced_code_from_class() -> None:
+    assert Reply("250", "Ok").message == "2.0.0 Ok"
+    assert Reply("451", "Try later").enhanced_status_code == "4.0.0"
+    assert Reply("550", "No").enhanced_status_code == "5.0.0"
+
+
+def test_leading_enhanced_code_is_split() -> None:
+    r = Reply("550", "5.1.1 No such user")
+    assert r.enhanced_status_code == "5.1.1"
+    assert r.text == "No such user"
+    assert r.message == "5.1.1 No such user"
+    assert str(r) == "550 5.1.1 No such user"
+
+
+def test_enhanced_class_follows_the_code() -> None:
+    assert Reply("450", "5.1.1 odd").message == "4.1.1 odd"
+
+
+def test_codes_without_enhanced_status() -> None:
+    assert Reply("354", "Go ahead").message == "Go ahead"
+    assert Reply().message is None
+    assert not Reply()
+
+
+@pytest.mark.parametrize(
+    ("code", "klass"),
+    [
+        ("250", ReplyClass.SUCCESS),
+        ("354", ReplyClass.INTERMEDIATE),
+        ("421", ReplyClass.TRANSIENT),
+        ("554", ReplyClass.PERMANENT),
+        ("99", ReplyClass.UNKNOWN),
+        ("abc", ReplyClass.UNKNOWN),
+        (None, ReplyClass.UNKNOWN),
+    ],
+)
+def test_classify(code: str | None, klass: ReplyClass) -> None:
+    assert classify(code) is klass
+
+
+def test_helpers() -> None:
+    assert Reply("250", "ok").is_success()
+    assert Reply("421", "x").is_transient()
+    assert Reply("421", "x").is_error()
+    assert Reply("550", "x").is_permanent()
+    assert Reply("550", "x").is_error()
+    assert not Reply("250", "ok").is_error()
+
+
+def test_round_trip_dict_and_equality() -> None:
+    r = Reply("451", "4.7.1 greylisted", "RCPT", "a@b", remote_host="mx.example")
+    back = Reply.from_dict(r.to_dict())
+    assert back == r
+    assert back.remote_host == "mx.example"
+    assert back.command == "RCPT"
+    assert hash(back) == hash(r)
+
+
+def test_queue_error_reply() -> None:
+    err = QueueError("disk full")
+    assert err.reply.code == "451"
+    assert err.reply.enhanced_status_code == "4.3.0"
+    assert "disk full" not in str(err.reply)
