@@ -21,6 +21,7 @@ from the event loop, so that they mean the same after a restart or on another ho
 from __future__ import annotations
 
 import abc
+import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,28 @@ from typing import Any
 from smtpq.envelope import Envelope
 from smtpq.reply import Reply
 
-__all__ = ["QueueStorage", "StoredMessage"]
+__all__ = ["QueueStorage", "StoredMessage", "id_time", "is_valid_id", "new_id"]
+
+_ID_CHARS = frozenset("0123456789abcdef")
+
+
+def new_id(timestamp: float) -> str:
+    """A new queue id: 32 hex digits, the first 13 the time in microseconds, then random.
+
+    Ids sort by arrival, so listings come out oldest first and the oldest message is the
+    smallest id, as with Postfix's long queue ids.
+    """
+    return f"{int(timestamp * 1_000_000) & 0xFFFFFFFFFFFFF:013x}{secrets.randbits(76):019x}"
+
+
+def is_valid_id(id: str) -> bool:
+    """Whether ``id`` has the form :func:`new_id` makes (safe as a file name, for one)."""
+    return len(id) == 32 and _ID_CHARS.issuperset(id)
+
+
+def id_time(id: str) -> float:
+    """The arrival time encoded in an id made by :func:`new_id`."""
+    return int(id[:13], 16) / 1_000_000
 
 
 @dataclass(slots=True)

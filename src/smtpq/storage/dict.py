@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, MutableMapping, Sequence
 from typing import Any
 
 from smtpq.envelope import Envelope
 from smtpq.reply import Reply
-from smtpq.storage.base import QueueStorage, StoredMessage
+from smtpq.storage.base import QueueStorage, StoredMessage, new_id
 from smtpq.storage.schedule import LocalSchedule
 
 __all__ = ["DictStorage"]
@@ -61,7 +60,7 @@ class DictStorage(QueueStorage):
     async def write(self, envelope: Envelope, timestamp: float, *, claimed: bool = False) -> str:
         """Store a copy of the envelope; see :meth:`QueueStorage.write`."""
         await self._ensure_loaded()
-        id = uuid.uuid4().hex
+        id = new_id(timestamp)
         self.env_db[id] = envelope.to_bytes()
         meta = {"timestamp": timestamp, "attempts": 0, "delivered": [], "held": False}
         self._put_meta(id, meta)
