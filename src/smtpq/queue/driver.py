@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
@@ -57,7 +58,7 @@ class QueueEvent:
         reply: Reply | None = None,
         **detail: Any,
     ) -> None:
-        #: accepted, attempt, delivered, deferred, bounced, expired, removed, failed.
+        #: accepted, attempted, delivered, deferred, bounced, expired, failed, removed.
         self.kind = kind
         self.id = id
         self.recipients = tuple(recipients)
@@ -72,7 +73,8 @@ class QueueEvent:
             if self.reply.remote_host:
                 parts.append(f"relay={self.reply.remote_host}")
             parts.append(f'reply="{self.reply}"')
-        parts.extend(f"{k}={v}" for k, v in self.detail.items())
+        for key, value in self.detail.items():
+            parts.append(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}")
         return " ".join(parts)
 
 
@@ -226,6 +228,7 @@ class Queue:
         return list(zip(envelopes, results, strict=True))
 
     async def _write(self, env: Envelope, now: float, deliver: bool) -> str | QueueError:
+        started = time.perf_counter()
         try:
             id = await self._store(self.store.write(env, now, claimed=deliver))
         except QueueError as exc:
@@ -234,7 +237,10 @@ class Queue:
         except Exception as exc:
             log.exception("store failed for message from <%s>", env.sender)
             return QueueError(f"storage failure: {exc!r}")
-        self._emit(QueueEvent("accepted", id, env.recipients, sender=f"<{env.sender}>"))
+        took = time.perf_counter() - started
+        self._emit(
+            QueueEvent("accepted", id, env.recipients, sender=f"<{env.sender}>", seconds=took)
+        )
         if deliver:
             pending = tuple(range(len(env.recipients)))
             self._spawn(id, self._attempt(id, env.copy(), 0, pending))
@@ -360,9 +366,10 @@ class Queue:
         if not envelope.recipients:
             result = None
         else:
+            started = 0.0
             try:
                 async with self._relay_sem:
-                    self._emit(QueueEvent("attempt", id, envelope.recipients, attempt=attempts + 1))
+                    started = time.perf_counter()
                     result = await self.relay.attempt(envelope, attempts)
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
@@ -373,6 +380,10 @@ class Queue:
             except Exception as exc:
                 log.exception("relay raised an unexpected error for %s; will retry", id)
                 result = exc
+            took = time.perf_counter() - started
+            self._emit(
+                QueueEvent("attempted", id, envelope.recipients, attempt=attempts + 1, seconds=took)
+            )
         judgement = judge(envelope.recipients, pending, result)
         settle = asyncio.create_task(self._settle(id, envelope, pending, judgement))
         self._settling.add(settle)
@@ -406,7 +417,7 @@ class Queue:
             self._emit(QueueEvent("delivered", id, delivered, judgement.success))
         retry_soon = False
         for reply, idx in judgement.permanent:
-            if await self._bounce(id, self._subset(envelope, pending, idx), reply, now):
+            if await self._bounce(id, self._subset(envelope, pending, idx), reply):
                 await self._store(self.store.set_recipients_delivered(id, idx))
                 done.update(idx)
             else:
@@ -425,7 +436,7 @@ class Queue:
                     self._emit(
                         QueueEvent("expired" if expired else "failed", id, sub.recipients, reply)
                     )
-                    if await self._bounce(id, sub, final, now, why):
+                    if await self._bounce(id, sub, final, why):
                         await self._store(self.store.set_recipients_delivered(id, idx))
                         done.update(idx)
                     else:
@@ -450,25 +461,37 @@ class Queue:
         elif retry_soon:
             await self._store(self.store.set_timestamp(id, now + BOUNCE_RETRY_DELAY))
 
-    async def _bounce(
-        self, id: str, envelope: Envelope, reply: Reply, now: float, why: str | None = None
-    ) -> bool:
-        """Enqueue a bounce for ``envelope``'s recipients; False if it could not be stored."""
+    async def send_bounce(
+        self, envelope: Envelope, reply: Reply, why: str | None = None
+    ) -> list[str] | None:
+        """Enqueue a bounce for ``envelope``'s recipients into the bounce queue.
+
+        Returns the bounce's queue ids (empty when none is due: a null sender, NOTIFY=NEVER),
+        or None when it could not be stored.
+        """
         factory = self.bounce_factory
         bounce: Envelope | None
         if isinstance(factory, BounceFactory):
-            bounce = factory(envelope, reply, now=now, diagnostic=why)
+            bounce = factory(envelope, reply, now=self.clock.time(), diagnostic=why)
         else:
             bounce = factory(envelope, reply)
         if bounce is None:
-            self._emit(QueueEvent("bounced", id, envelope.recipients, reply, dsn="none"))
-            return True
+            return []
         results = await self.bounce_queue.enqueue(bounce)
         errors = [r for _, r in results if isinstance(r, QueueError)]
         if errors:
-            log.error("bounce for %s could not be queued: %s; retrying later", id, errors[0])
+            log.error("a bounce could not be queued: %s", errors[0])
+            return None
+        return [r for _, r in results if isinstance(r, str)]
+
+    async def _bounce(
+        self, id: str, envelope: Envelope, reply: Reply, why: str | None = None
+    ) -> bool:
+        """Bounce and log; False if the bounce could not be stored (retry later)."""
+        ids = await self.send_bounce(envelope, reply, why)
+        if ids is None:
             return False
-        dsn = ",".join(r for _, r in results if isinstance(r, str))
+        dsn = ",".join(ids) or "none"
         self._emit(QueueEvent("bounced", id, envelope.recipients, reply, dsn=dsn))
         return True
 

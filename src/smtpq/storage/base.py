@@ -23,7 +23,7 @@ from __future__ import annotations
 import abc
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from smtpq.envelope import Envelope
@@ -68,7 +68,8 @@ class StoredMessage:
     pending: tuple[int, ...]
     held: bool = False
     last_reply: Reply | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: Every recipient as first written (delivered ones included), when the backend has them.
+    original_recipients: tuple[str, ...] = ()
 
 
 class QueueStorage(abc.ABC):

@@ -117,8 +117,9 @@ class DictStorage(QueueStorage):
         meta = self._meta(id)
         envelope = Envelope.from_bytes(self.env_db[id])
         delivered = set(meta["delivered"])
-        pending = tuple(i for i in range(len(envelope.recipients)) if i not in delivered)
-        envelope.recipients = [envelope.recipients[i] for i in pending]
+        everyone = tuple(envelope.recipients)
+        pending = tuple(i for i in range(len(everyone)) if i not in delivered)
+        envelope.recipients = [everyone[i] for i in pending]
         reply = meta.get("last_reply")
         return StoredMessage(
             id=id,
@@ -128,6 +129,7 @@ class DictStorage(QueueStorage):
             pending=pending,
             held=bool(meta.get("held")),
             last_reply=Reply.from_dict(reply) if reply else None,
+            original_recipients=everyone,
         )
 
     async def remove(self, id: str) -> None:
@@ -138,8 +140,9 @@ class DictStorage(QueueStorage):
         self._schedule.discard(id)
 
     async def get_info(self) -> dict[str, Any]:
-        """``size``: the number of messages stored."""
-        return {"size": len(self.meta_db)}
+        """``size`` (messages stored), ``held``, ``active`` (being attempted), ``oldest``."""
+        await self._ensure_loaded()
+        return {"size": len(self.meta_db), **self._schedule.stats()}
 
     async def close(self) -> None:
         """Close shelve objects (plain dicts need nothing)."""

@@ -13,6 +13,8 @@ import contextlib
 import heapq
 from collections.abc import Iterable
 
+from smtpq.storage.base import id_time
+
 __all__ = ["LocalSchedule"]
 
 
@@ -158,6 +160,15 @@ class LocalSchedule:
     def leases(self) -> dict[str, float]:
         """The leased messages and when their leases expire."""
         return {id: self._score[id] for id in self._leased if id in self._score}
+
+    def stats(self) -> dict[str, float | int | None]:
+        """Counts for operators: ``held``, ``active`` (leased), ``oldest`` arrival time."""
+        oldest = min(self._timestamp, default=None)
+        return {
+            "held": len(self._held),
+            "active": len(self._leased),
+            "oldest": id_time(oldest) if oldest is not None else None,
+        }
 
     def ids(self) -> list[str]:
         """Every scheduled message id."""

@@ -1,0 +1,99 @@
+"""Prometheus metrics of a running queue, fed by the Queue's events.
+
+Counters count recipients where the event is about recipients (delivered, deferred, bounced,
+expired) and messages where it is about messages (accepted). Gauges are read from the storage at
+scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from smtpq.clock import Clock
+from smtpq.queue import QueueEvent
+from smtpq.storage.base import QueueStorage
+
+__all__ = ["Metrics"]
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class _QueueGauges(Collector):
+    """Queue size by state and the oldest message's age, read when scraped."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        info = self.metrics.last_info
+        size = GaugeMetricFamily(
+            "smtpq_queue_messages", "Messages in the queue, by state.", labels=["state"]
+        )
+        total = int(info.get("size") or 0)
+        held = int(info.get("held") or 0)
+        active = int(info.get("active") or 0)
+        size.add_metric(["active"], active)
+        size.add_metric(["held"], held)
+        size.add_metric(["deferred"], max(0, total - held - active))
+        yield size
+        oldest = info.get("oldest")
+        age = GaugeMetricFamily(
+            "smtpq_oldest_message_age_seconds", "Age of the oldest queued message."
+        )
+        age.add_metric([], max(0.0, self.metrics.clock.time() - oldest) if oldest else 0.0)
+        yield age
+
+
+class Metrics:
+    """The daemon's metrics registry. Call :meth:`observe` with each QueueEvent."""
+
+    def __init__(self, storage: QueueStorage, clock: Clock) -> None:
+        self.storage = storage
+        self.clock = clock
+        self.last_info: dict[str, float | int | None] = {}
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.accepted = Counter("smtpq_messages_accepted", "Messages stored.", registry=r)
+        self.delivered = Counter("smtpq_recipients_delivered", "Recipients delivered.", registry=r)
+        self.deferred = Counter("smtpq_recipients_deferred", "Recipients deferred.", registry=r)
+        self.bounced = Counter("smtpq_recipients_bounced", "Recipients bounced.", registry=r)
+        self.expired = Counter(
+            "smtpq_recipients_expired", "Recipients given up on after retries.", registry=r
+        )
+        self.attempts = Histogram(
+            "smtpq_delivery_attempt_seconds", "Duration of delivery attempts.",
+            buckets=_LATENCY, registry=r,
+        )  # fmt: skip
+        self.writes = Histogram(
+            "smtpq_storage_write_seconds", "Duration of durable message writes.",
+            buckets=_LATENCY, registry=r,
+        )  # fmt: skip
+        r.register(_QueueGauges(self))
+
+    def observe(self, event: QueueEvent) -> None:
+        """Count one queue event."""
+        n = len(event.recipients)
+        seconds = event.detail.get("seconds")
+        if event.kind == "accepted":
+            self.accepted.inc()
+            if isinstance(seconds, float):
+                self.writes.observe(seconds)
+        elif event.kind == "attempted" and isinstance(seconds, float):
+            self.attempts.observe(seconds)
+        elif event.kind == "delivered":
+            self.delivered.inc(n)
+        elif event.kind == "deferred":
+            self.deferred.inc(n)
+        elif event.kind == "bounced":
+            self.bounced.inc(n)
+        elif event.kind in ("expired", "failed"):
+            self.expired.inc(n)
+
+    async def render(self) -> bytes:
+        """The text exposition format, with gauges fresh from the storage."""
+        self.last_info = await self.storage.get_info()
+        return generate_latest(self.registry)

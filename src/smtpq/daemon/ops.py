@@ -1,0 +1,257 @@
+"""Operator actions on a queue: list, show, flush, delete, hold, bounce, requeue, shape.
+
+These work on any storage, with or without a running daemon: the daemon's admin API calls them on
+its own storage and queue (so that its schedule sees each change at once), and the ``smtpq queue``
+command calls them directly when no daemon is running.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from smtpq.queue import Queue
+from smtpq.reply import Reply
+from smtpq.storage.base import QueueStorage, StoredMessage, id_time, is_valid_id
+
+__all__ = [
+    "MessageFilter",
+    "Shape",
+    "delete",
+    "iter_messages",
+    "message_summary",
+    "shape",
+]
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower() if "@" in address else ""
+
+
+def message_summary(entry: StoredMessage, now: float) -> dict[str, Any]:
+    """One message as plain values, the way ``smtpq queue list --json`` prints it."""
+    env = entry.envelope
+    arrival = env.timestamp if env.timestamp is not None else id_time(entry.id)
+    if entry.held:
+        state = "held"
+    elif entry.timestamp <= now:
+        state = "active"
+    else:
+        state = "deferred"
+    return {
+        "id": entry.id,
+        "arrival": arrival,
+        "size": len(env),
+        "sender": env.sender,
+        "recipients": list(env.recipients),
+        "attempts": entry.attempts,
+        "next_attempt": entry.timestamp,
+        "last_reply": str(entry.last_reply) if entry.last_reply else None,
+        "held": entry.held,
+        "state": state,
+    }
+
+
+@dataclass(frozen=True)
+class MessageFilter:
+    """Which messages an operator means: by domain, age or state (all when empty)."""
+
+    sender_domain: str | None = None
+    recipient_domain: str | None = None
+    min_age: float | None = None
+    max_age: float | None = None
+    state: str | None = None
+
+    def matches(self, summary: dict[str, Any], now: float) -> bool:
+        """Whether a message summary passes this filter."""
+        if self.sender_domain and _domain(summary["sender"]) != self.sender_domain.lower():
+            return False
+        if self.recipient_domain and not any(
+            _domain(r) == self.recipient_domain.lower() for r in summary["recipients"]
+        ):
+            return False
+        age = now - summary["arrival"]
+        if self.min_age is not None and age < self.min_age:
+            return False
+        if self.max_age is not None and age > self.max_age:
+            return False
+        return not (self.state and summary["state"] != self.state)
+
+
+async def iter_messages(
+    storage: QueueStorage,
+    now: float,
+    selector: MessageFilter | None = None,
+    ids: Sequence[str] | None = None,
+    batch: int = 500,
+) -> AsyncIterator[dict[str, Any]]:
+    """Summaries of the stored messages, oldest first, read a batch at a time.
+
+    Only the ids are held in memory for the whole queue; message records are read in batches,
+    so that a queue of a million messages lists in bounded memory.
+    """
+    if ids is None:
+        ids = sorted(id for _, id in await storage.load())
+    selector = selector or MessageFilter()
+    for start in range(0, len(ids), batch):
+        for id in ids[start : start + batch]:
+            try:
+                entry = await storage.get_entry(id)
+            except KeyError:
+                continue  # delivered or deleted since the listing began
+            summary = message_summary(entry, now)
+            if selector.matches(summary, now):
+                yield summary
+
+
+async def select_ids(
+    storage: QueueStorage, now: float, selector: MessageFilter | None, ids: Sequence[str] | None
+) -> list[str]:
+    """The ids of the messages an operator's arguments name."""
+    if ids is not None and selector is None:
+        return [i for i in ids if is_valid_id(i)]
+    return [m["id"] async for m in iter_messages(storage, now, selector, ids)]
+
+
+async def delete(storage: QueueStorage, ids: Iterable[str]) -> int:
+    """Remove messages without bouncing them (like ``postsuper -d``); returns how many."""
+    count = 0
+    for id in ids:
+        try:
+            await storage.get_entry(id)
+        except KeyError:
+            continue
+        await storage.remove(id)
+        count += 1
+    return count
+
+
+async def hold(storage: QueueStorage, ids: Iterable[str], held: bool) -> int:
+    """Hold (never attempt) or release messages; returns how many changed."""
+    count = 0
+    for id in ids:
+        try:
+            await storage.set_held(id, held)
+        except KeyError:
+            continue
+        count += 1
+    return count
+
+
+async def bounce_now(queue: Queue, ids: Iterable[str]) -> int:
+    """Give up on messages now (like Exim's ``-Mg``): bounce what is pending, then remove them."""
+    count = 0
+    for id in ids:
+        try:
+            entry = await queue.store.get_entry(id)
+        except KeyError:
+            continue
+        reply = Reply("550", "5.0.0 Delivery cancelled by the administrator")
+        last = f"last reply: {entry.last_reply}" if entry.last_reply else None
+        if await queue.send_bounce(entry.envelope, reply, last) is None:
+            continue  # the bounce could not be stored: keep the message
+        await queue.store.remove(id)
+        count += 1
+    return count
+
+
+async def requeue(storage: QueueStorage, ids: Iterable[str], now: float) -> list[str]:
+    """Store each message again as new (fresh id, no attempts, due now); returns the new ids."""
+    new_ids: list[str] = []
+    for id in ids:
+        try:
+            entry = await storage.get_entry(id)
+        except KeyError:
+            continue
+        new_ids.append(await storage.write(entry.envelope, now))
+        await storage.remove(id)
+    return new_ids
+
+
+#: Age buckets in minutes, as Postfix's qshape prints them (geometric, doubling).
+BUCKETS: tuple[int, ...] = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
+
+
+@dataclass
+class Shape:
+    """Message counts per domain and age bucket, plus the commonest last replies per domain."""
+
+    buckets: tuple[int, ...] = BUCKETS
+    rows: dict[str, list[int]] = field(default_factory=dict)
+    replies: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+
+    def add(self, domain: str, age_minutes: float, reply: str | None) -> None:
+        """Count one message (or recipient) of ``domain`` that is ``age_minutes`` old."""
+        row = self.rows.setdefault(domain, [0] * (len(self.buckets) + 2))
+        row[0] += 1
+        index = next((i for i, b in enumerate(self.buckets) if age_minutes < b), len(self.buckets))
+        row[1 + index] += 1
+        if reply:
+            self.replies[domain][reply] += 1
+
+    def to_dict(self, top: int = 3) -> dict[str, Any]:
+        """Plain values: header, rows sorted by count, totals and top replies."""
+        ordered = sorted(self.rows.items(), key=lambda kv: (-kv[1][0], kv[0]))
+        total = [sum(col) for col in zip(*self.rows.values(), strict=True)] if self.rows else []
+        return {
+            "buckets": list(self.buckets),
+            "total": total or [0] * (len(self.buckets) + 2),
+            "rows": [{"domain": d, "counts": c} for d, c in ordered],
+            "replies": {
+                d: self.replies[d].most_common(top) for d, _ in ordered if d in self.replies
+            },
+        }
+
+    def render(self, top: int = 3) -> str:
+        """A qshape-like table, then the top replies of each domain."""
+        data = self.to_dict(top)
+        labels = ["T", *[str(b) for b in self.buckets], f"{self.buckets[-1]}+"]
+        width = max([len("TOTAL"), *(len(r["domain"]) for r in data["rows"])])
+        lines = [" " * width + " " + " ".join(f"{label:>6}" for label in labels)]
+        for name, counts in [("TOTAL", data["total"])] + [
+            (r["domain"], r["counts"]) for r in data["rows"]
+        ]:
+            lines.append(f"{name:>{width}} " + " ".join(f"{c:>6}" for c in counts))
+        if data["replies"]:
+            lines.append("")
+            for domain, replies in data["replies"].items():
+                for reply, count in replies:
+                    lines.append(f"{domain}: {count} x {reply}")
+        return "\n".join(lines)
+
+
+async def shape(
+    messages: AsyncIterator[dict[str, Any]], now: float, by: str = "recipient"
+) -> Shape:
+    """The age histogram per destination (or sender) domain, counted per recipient like qshape."""
+    result = Shape()
+    async for m in messages:
+        age = max(0.0, (now - m["arrival"]) / 60.0)
+        domains: list[str] = (
+            [_domain(m["sender"]) or "MAILER-DAEMON"]
+            if by == "sender"
+            else [_domain(r) for r in m["recipients"]]
+        )
+        for domain in domains:
+            result.add(domain, age, m["last_reply"])
+    return result
+
+
+def parse_age(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``2h``, ``3d`` -> seconds."""
+    units: dict[str, Callable[[float], float]] = {
+        "s": lambda v: v,
+        "m": lambda v: v * 60,
+        "h": lambda v: v * 3600,
+        "d": lambda v: v * 86400,
+    }
+    text = text.strip().lower()
+    unit = text[-1] if text and text[-1] in units else "s"
+    number = text[:-1] if text and text[-1] in units else text
+    value = float(number)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"bad age {text!r}")
+    return units[unit](value)
