@@ -39,7 +39,7 @@ from smtpq.daemon.metrics import Metrics
 from smtpq.queue import Queue
 from smtpq.storage.base import is_valid_id
 
-__all__ = ["AdminServer", "describe_message", "selector_from"]
+__all__ = ["AdminServer", "describe_message", "limited", "run_action", "selector_from"]
 
 log = logging.getLogger("smtpq.admin")
 _MAX_BODY = 1 << 20
@@ -200,7 +200,7 @@ class AdminServer:
             elif path == "/queue":
                 limit = _int(query.get("limit"))
                 stream = ops.iter_messages(queue.store, now, selector_from(query))
-                await _respond_lines(writer, _limited(stream, limit))
+                await _respond_lines(writer, limited(stream, limit))
             elif path == "/queue/shape":
                 by = query.get("by", "recipient")
                 if by not in ("recipient", "sender"):
@@ -275,9 +275,10 @@ def _json_body(body: bytes) -> dict[str, Any]:
     return data
 
 
-async def _limited(
+async def limited(
     stream: AsyncIterator[dict[str, Any]], limit: int | None
 ) -> AsyncIterator[dict[str, Any]]:
+    """The first ``limit`` items of ``stream`` (all when None)."""
     count = 0
     async for item in stream:
         if limit is not None and count >= limit:

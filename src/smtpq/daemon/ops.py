@@ -23,6 +23,7 @@ __all__ = [
     "delete",
     "iter_messages",
     "message_summary",
+    "render_shape",
     "shape",
 ]
 
@@ -205,22 +206,22 @@ class Shape:
             },
         }
 
-    def render(self, top: int = 3) -> str:
-        """A qshape-like table, then the top replies of each domain."""
-        data = self.to_dict(top)
-        labels = ["T", *[str(b) for b in self.buckets], f"{self.buckets[-1]}+"]
-        width = max([len("TOTAL"), *(len(r["domain"]) for r in data["rows"])])
-        lines = [" " * width + " " + " ".join(f"{label:>6}" for label in labels)]
-        for name, counts in [("TOTAL", data["total"])] + [
-            (r["domain"], r["counts"]) for r in data["rows"]
-        ]:
-            lines.append(f"{name:>{width}} " + " ".join(f"{c:>6}" for c in counts))
-        if data["replies"]:
-            lines.append("")
-            for domain, replies in data["replies"].items():
-                for reply, count in replies:
-                    lines.append(f"{domain}: {count} x {reply}")
-        return "\n".join(lines)
+
+def render_shape(data: dict[str, Any]) -> str:
+    """A qshape-like table from :meth:`Shape.to_dict`, then the top replies of each domain."""
+    buckets = data["buckets"]
+    labels = ["T", *[str(b) for b in buckets], f"{buckets[-1]}+"]
+    rows = [("TOTAL", data["total"])] + [(r["domain"], r["counts"]) for r in data["rows"]]
+    width = max(len(name) for name, _ in rows)
+    lines = [" " * width + " " + " ".join(f"{label:>6}" for label in labels)]
+    for name, counts in rows:
+        lines.append(f"{name:>{width}} " + " ".join(f"{c:>6}" for c in counts))
+    if data["replies"]:
+        lines.append("")
+        for domain, replies in data["replies"].items():
+            for reply, count in replies:
+                lines.append(f"{domain}: {count} x {reply}")
+    return "\n".join(lines)
 
 
 async def shape(

@@ -1,0 +1,83 @@
+"""The admin API's client side: how ``smtpq queue ...`` talks to a running daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AdminClient", "AdminUnavailable"]
+
+
+class AdminUnavailable(Exception):
+    """No daemon answers on the admin socket."""
+
+
+class AdminError(Exception):
+    """The daemon refused the request; the message is its explanation."""
+
+
+class AdminClient:
+    """Requests to the admin API over its Unix socket."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            return await asyncio.open_unix_connection(str(self.socket_path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise AdminUnavailable(str(exc)) from None
+
+    async def _send(self, method: str, path: str, body: Any = None) -> asyncio.StreamReader:
+        reader, writer = await self._open()
+        data = json.dumps(body).encode() if body is not None else b""
+        writer.write(
+            f"{method} {path} HTTP/1.1\r\nHost: smtpq\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+            + data
+        )
+        await writer.drain()
+        status_line = await reader.readline()
+        status = int(status_line.split()[1]) if status_line else 0
+        while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+            pass
+        if status != 200:
+            text = await reader.read()
+            try:
+                message = json.loads(text)["error"]
+            except (ValueError, KeyError, TypeError):
+                message = text.decode("utf-8", "replace").strip() or f"HTTP {status}"
+            raise AdminError(message)
+        return reader
+
+    async def available(self) -> bool:
+        """Whether a daemon answers on the socket."""
+        try:
+            await self.get("/health")
+        except AdminUnavailable:
+            return False
+        return True
+
+    async def get(self, path: str) -> Any:
+        """GET a JSON document."""
+        reader = await self._send("GET", path)
+        return json.loads(await reader.read())
+
+    async def get_text(self, path: str) -> str:
+        """GET a text document."""
+        reader = await self._send("GET", path)
+        return (await reader.read()).decode()
+
+    async def lines(self, path: str) -> AsyncIterator[dict[str, Any]]:
+        """GET a stream of JSON lines."""
+        reader = await self._send("GET", path)
+        while line := await reader.readline():
+            yield json.loads(line)
+
+    async def post(self, path: str, body: dict[str, Any]) -> Any:
+        """POST a JSON body, get a JSON document."""
+        reader = await self._send("POST", path, body)
+        return json.loads(await reader.read())
