@@ -1,0 +1,78 @@
+"""The daemon's configuration: defaults that work, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from smtpq.daemon.config import ConfigError, load_config, parse_hostport
+
+
+def test_defaults() -> None:
+    config = load_config(None)
+    assert config.storage.type == "disk"
+    assert config.storage.path == "./smtpq-queue"
+    assert config.edge.listen == ("127.0.0.1:2525",)
+    assert config.relay.type == "mx"
+    assert config.retry.lifetime == 5 * 86400
+
+
+def test_file_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "smtpq.toml"
+    path.write_text(
+        'hostname = "mx.example.org"\n'
+        "[edge]\nlisten = [\"127.0.0.1:2600\", \"[::1]:2600\"]\nlocal_domains = [\"example.org\"]\n"
+        "[relay]\ntype = \"smarthost\"\nhost = \"smtp.example.net\"\nport = 587\n"
+        "[retry]\ninitial = 60\n"
+        "[routes]\n\"Example.NET\" = \"[192.0.2.1]:2525\"\n"
+    )
+    config = load_config(path, **{"storage.path": "/var/spool/smtpq", "workers": 2})
+    assert config.hostname == "mx.example.org"
+    assert config.edge.listen == ("127.0.0.1:2600", "[::1]:2600")
+    assert config.relay.port == 587
+    assert config.retry.initial == 60.0
+    assert config.routes == {"example.net": "[192.0.2.1]:2525"}
+    assert config.storage.path == "/var/spool/smtpq"
+    assert config.workers == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[storage]\ntype = \"tape\"\n", "storage.type must be one of"),
+        ("[edge]\nlisen = []\n", "unknown setting edge.lisen"),
+        ("[relay]\ntype = \"smarthost\"\n", "needs relay.host"),
+        ("[retry]\ninitial = \"soon\"\n", "retry.initial must be a number"),
+        ("[retry]\ninitial = -1\n", "must not be negative"),
+        ("workers = 0\n", "workers must be at least 1"),
+        ("[edge]\nlisten = [\"127.0.0.1:99999\"]\n", "port out of range"),
+        ("[admin]\nlisten = \"127.0.0.1:8025\"\n", "needs admin.token"),
+        ("bogus = 1\n", "unknown setting bogus"),
+        ("[edge\n", "config file"),
+    ],
+)
+def test_errors_are_clear(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/smtpq.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("mx.example.org", ("mx.example.org", 25)),
+        ("mx.example.org:587", ("mx.example.org", 587)),
+        ("[192.0.2.1]:2525", ("192.0.2.1", 2525)),
+        ("[::1]:2525", ("::1", 2525)),
+        ("::1", ("::1", 25)),
+    ],
+)
+def test_parse_hostport(text: str, expected: tuple[str, int]) -> None:
+    assert parse_hostport(text, 25) == expected
