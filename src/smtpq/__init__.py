@@ -7,6 +7,7 @@ The names of python-slimta's queue documentation, rebuilt on asyncio: :class:`En
 from smtpq.backoff import Backoff, DefaultBackoff, exponential_backoff
 from smtpq.bounce import Bounce, BounceFactory
 from smtpq.clock import Clock, ManualClock, SystemClock
+from smtpq.edge import EdgeConfig, SmtpEdge
 from smtpq.envelope import Envelope
 from smtpq.errors import EnvelopeFormatError, QueueError, SmtpqError
 from smtpq.policy import (
@@ -17,7 +18,17 @@ from smtpq.policy import (
     RecipientSplit,
 )
 from smtpq.queue import Queue, QueueEvent
-from smtpq.relay import PermanentRelayError, Relay, RelayError, RelayResult, TransientRelayError
+from smtpq.relay import (
+    MxRelayConfig,
+    MxSmtpRelay,
+    PermanentRelayError,
+    Relay,
+    RelayError,
+    RelayResult,
+    SmtpRelayConfig,
+    StaticSmtpRelay,
+    TransientRelayError,
+)
 from smtpq.reply import Reply
 from smtpq.storage import DictStorage, QueueStorage, StoredMessage
 
@@ -30,9 +41,12 @@ __all__ = [
     "Clock",
     "DefaultBackoff",
     "DictStorage",
+    "EdgeConfig",
     "Envelope",
     "EnvelopeFormatError",
     "ManualClock",
+    "MxRelayConfig",
+    "MxSmtpRelay",
     "PermanentRelayError",
     "Queue",
     "QueueError",
@@ -45,7 +59,10 @@ __all__ = [
     "RelayError",
     "RelayResult",
     "Reply",
+    "SmtpEdge",
+    "SmtpRelayConfig",
     "SmtpqError",
+    "StaticSmtpRelay",
     "StoredMessage",
     "SystemClock",
     "TransientRelayError",

@@ -7,5 +7,19 @@ from smtpq.relay.base import (
     RelayResult,
     TransientRelayError,
 )
+from smtpq.relay.mx import MxRelayConfig, MxSmtpRelay, Route
+from smtpq.relay.smtp import SmtpRelayConfig, StaticSmtpRelay, TlsMode
 
-__all__ = ["PermanentRelayError", "Relay", "RelayError", "RelayResult", "TransientRelayError"]
+__all__ = [
+    "MxRelayConfig",
+    "MxSmtpRelay",
+    "PermanentRelayError",
+    "Relay",
+    "RelayError",
+    "RelayResult",
+    "Route",
+    "SmtpRelayConfig",
+    "StaticSmtpRelay",
+    "TlsMode",
+    "TransientRelayError",
+]

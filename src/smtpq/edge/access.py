@@ -1,0 +1,53 @@
+"""Who may relay through the edge: the rule that keeps smtpq from being an open relay. Pure."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+__all__ = ["RelayPolicy"]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class RelayPolicy:
+    """Mail is accepted for a recipient when its domain is one we accept mail for, when the
+    client is in a trusted network, or when the client has authenticated; never otherwise.
+
+    :param domains: domains we accept mail for from anyone (local or relayed ones); an entry
+        starting with a dot (``.example.org``) also matches every subdomain.
+    :param networks: trusted client networks, CIDR notation.
+    """
+
+    def __init__(self, domains: Iterable[str] = (), networks: Iterable[str] = ()) -> None:
+        names = {d.strip().lower().rstrip(".") for d in domains if d.strip()}
+        self._exact = frozenset(n for n in names if not n.startswith("."))
+        self._suffixes = tuple(sorted(n for n in names if n.startswith(".")))
+        self._networks: tuple[IPNetwork, ...] = tuple(
+            ipaddress.ip_network(n.strip(), strict=False) for n in networks
+        )
+
+    def domain_accepted(self, domain: str) -> bool:
+        """Whether mail to ``domain`` is accepted from any client."""
+        name = domain.lower().rstrip(".")
+        return name in self._exact or name.endswith(self._suffixes)
+
+    def network_trusted(self, ip: str | None) -> bool:
+        """Whether a client at ``ip`` may relay anywhere."""
+        if not ip:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        # An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr.version == net.version and addr in net for net in self._networks)
+
+    def allows(self, recipient: str, ip: str | None, authenticated: bool) -> bool:
+        """Whether a client (at ``ip``, authenticated or not) may send to ``recipient``."""
+        if authenticated or self.network_trusted(ip):
+            return True
+        _, at, domain = recipient.rpartition("@")
+        return bool(at) and self.domain_accepted(domain)
