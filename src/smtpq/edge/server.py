@@ -172,14 +172,14 @@ class _EdgeProtocol(SMTP):
         self.edge = edge
         self.implicit_tls = implicit
         self._reverse: asyncio.Task[str | None] | None = None
-        # aiosmtpd keeps these limits in a class attribute shared by every connection; DSN
-        # parameters (RFC 3461 §5: +100 for MAIL, +500 for RCPT) need room of their own.
+        # aiosmtpd keeps these limits in a class attribute shared by every connection, and the
+        # parameters it does not know about need room of their own.
         self.command_size_limits = self._command_limits()
 
     @staticmethod
     def _command_limits() -> dict[str, int]:
         limits: dict[str, int] = dict.fromkeys(("MAIL", "RCPT"), SMTP.command_size_limit)
-        limits["MAIL"] += 100
+        limits["MAIL"] += 100 + 500  # RFC 3461 ENVID and RET, RFC 4954 §5 AUTH=
         limits["RCPT"] += 500
         return _DefaultLimits(limits)
 
@@ -507,8 +507,12 @@ class SmtpEdge:
         self.clock: Clock = clock or SystemClock()
         self.hostname = self.config.hostname or socket.getfqdn()
         self.tls = self.config.tls_context()
-        if self.config.implicit_tls and self.tls is None:
-            raise ValueError("implicit_tls needs tls_cert")
+        if (self.config.implicit_tls or self.config.require_tls) and self.tls is None:
+            raise ValueError("implicit_tls and require_tls need tls_cert")
+        if self.config.auth_required and not self.config.credentials_file:
+            raise ValueError("auth_required needs credentials_file")
+        if self.config.credentials_file and self.tls is None:
+            log.warning("credentials_file without tls_cert: AUTH is offered over TLS only, never")
         self.passwords = (
             PasswordFile(self.config.credentials_file) if self.config.credentials_file else None
         )
@@ -575,6 +579,12 @@ class SmtpEdge:
             raise RuntimeError("the edge is not listening")
         return int(addresses[0][1])
 
+    def _enqueue_done(self, task: asyncio.Task[list[tuple[Envelope, str | QueueError]]]) -> None:
+        self._enqueues.discard(task)
+        # The client may have gone (nobody awaits the result then): still, nothing goes unlogged.
+        if not task.cancelled() and task.exception() is not None:
+            log.error("enqueue failed", exc_info=task.exception())
+
     async def enqueue(self, envelope: Envelope) -> list[str] | None:
         """Hand ``envelope`` to the queue; its ids, or None when any part was not stored.
 
@@ -582,11 +592,11 @@ class SmtpEdge:
         """
         task = asyncio.ensure_future(self.queue.enqueue(envelope))
         self._enqueues.add(task)
-        task.add_done_callback(self._enqueues.discard)
+        task.add_done_callback(self._enqueue_done)
         results = await asyncio.shield(task)
         ids: list[str] = []
         for env, result in results:
-            if isinstance(result, QueueError) or not isinstance(result, str):
+            if not isinstance(result, str):
                 log.error("message from <%s> not stored: %s", env.sender, result)
                 return None
             ids.append(result)

@@ -185,8 +185,9 @@ class MxSmtpRelay(Relay):
             addresses.extend(r.to_text() for r in result)
         return addresses
 
-    async def targets(self, domain: str) -> list[_Target]:
-        """Where to deliver mail for ``domain``, in order; :class:`_NoRoute` if nowhere."""
+    async def _targets(self, domain: str) -> list[_Target]:
+        """Where to deliver mail for (lower case) ``domain``, in order; :class:`_NoRoute` if
+        nowhere."""
         port = self.config.port
         route = self._routes.get(domain)
         if route is not None:
@@ -251,7 +252,7 @@ class MxSmtpRelay(Relay):
         self, envelope: Envelope, domain: str, recipients: list[str]
     ) -> dict[str, Reply]:
         try:
-            targets = await self.targets(domain)
+            targets = await self._targets(domain)
         except _NoRoute as no_route:
             log.info("no route to %s: %s", domain, no_route.reply)
             return {rcpt: addressed(no_route.reply, rcpt) for rcpt in recipients}

@@ -239,8 +239,6 @@ class SmtpPool:
         self._busy = 0
         self._slots = asyncio.Semaphore(config.pool_size) if config.pool_size else None
         self._closing: set[asyncio.Task[None]] = set()
-        #: Connections opened so far (for tests and metrics).
-        self.opened = 0
 
     @property
     def empty(self) -> bool:
@@ -264,7 +262,6 @@ class SmtpPool:
         )
         command = "CONNECT"
         try:
-            self.opened += 1
             await smtp.connect()
             command = "EHLO"
             await self._hello(smtp)

@@ -1,0 +1,193 @@
+"""Real SMTP servers on loopback for the relay tests: an aiosmtpd sink that records what it
+receives and answers as told, and raw servers that misbehave (bad greetings, silence)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+
+
+@dataclass
+class Received:
+    """One transaction the sink accepted."""
+
+    sender: str
+    recipients: list[str]
+    data: bytes
+    mail_options: list[str]
+    rcpt_options: list[str]
+    tls: bool
+    login: str | None
+
+
+@dataclass
+class SinkBehaviour:
+    """How the sink answers: per-recipient RCPT replies, the MAIL and DATA replies."""
+
+    rcpt: dict[str, str] = field(default_factory=dict)
+    mail: str | None = None
+    data: str = "250 2.0.0 Ok: queued as SINK1"
+    #: While set, DATA is never answered (for timeouts).
+    hang_data: asyncio.Event | None = None
+
+
+class _SinkHandler:
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        if self.sink.behaviour.mail:
+            return self.sink.behaviour.mail
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        reply = self.sink.behaviour.rcpt.get(address.split("@")[0])
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        behaviour = self.sink.behaviour
+        if behaviour.hang_data is not None:
+            await asyncio.Event().wait()  # never answers; the client's timeout fires
+        login = session.auth_data.login.decode() if session.auth_data else None
+        self.sink.received.append(
+            Received(
+                sender=envelope.mail_from or "",
+                recipients=list(envelope.rcpt_tos),
+                data=envelope.original_content or b"",
+                mail_options=list(envelope.mail_options),
+                rcpt_options=list(envelope.rcpt_options),
+                tls=server.transport is not None
+                and server.transport.get_extra_info("ssl_object") is not None,
+                login=login,
+            )
+        )
+        self.sink.arrived.set()
+        return behaviour.data
+
+
+class Sink:
+    """An aiosmtpd server on ``host``, port 0 unless given; counts connections.
+
+    :param tls: offer STARTTLS with this context (or, with ``implicit``, TLS from the start).
+    :param users: require AUTH (over TLS) with these user -> password pairs.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        tls: ssl.SSLContext | None = None,
+        implicit: bool = False,
+        users: dict[str, str] | None = None,
+        smtputf8: bool = True,
+    ) -> None:
+        self.host, self.port = host, port
+        self.tls, self.implicit, self.users, self.smtputf8 = tls, implicit, users, smtputf8
+        self.behaviour = SinkBehaviour()
+        self.received: list[Received] = []
+        self.arrived = asyncio.Event()
+        self.connections = 0
+        self.protocols: list[SMTP] = []
+        self._server: asyncio.Server | None = None
+
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: SmtpEnvelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        assert self.users is not None
+        ok = (
+            isinstance(data, LoginPassword)
+            and self.users.get(data.login.decode()) == data.password.decode()
+        )
+        return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
+
+    def _protocol(self) -> SMTP:
+        self.connections += 1
+        kwargs: dict[str, Any] = {}
+        if self.users is not None:
+            kwargs.update(authenticator=self._authenticate, auth_required=True)
+        proto = SMTP(
+            _SinkHandler(self),
+            hostname=f"sink.{self.host}",
+            tls_context=None if self.implicit else self.tls,
+            enable_SMTPUTF8=self.smtputf8,
+            auth_require_tls=not self.implicit,
+            loop=asyncio.get_running_loop(),
+            **kwargs,
+        )
+        self.protocols.append(proto)
+        return proto
+
+    async def start(self) -> Sink:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol, self.host, self.port, ssl=self.tls if self.implicit else None
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def drop_connections(self) -> None:
+        """Close every open connection abruptly (as a server restart would)."""
+        for proto in self.protocols:
+            if proto.transport is not None:
+                proto.transport.close()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self.drop_connections()
+            await self._server.wait_closed()
+            self._server = None
+
+
+class RawServer:
+    """A TCP server that sends a fixed greeting (or nothing) and then ignores the client."""
+
+    def __init__(self, greeting: bytes | None, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.greeting, self.host, self.port = greeting, host, port
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        if self.greeting is not None:
+            writer.write(self.greeting)
+            await writer.drain()
+        await reader.read()  # until the client goes away
+
+    async def start(self) -> RawServer:
+        self._server = await asyncio.start_server(self._client, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in self._writers:
+                writer.close()
+            await self._server.wait_closed()
