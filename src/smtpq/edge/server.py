@@ -95,6 +95,12 @@ class EdgeConfig:
     reverse_lookup: bool = True
     lookup_timeout: float = 5.0
 
+    def __post_init__(self) -> None:
+        # From TOML, lists arrive where tuples are meant; bad networks fail here, not later.
+        object.__setattr__(self, "relay_domains", tuple(self.relay_domains))
+        object.__setattr__(self, "trusted_networks", tuple(self.trusted_networks))
+        RelayPolicy(self.relay_domains, self.trusted_networks)
+
     def tls_context(self) -> ssl.SSLContext | None:
         """The server TLS context for :attr:`tls_cert`, or None without one."""
         if not self.tls_cert:
@@ -170,7 +176,6 @@ class _EdgeProtocol(SMTP):
             loop=asyncio.get_running_loop(),
         )
         self.edge = edge
-        self.implicit_tls = implicit
         self._reverse: asyncio.Task[str | None] | None = None
         # aiosmtpd keeps these limits in a class attribute shared by every connection, and the
         # parameters it does not know about need room of their own.
@@ -273,10 +278,11 @@ class _EdgeProtocol(SMTP):
             await self.push(exc.reply)
             return
         kept: list[str] = []
+        limit = self.data_size_limit
         for param in rest:
             key, _, value = param.partition("=")
             key = key.upper()
-            if key == "SIZE" and value.isdigit() and int(value) > (self.data_size_limit or 0):
+            if key == "SIZE" and limit and value.isdigit() and int(value) > limit:
                 await self.push(TOO_BIG)
                 return
             # RFC 4954 §5: AUTH= is accepted; smtpq trusts only its own authentication.

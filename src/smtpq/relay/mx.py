@@ -24,6 +24,7 @@ import dataclasses
 import ipaddress
 import logging
 import random
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -77,6 +78,13 @@ class MxRelayConfig:
     tls_required_domains: tuple[str, ...] = ()
     max_addresses: int = 5
     ipv6: bool = True
+
+    def __post_init__(self) -> None:
+        # From TOML, lists arrive where tuples are meant (and a route may be "host:port").
+        object.__setattr__(self, "nameservers", tuple(self.nameservers))
+        object.__setattr__(self, "tls_required_domains", tuple(self.tls_required_domains))
+        for server in self.nameservers:
+            parse_nameserver(server)  # ValueError now rather than at the first delivery
 
 
 def parse_nameserver(text: str) -> tuple[str, int]:
@@ -147,6 +155,7 @@ class MxSmtpRelay(Relay):
         self._tls_domains = frozenset(d.lower() for d in self.config.tls_required_domains)
         self._routes = {d.lower().rstrip("."): r for d, r in self.config.routes.items()}
         self._rng = rng or random.Random()
+        self._helo_name = self.smtp.helo_name or socket.getfqdn()
         self._resolver: dns.asyncresolver.Resolver | None = None
         self._pools: dict[tuple[str, int, str, bool], SmtpPool] = {}
 
@@ -244,7 +253,9 @@ class MxSmtpRelay(Relay):
                 for old in [k for k, p in self._pools.items() if p.empty]:
                     del self._pools[old]
             config = self._required if required else self.smtp
-            pool = SmtpPool(target.address, target.port, config, name=target.name)
+            pool = SmtpPool(
+                target.address, target.port, config, name=target.name, helo_name=self._helo_name
+            )
             self._pools[key] = pool
         return pool
 

@@ -112,6 +112,11 @@ class SmtpRelayConfig:
     idle_timeout: float = 30.0
     max_messages: int = 100
 
+    def __post_init__(self) -> None:
+        # Built from TOML, ``tls`` arrives as a plain string: make it the enum (ValueError if
+        # it is none of the modes).
+        object.__setattr__(self, "tls", TlsMode(self.tls))
+
 
 def _text(message: str) -> str:
     """A reply's lines as one line (aiosmtplib joins them with newlines)."""
@@ -268,9 +273,9 @@ class SmtpPool:
             if starttls and cfg.tls in (TlsMode.OPPORTUNISTIC, TlsMode.REQUIRED):
                 if smtp.supports_extension("starttls"):
                     command = "STARTTLS"
-                    await smtp.starttls(server_hostname=self.name, timeout=cfg.connect_timeout)
-                    command = "EHLO"
-                    await self._hello(smtp)
+                    if await self._starttls(smtp):
+                        command = "EHLO"
+                        await self._hello(smtp)
                 elif cfg.tls is TlsMode.REQUIRED:
                     command = "STARTTLS"
                     raise aiosmtplib.SMTPNotSupported("STARTTLS not offered")
@@ -293,6 +298,17 @@ class SmtpPool:
             smtp.close()
             raise
         return _Connection(smtp)
+
+    async def _starttls(self, smtp: aiosmtplib.SMTP) -> bool:
+        """STARTTLS; False when refused and TLS is only opportunistic (the session goes on)."""
+        try:
+            await smtp.starttls(server_hostname=self.name, timeout=self.config.connect_timeout)
+        except aiosmtplib.SMTPResponseException as exc:
+            if self.config.tls is TlsMode.REQUIRED or not smtp.is_connected:
+                raise
+            log.info("%s refused STARTTLS (%s); going on without", self.name, exc)
+            return False
+        return True
 
     async def _hello(self, smtp: aiosmtplib.SMTP) -> None:
         try:
@@ -319,12 +335,11 @@ class SmtpPool:
             self._retire(conn)
         return await self._connect()
 
-    def _release(self, conn: _Connection, reusable: bool) -> None:
+    def _release(self, conn: _Connection) -> None:
         cfg = self.config
         conn.uses += 1
         keep = (
-            reusable
-            and conn.smtp.is_connected
+            conn.smtp.is_connected
             and cfg.idle_timeout > 0
             and conn.uses < cfg.max_messages
             and len(self._idle) < (cfg.pool_size or _DEFAULT_IDLE)
@@ -403,7 +418,7 @@ class SmtpPool:
         finally:
             self._busy -= 1
             if conn is not None:
-                self._release(conn, conn.smtp.is_connected)
+                self._release(conn)
         return Delivery(replies, host_failed)
 
     @staticmethod

@@ -90,6 +90,13 @@ class _SinkHandler:
         return behaviour.data
 
 
+class _RefusingTls(SMTP):
+    """Offers STARTTLS, then refuses it (a host with a broken TLS set-up)."""
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        await self.push("454 4.7.0 TLS not available due to temporary reason")
+
+
 class Sink:
     """An aiosmtpd server on ``host``, port 0 unless given; counts connections.
 
@@ -106,7 +113,9 @@ class Sink:
         implicit: bool = False,
         users: dict[str, str] | None = None,
         smtputf8: bool = True,
+        refuse_starttls: bool = False,
     ) -> None:
+        self.refuse_starttls = refuse_starttls
         self.host, self.port = host, port
         self.tls, self.implicit, self.users, self.smtputf8 = tls, implicit, users, smtputf8
         self.behaviour = SinkBehaviour()
@@ -131,7 +140,7 @@ class Sink:
         kwargs: dict[str, Any] = {}
         if self.users is not None:
             kwargs.update(authenticator=self._authenticate, auth_required=True)
-        proto = SMTP(
+        proto = (_RefusingTls if self.refuse_starttls else SMTP)(
             _SinkHandler(self),
             hostname=f"sink.{self.host}",
             tls_context=None if self.implicit else self.tls,

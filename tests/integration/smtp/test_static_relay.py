@@ -222,6 +222,18 @@ async def test_opportunistic_tls_falls_back_to_plain_after_a_failed_handshake(
     assert sink.connections == 2
 
 
+async def test_refused_starttls(
+    sink_factory: SinkFactory, tls_files: TlsFiles, relay_factory: RelayFactory
+) -> None:
+    sink = await sink_factory(tls=tls_files.server_context(), refuse_starttls=True)
+    lax = relay_factory("127.0.0.1", sink.port)
+    assert reply((await lax.attempt(envelope("a@x.example"), 0))["a@x.example"]).code == "250"
+    strict = relay_factory("127.0.0.1", sink.port, tls=TlsMode.REQUIRED)
+    r = reply((await strict.attempt(envelope("b@x.example"), 0))["b@x.example"])
+    assert (r.code, r.enhanced_status_code, r.command) == ("454", "4.7.0", "STARTTLS")
+    assert [(r.recipients, r.tls) for r in sink.received] == [(["a@x.example"], False)]
+
+
 async def test_tls_verification(
     sink_factory: SinkFactory, tls_files: TlsFiles, relay_factory: RelayFactory
 ) -> None:
