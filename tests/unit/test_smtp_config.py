@@ -18,6 +18,7 @@ def from_toml(cls: type[Any], **values: Any) -> Any:
 def test_strings_and_lists_become_enums_and_tuples() -> None:
     smtp = from_toml(SmtpRelayConfig, tls="implicit", pool_size=3)
     assert smtp.tls is TlsMode.IMPLICIT
+    assert from_toml(SmtpRelayConfig, tls="off").tls is TlsMode.NONE
     mx = from_toml(MxRelayConfig, nameservers=["127.0.0.1:5353"], tls_required_domains=["a"])
     assert (mx.nameservers, mx.tls_required_domains) == (("127.0.0.1:5353",), ("a",))
     edge = from_toml(EdgeConfig, relay_domains=["example.org"], trusted_networks=["10.0.0.0/8"])

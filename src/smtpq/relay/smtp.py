@@ -114,8 +114,9 @@ class SmtpRelayConfig:
 
     def __post_init__(self) -> None:
         # Built from TOML, ``tls`` arrives as a plain string: make it the enum (ValueError if
-        # it is none of the modes).
-        object.__setattr__(self, "tls", TlsMode(self.tls))
+        # it is none of the modes; "off" is the daemon's word for NONE).
+        mode = "none" if self.tls == "off" else self.tls
+        object.__setattr__(self, "tls", TlsMode(mode))
 
 
 def _text(message: str) -> str:
