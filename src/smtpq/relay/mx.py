@@ -220,12 +220,16 @@ class MxSmtpRelay(Relay):
         lookups = await asyncio.gather(*(self._addresses(h) for h in hosts), return_exceptions=True)
         targets: list[_Target] = []
         failure: BaseException | None = None
+        seen: set[str] = set()
         for host, found in zip(hosts, lookups, strict=True):
             if isinstance(found, BaseException):
                 failure = failure or found
                 continue
             name = host.to_text(omit_final_dot=True)
-            targets.extend(_Target(address, port, name) for address in found)
+            # Two MX names for one address: trying it twice would not do better.
+            fresh = [a for a in found if a not in seen]
+            seen.update(fresh)
+            targets.extend(_Target(address, port, name) for address in fresh)
         if not targets:
             if failure is not None and not isinstance(failure, Exception):
                 raise failure  # cancelled

@@ -182,6 +182,11 @@ class RawServer:
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
 
+    @property
+    def connections(self) -> int:
+        """Connections accepted so far."""
+        return len(self._writers)
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)
         if self.greeting is not None:

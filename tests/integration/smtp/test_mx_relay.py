@@ -99,14 +99,17 @@ async def test_next_mx_after_a_421_greeting(
     busy = await RawServer(b"421 4.3.2 Too busy\r\n", "127.0.0.3", port).start()
     try:
         zone = dns_server.zone
-        zone.add("busy.test", "MX", "10 busy.busy.test.", "20 live.busy.test.")
+        zone.add("busy.test", "MX", "10 busy.busy.test.", "15 alias.busy.test.")
+        zone.add("busy.test", "MX", "20 live.busy.test.")
         zone.add("busy.busy.test", "A", "127.0.0.3")
+        zone.add("alias.busy.test", "A", "127.0.0.3")  # the same host again
         zone.add("live.busy.test", "A", "127.0.0.4")
         result = await mx_factory(port).attempt(envelope("a@busy.test"), 0)
     finally:
         await busy.stop()
     assert reply(result["a@busy.test"]).code == "250"
     assert len(second.received) == 1
+    assert busy.connections == 1
 
 
 async def test_all_mx_down_is_transient(dns_server: DnsServer, mx_factory: MxFactory) -> None:
