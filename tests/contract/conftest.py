@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from smtpq.storage import DictStorage, QueueStorage
+from smtpq.storage import DictStorage, DiskStorage, QueueStorage
 
 
 @dataclass
@@ -40,8 +40,26 @@ async def dict_backend(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncI
     await storage.close()
 
 
+@asynccontextmanager
+async def disk_backend(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    env_dir, meta_dir = tmp_path / "env", tmp_path / "meta"
+    opened: list[DiskStorage] = []
+
+    async def reopen() -> QueueStorage:
+        other = DiskStorage(env_dir, meta_dir, lease_timeout=5.0)
+        opened.append(other)
+        return other
+
+    storage = DiskStorage(env_dir, meta_dir, lease_timeout=5.0)
+    yield Backend(storage, reopen, durable=True)
+    for other in opened:
+        await other.close()  # idempotent: the test may have closed it already
+    await storage.close()
+
+
 BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], Any]] = {
     "dict": dict_backend,
+    "disk": disk_backend,
 }
 
 

@@ -1,0 +1,1037 @@
+"""DiskStorage: the durable default — two small files per message, fsynced, renamed into place.
+
+Layout (every file ``0600``, directories this storage creates ``0700``)::
+
+    env_dir/<id>.env      the envelope, Envelope.to_bytes(); written once, never changed
+    meta_dir/<id>.meta    next attempt, attempts, delivered recipients, held, last reply
+    tmp_dir/              scratch files (default meta_dir/tmp), renamed into place when durable
+    corrupt_dir/          quarantined entries (default meta_dir/corrupt); load() never reads it
+
+A message exists iff both of its files exist: ``write`` renames the ``.env`` then the ``.meta``
+into place, ``remove`` unlinks the ``.meta`` then the ``.env``. A crash in between leaves an
+*orphan* that :meth:`DiskStorage.load` resolves by that rule (an ``.env`` alone is deleted, a
+``.meta`` alone is quarantined: its envelope is gone).
+
+Ids are 32 lowercase hex digits (a uuid4). Only that form is accepted from callers (anything
+else is a :class:`KeyError`), so an id typed into an admin tool cannot name a path outside the
+queue directories.
+
+Meta file format, version 1 — one header line, then a JSON object (UTF-8), then a newline::
+
+    smtpq-meta 1 <crc32 of the JSON bytes, 8 lowercase hex digits>\\n
+    {"timestamp":1800000000.0,"attempts":0,"delivered":[],"held":false,"last_reply":null}\\n
+
+``delivered`` holds recipient indexes into the list as first written; ``last_reply`` is null or
+:meth:`~smtpq.reply.Reply.to_dict`. A reader rejects any other magic, version, checksum or shape
+(the entry is quarantined), so a later format can never be misread as this one. Nothing here is
+pickled: a copied queue directory cannot run code.
+
+Durability (``sync``):
+
+* ``"fsync"`` (default): each new file is written and fsynced in a scratch directory, renamed
+  into place, and the target directory fsynced before ``write`` returns. Concurrent operations
+  share their flushes (group commit): while one batch is being committed the next one gathers,
+  its files are written and fsynced in parallel worker threads, then renamed, and each directory
+  is fsynced once per batch. Meta updates and removals ride the same batches.
+* ``"syncfs"``: like ``"fsync"``, but one ``syncfs(2)`` per batch replaces the per-file fsyncs
+  (Linux only). Faster under load, but it flushes everything dirty on that filesystem, other
+  programs' data included: use it for a spool on its own filesystem.
+* ``"none"``: **unsafe** — no fsync at all. Renames stay atomic, so a killed process loses
+  nothing, but a power failure or kernel crash can lose or empty messages that were
+  acknowledged. For tests and benchmarks only.
+
+Every blocking call runs in worker threads, never on the event loop. One process owns a queue
+directory: its schedule (:class:`~smtpq.storage.schedule.LocalSchedule`) lives in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import threading
+import time
+import uuid
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from smtpq.envelope import Envelope
+from smtpq.errors import EnvelopeFormatError, QueueError
+from smtpq.reply import Reply
+from smtpq.storage.base import QueueStorage, StoredMessage
+from smtpq.storage.schedule import LocalSchedule
+
+__all__ = ["DiskStorage", "SyncMode"]
+
+log = logging.getLogger(__name__)
+
+#: How a DiskStorage makes its files durable; see the module documentation.
+SyncMode = Literal["fsync", "syncfs", "none"]
+
+_ID = re.compile(r"[0-9a-f]{32}")
+_ENV_SUFFIX = ".env"
+_META_SUFFIX = ".meta"
+# Scratch files: <id>.<env|meta>.<token><counter>.tmp, where the token is random per storage
+# object, so that load() can tell its own in-flight files from a dead process's leftovers.
+_SCRATCH = re.compile(r"[0-9a-f]{32}\.(?:env|meta)\.[0-9a-f]+\.tmp")
+_META_MAGIC = b"smtpq-meta"
+_META_VERSION = 1
+_META_HEADER = re.compile(rb"smtpq-meta (\d+) ([0-9a-f]{8})")
+_MAX_BATCH = 512
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_READ_FILE = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+class _CorruptError(Exception):
+    """A stored file cannot be trusted (truncated, unparseable, wrong version, inconsistent)."""
+
+
+@dataclass(slots=True)
+class _Meta:
+    """The mutable part of a message, as stored in its ``.meta`` file."""
+
+    timestamp: float
+    attempts: int = 0
+    delivered: list[int] = field(default_factory=list)
+    held: bool = False
+    last_reply: dict[str, str | None] | None = None
+
+
+def _encode_meta(meta: _Meta) -> bytes:
+    body = json.dumps(
+        {
+            "timestamp": meta.timestamp,
+            "attempts": meta.attempts,
+            "delivered": meta.delivered,
+            "held": meta.held,
+            "last_reply": meta.last_reply,
+        },
+        separators=(",", ":"),
+    ).encode()
+    return b"%s %d %08x\n%s\n" % (_META_MAGIC, _META_VERSION, zlib.crc32(body), body)
+
+
+def _decode_meta(data: bytes) -> _Meta:
+    head, sep, rest = data.partition(b"\n")
+    match = _META_HEADER.fullmatch(head)
+    if not sep or match is None:
+        raise _CorruptError("not an smtpq meta file (bad header)")
+    if int(match[1]) != _META_VERSION:
+        raise _CorruptError(f"unsupported meta format version {int(match[1])}")
+    if not rest.endswith(b"\n"):
+        raise _CorruptError("meta file truncated")
+    body = rest[:-1]
+    if zlib.crc32(body) != int(match[2], 16):
+        raise _CorruptError("meta checksum mismatch")
+    try:
+        obj = json.loads(body)
+        ts, attempts, delivered = obj["timestamp"], obj["attempts"], obj["delivered"]
+        held, reply = obj["held"], obj["last_reply"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _CorruptError(f"meta unreadable: {exc}") from exc
+    if (
+        not isinstance(ts, int | float)
+        or isinstance(ts, bool)
+        or not math.isfinite(ts)
+        or type(attempts) is not int
+        or attempts < 0
+        or not isinstance(delivered, list)
+        or not all(type(i) is int and i >= 0 for i in delivered)
+        or type(held) is not bool
+        or not (
+            reply is None
+            or (isinstance(reply, dict) and all(isinstance(v, str | None) for v in reply.values()))
+        )
+    ):
+        raise _CorruptError("meta has wrong field types")
+    return _Meta(float(ts), attempts, delivered, held, reply)
+
+
+def _check_id(id: object) -> str:
+    """The id if it has this storage's form; KeyError otherwise (it cannot name a stored file)."""
+    if not isinstance(id, str) or _ID.fullmatch(id) is None:
+        raise KeyError(id)
+    return id
+
+
+def _syncfs_function() -> Callable[[int], None]:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    func = libc.syncfs  # AttributeError where the C library has none
+
+    def syncfs(fd: int) -> None:
+        if func(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    return syncfs
+
+
+# -- operations carried by a commit batch ------------------------------------------------------
+
+_WRITE, _UPDATE, _REMOVE, _QUARANTINE = "write", "update", "remove", "quarantine"
+
+
+class _Op:
+    """One storage operation waiting in, or carried by, a commit batch."""
+
+    __slots__ = (
+        "claimed",
+        "effect",
+        "env",
+        "error",
+        "fn",
+        "future",
+        "id",
+        "kind",
+        "meta",
+        "result",
+    )
+
+    def __init__(
+        self,
+        kind: str,
+        id: str,
+        future: asyncio.Future[Any],
+        *,
+        env: bytes | None = None,
+        meta: _Meta | None = None,
+        fn: Callable[[_Meta], Any] | None = None,
+        effect: str | None = None,
+        claimed: bool = False,
+    ) -> None:
+        self.kind = kind
+        self.id = id
+        self.future = future
+        self.env = env
+        self.meta = meta  # the new meta (write), or the meta after the update (update)
+        self.fn = fn
+        self.effect = effect  # what an update does to the schedule: "reschedule", "hold"
+        self.claimed = claimed
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class _Unit:
+    """The operations of one batch on one message, in the order they were submitted."""
+
+    __slots__ = (
+        "env_scratch",
+        "id",
+        "meta_bytes",
+        "meta_scratch",
+        "ops",
+        "quarantine",
+        "remove",
+        "write",
+    )
+
+    def __init__(self, id: str) -> None:
+        self.id = id
+        self.ops: list[_Op] = []
+        self.write = False
+        self.remove = False
+        self.quarantine = False
+        self.meta_bytes: bytes | None = None
+        self.env_scratch: str | None = None
+        self.meta_scratch: str | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        for op in self.ops:
+            if op.error is None:
+                op.error = exc
+
+    @property
+    def ok(self) -> bool:
+        return any(op.error is None for op in self.ops)
+
+
+def _queue_error(what: str, exc: OSError) -> QueueError:
+    error = QueueError(f"{what}: {exc.strerror or exc}")
+    error.__cause__ = exc
+    return error
+
+
+class DiskStorage(QueueStorage):
+    """A durable queue in two directories of small files; see the module documentation.
+
+    :param env_dir: directory of the envelope files (created ``0700`` if missing).
+    :param meta_dir: directory of the meta files.
+    :param tmp_dir: scratch directory; default ``meta_dir/tmp``. It must be on the same
+        filesystem as the other directories, so that renames are atomic.
+    :param corrupt_dir: where bad entries are moved; default ``meta_dir/corrupt``.
+    :param sync: ``"fsync"`` (default), ``"syncfs"``, or ``"none"`` (unsafe: no durability
+        against power loss; for tests and benchmarks).
+    :param lease_timeout: seconds a claim lasts unless renewed.
+    :param threads: worker threads that write and fsync the files of a batch in parallel.
+    """
+
+    def __init__(
+        self,
+        env_dir: str | os.PathLike[str],
+        meta_dir: str | os.PathLike[str],
+        tmp_dir: str | os.PathLike[str] | None = None,
+        *,
+        corrupt_dir: str | os.PathLike[str] | None = None,
+        sync: SyncMode = "fsync",
+        lease_timeout: float = 60.0,
+        threads: int = 8,
+    ) -> None:
+        if sync not in ("fsync", "syncfs", "none"):
+            raise ValueError(f"sync must be 'fsync', 'syncfs' or 'none', not {sync!r}")
+        self.env_dir = os.path.abspath(env_dir)
+        self.meta_dir = os.path.abspath(meta_dir)
+        self.tmp_dir = os.path.abspath(tmp_dir or os.path.join(self.meta_dir, "tmp"))
+        self.corrupt_dir = os.path.abspath(corrupt_dir or os.path.join(self.meta_dir, "corrupt"))
+        self.sync: SyncMode = sync
+        self.lease_timeout = lease_timeout
+        self._syncfs = _syncfs_function() if sync == "syncfs" else None
+        self._schedule = LocalSchedule()
+        self._loaded = False
+        self._load_lock = asyncio.Lock()
+        # While load() scans, the outcome of every change made meanwhile, so that the rebuilt
+        # schedule keeps it: id -> (timestamp, held), or None when removed.
+        self._touched: dict[str, tuple[float, bool] | None] | None = None
+        # Ids with a write or remove in flight; read by the scan thread (dict reads are atomic).
+        self._inflight: Counter[str] = Counter()
+        self._pending: list[_Op] = []
+        self._committer: asyncio.Task[None] | None = None
+        self._closed = False
+        # The commit thread runs batches one at a time; the sync pool writes and fsyncs the
+        # files of one batch in parallel; the I/O pool serves reads and load().
+        self._commit_pool = ThreadPoolExecutor(1, thread_name_prefix="smtpq-disk-commit")
+        self._sync_pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="smtpq-disk-sync")
+        self._io_pool = ThreadPoolExecutor(4, thread_name_prefix="smtpq-disk-io")
+        self._token = secrets.token_hex(4)
+        self._scratch_seq = 0
+        self._scratch_lock = threading.Lock()
+        self._dirs_lock = threading.Lock()
+        self._dfd: dict[str, int] = {}
+        self._stats_lock = threading.Lock()
+        self._corrupt = 0
+        self._corrupt_stored = 0
+        self._orphans_removed = 0
+        self._scratch_removed = 0
+
+    # -- directories (worker threads only) ---------------------------------------------------
+
+    def _dirs(self) -> dict[str, int]:
+        """Open (creating if missing) the four directories once; their fds, by role."""
+        if self._dfd:
+            return self._dfd
+        with self._dirs_lock:
+            if self._dfd:
+                return self._dfd
+            paths = {
+                "env": self.env_dir,
+                "meta": self.meta_dir,
+                "tmp": self.tmp_dir,
+                "corrupt": self.corrupt_dir,
+            }
+            fds: dict[str, int] = {}
+            try:
+                for role, path in paths.items():
+                    if not os.path.isdir(path):
+                        os.makedirs(path, exist_ok=True)
+                        os.chmod(path, 0o700)
+                    fds[role] = os.open(path, _DIR_FLAGS)
+                devices = {os.fstat(fd).st_dev for fd in fds.values()}
+                if len(devices) != 1:
+                    raise QueueError(
+                        "env_dir, meta_dir, tmp_dir and corrupt_dir must be on one filesystem"
+                    )
+            except BaseException:
+                for fd in fds.values():
+                    os.close(fd)
+                raise
+            self._dfd = fds
+            return fds
+
+    def _fsync_dir(self, role: str) -> None:
+        if self.sync != "none":
+            os.fsync(self._dfd[role])
+
+    def _scratch_name(self, id: str, kind: str) -> str:
+        with self._scratch_lock:
+            self._scratch_seq += 1
+            return f"{id}.{kind}.{self._token}{self._scratch_seq:x}.tmp"
+
+    def _create(self, name: str, data: bytes, *, fsync: bool) -> None:
+        """Write a new scratch file; it is removed again if anything fails."""
+        tmp = self._dfd["tmp"]
+        fd = os.open(name, _NEW_FILE, 0o600, dir_fd=tmp)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            self._unlink(name, "tmp")
+            raise
+        os.close(fd)
+
+    def _unlink(self, name: str, role: str) -> bool:
+        """Unlink if present; True when something was removed."""
+        try:
+            os.unlink(name, dir_fd=self._dfd[role])
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            log.error("cannot remove %s/%s: %s", role, name, exc)
+            return False
+        return True
+
+    def _read(self, name: str, role: str) -> bytes:
+        fd = os.open(name, _READ_FILE, dir_fd=self._dfd[role])
+        try:
+            chunks = []
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def _read_meta(self, id: str) -> _Meta:
+        """The meta of a stored message: KeyError if it does not exist, _CorruptError if bad."""
+        try:
+            data = self._read(id + _META_SUFFIX, "meta")
+            os.stat(id + _ENV_SUFFIX, dir_fd=self._dfd["env"], follow_symlinks=False)
+        except FileNotFoundError:
+            raise KeyError(id) from None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EISDIR):
+                raise _CorruptError(str(exc)) from exc
+            raise
+        return _decode_meta(data)
+
+    def _quarantine(self, id: str, reason: str) -> bool:
+        """Move an entry's files (meta first) to the corrupt directory; True if any moved."""
+        moved = False
+        for suffix, role in ((_META_SUFFIX, "meta"), (_ENV_SUFFIX, "env")):
+            name = id + suffix
+            target, n = name, 0
+            while os.path.lexists(os.path.join(self.corrupt_dir, target)):
+                n += 1
+                target = f"{name}.{n}"
+            try:
+                os.rename(name, target, src_dir_fd=self._dfd[role], dst_dir_fd=self._dfd["corrupt"])
+            except FileNotFoundError:
+                continue
+            moved = True
+        if moved:
+            log.error("queue entry %s is corrupt (%s): moved to %s", id, reason, self.corrupt_dir)
+            with self._stats_lock:
+                self._corrupt += 1
+                self._corrupt_stored += 1
+        return moved
+
+    # -- the commit batch (commit thread) ------------------------------------------------------
+
+    def _prepare(self, unit: _Unit) -> None:
+        """Phase 1, in parallel: write (and fsync) the scratch files of one message."""
+        fsync = self.sync == "fsync"
+        try:
+            if unit.write:
+                op = unit.ops[0]
+                assert op.env is not None
+                assert op.meta is not None
+                unit.env_scratch = self._scratch_name(unit.id, "env")
+                self._create(unit.env_scratch, op.env, fsync=fsync)
+                unit.meta_scratch = self._scratch_name(unit.id, "meta")
+                self._create(unit.meta_scratch, _encode_meta(op.meta), fsync=fsync)
+                return
+            if unit.quarantine:
+                for op in unit.ops:
+                    if op.kind != _QUARANTINE:
+                        op.error = KeyError(unit.id)
+                return
+            meta: _Meta | None = None
+            original = b""
+            for op in unit.ops:
+                if unit.remove:
+                    op.error = KeyError(unit.id)
+                elif op.kind == _REMOVE:
+                    unit.remove = True
+                else:
+                    assert op.fn is not None
+                    if meta is None:
+                        meta = self._read_meta(unit.id)
+                        original = _encode_meta(meta)
+                    op.result = op.fn(meta)
+                    op.meta = _Meta(meta.timestamp, meta.attempts, [], meta.held)
+            if unit.remove or meta is None:
+                return
+            data = _encode_meta(meta)
+            if data != original:  # an idempotent change needs no write
+                unit.meta_scratch = self._scratch_name(unit.id, "meta")
+                self._create(unit.meta_scratch, data, fsync=fsync)
+        except KeyError as exc:
+            unit.fail(exc)
+        except _CorruptError as exc:
+            unit.fail(KeyError(unit.id))
+            self._quarantine(unit.id, str(exc))
+            unit.quarantine = True
+        except OSError as exc:
+            what = "cannot store message" if unit.write else "cannot update message"
+            unit.fail(_queue_error(what, exc))
+            self._drop_scratch(unit)
+        except Exception as exc:  # a bug must fail its operations, not the commit thread
+            log.exception("queue operation on %s failed", unit.id)
+            unit.fail(QueueError(f"queue storage failure: {exc!r}"))
+            self._drop_scratch(unit)
+
+    def _drop_scratch(self, unit: _Unit) -> None:
+        for name in (unit.env_scratch, unit.meta_scratch):
+            if name is not None:
+                self._unlink(name, "tmp")
+        unit.env_scratch = unit.meta_scratch = None
+
+    def _undo_write(self, unit: _Unit, exc: OSError) -> None:
+        """Take back a write that cannot be made durable: nothing half-written stays."""
+        unit.fail(_queue_error("cannot store message", exc))
+        self._unlink(unit.id + _META_SUFFIX, "meta")
+        self._unlink(unit.id + _ENV_SUFFIX, "env")
+        self._drop_scratch(unit)
+
+    def _commit(self, ops: list[_Op]) -> None:
+        """Carry out one batch; each op gets its result or its error."""
+        try:
+            self._dirs()
+        except QueueError as exc:
+            for op in ops:
+                op.error = exc
+            return
+        except OSError as exc:
+            for op in ops:
+                op.error = _queue_error("queue directories unusable", exc)
+            return
+        units: dict[str, _Unit] = {}
+        for op in ops:
+            unit = units.get(op.id)
+            if unit is None:
+                unit = units[op.id] = _Unit(op.id)
+            unit.ops.append(op)
+            unit.write = unit.write or op.kind == _WRITE
+            unit.quarantine = unit.quarantine or op.kind == _QUARANTINE
+        todo = list(units.values())
+        if len(todo) == 1:
+            self._prepare(todo[0])
+        else:
+            list(self._sync_pool.map(self._prepare, todo))
+        live = [u for u in todo if u.ok]
+        if self._syncfs is not None and any(u.meta_scratch for u in live):
+            try:
+                self._syncfs(self._dfd["tmp"])
+            except OSError as exc:
+                for unit in live:
+                    unit.fail(_queue_error("cannot flush queue files", exc))
+                    self._drop_scratch(unit)
+                return
+
+        # Phase 2: new envelopes into place (made durable before their metas appear), metas
+        # of removed messages out (made durable before their envelopes go).
+        writes: list[_Unit] = []
+        meta_changed = False
+        for unit in live:
+            if unit.quarantine:
+                if not any(op.kind == _QUARANTINE for op in unit.ops):
+                    continue
+                self._quarantine(unit.id, "envelope unreadable")
+                meta_changed = True
+            elif unit.write:
+                assert unit.env_scratch is not None
+                try:
+                    os.rename(
+                        unit.env_scratch,
+                        unit.id + _ENV_SUFFIX,
+                        src_dir_fd=self._dfd["tmp"],
+                        dst_dir_fd=self._dfd["env"],
+                    )
+                except OSError as exc:
+                    self._undo_write(unit, exc)
+                    continue
+                unit.env_scratch = None
+                writes.append(unit)
+            elif unit.remove:
+                try:
+                    os.unlink(unit.id + _META_SUFFIX, dir_fd=self._dfd["meta"])
+                    meta_changed = True
+                except FileNotFoundError:
+                    pass  # already gone: remove is idempotent
+                except OSError as exc:
+                    unit.fail(_queue_error("cannot remove message", exc))
+        if writes:
+            try:
+                self._fsync_dir("env")
+            except OSError as exc:
+                for unit in writes:
+                    self._undo_write(unit, exc)
+        # Phase 3: metas into place; one fsync of meta_dir makes the batch durable.
+        for unit in live:
+            if unit.meta_scratch is None or not unit.ok:
+                continue
+            try:
+                os.rename(
+                    unit.meta_scratch,
+                    unit.id + _META_SUFFIX,
+                    src_dir_fd=self._dfd["tmp"],
+                    dst_dir_fd=self._dfd["meta"],
+                )
+            except OSError as exc:
+                if unit.write:
+                    self._undo_write(unit, exc)
+                else:
+                    unit.fail(_queue_error("cannot update message", exc))
+                    self._drop_scratch(unit)
+                continue
+            unit.meta_scratch = None
+            meta_changed = True
+        if meta_changed:
+            try:
+                self._fsync_dir("meta")
+                if any(u.quarantine for u in live):
+                    self._fsync_dir("corrupt")
+            except OSError as exc:
+                for unit in live:
+                    if not unit.ok:
+                        continue
+                    if unit.write:
+                        self._undo_write(unit, exc)
+                    else:
+                        unit.fail(_queue_error("cannot flush queue files", exc))
+        # Phase 4: envelopes of removed messages. Not fsynced: after a crash an envelope
+        # without its meta is an orphan, which load() deletes.
+        for unit in live:
+            if unit.remove and unit.ok:
+                self._unlink(unit.id + _ENV_SUFFIX, "env")
+        failed = [op for op in ops if isinstance(op.error, QueueError)]
+        if failed:
+            log.error("%d queue operation(s) failed: %s", len(failed), failed[0].error)
+
+    # -- the commit batch (event loop) ---------------------------------------------------------
+
+    async def _submit(self, op: _Op) -> Any:
+        if self._closed:
+            raise QueueError("the queue storage is closed")
+        if op.kind in (_WRITE, _REMOVE):
+            self._inflight[op.id] += 1
+        self._pending.append(op)
+        if self._committer is None:
+            self._committer = asyncio.get_running_loop().create_task(self._commit_loop())
+        # Shielded: a cancelled caller must not cancel the outcome the batch will deliver.
+        return await asyncio.shield(op.future)
+
+    async def _commit_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch = self._pending[:_MAX_BATCH]
+                del self._pending[:_MAX_BATCH]
+                try:
+                    await loop.run_in_executor(self._commit_pool, self._commit, batch)
+                except Exception as exc:  # the batch is lost, the committer goes on
+                    log.exception("queue commit failed")
+                    for op in batch:
+                        op.error = op.error or QueueError(f"queue storage failure: {exc!r}")
+                except BaseException:
+                    error = QueueError("queue storage stopped")
+                    for op in batch + self._pending:
+                        op.error = op.error or error
+                    batch += self._pending
+                    self._pending.clear()
+                    self._finish(batch)
+                    raise
+                self._finish(batch)
+        finally:
+            self._committer = None
+
+    def _note(self, id: str, state: tuple[float, bool] | None) -> None:
+        if self._touched is not None:
+            self._touched[id] = state
+
+    def _finish(self, batch: list[_Op]) -> None:
+        """Apply a committed batch to the schedule and wake its callers (event loop)."""
+        schedule = self._schedule
+        for op in batch:
+            if op.kind in (_WRITE, _REMOVE):
+                self._inflight[op.id] -= 1
+                if self._inflight[op.id] <= 0:
+                    del self._inflight[op.id]
+            if op.error is None:
+                if op.kind == _WRITE:
+                    assert op.meta is not None
+                    lease = op.meta.timestamp + self.lease_timeout if op.claimed else None
+                    schedule.add(op.id, op.meta.timestamp, lease_until=lease)
+                    self._note(op.id, (op.meta.timestamp, False))
+                    op.result = op.id
+                elif op.kind in (_REMOVE, _QUARANTINE):
+                    schedule.discard(op.id)
+                    self._note(op.id, None)
+                elif op.meta is not None:
+                    self._apply_update(op)
+            elif isinstance(op.error, KeyError) and op.kind == _UPDATE:
+                schedule.discard(op.id)  # gone, or quarantined
+                self._note(op.id, None)
+            if not op.future.done():
+                if op.error is None:
+                    op.future.set_result(op.result)
+                else:
+                    op.future.set_exception(op.error)
+
+    def _apply_update(self, op: _Op) -> None:
+        schedule, id, meta = self._schedule, op.id, op.meta
+        assert meta is not None
+        if id in schedule:
+            if op.effect == "reschedule":
+                schedule.reschedule(id, meta.timestamp)  # ends the lease, even at the same time
+            elif op.effect == "hold":
+                schedule.hold(id, meta.held)
+            self._note(id, (schedule.timestamp(id), schedule.is_held(id)))
+        elif self._loaded:  # stored, but written by another storage object since our load
+            schedule.add(id, meta.timestamp, held=meta.held)
+            self._note(id, (meta.timestamp, meta.held))
+
+    async def _update(self, id: str, fn: Callable[[_Meta], Any], effect: str | None = None) -> Any:
+        loop = asyncio.get_running_loop()
+        op = _Op(_UPDATE, _check_id(id), loop.create_future(), fn=fn, effect=effect)
+        return await self._submit(op)
+
+    async def _ensure_loaded(self) -> None:
+        if not self._loaded:
+            await self.load()
+
+    # -- records -------------------------------------------------------------------------------
+
+    async def write(self, envelope: Envelope, timestamp: float, *, claimed: bool = False) -> str:
+        """Store a message durably; see :meth:`QueueStorage.write`.
+
+        Raises :class:`~smtpq.errors.QueueError` (reply ``451 4.3.0``) on a full disk, a
+        permission or an I/O error; nothing half-written is left behind then.
+        """
+        loop = asyncio.get_running_loop()
+        id = uuid.uuid4().hex
+        op = _Op(
+            _WRITE,
+            id,
+            loop.create_future(),
+            env=envelope.to_bytes(),
+            meta=_Meta(float(timestamp)),
+            claimed=claimed,
+        )
+        result: str = await self._submit(op)
+        return result
+
+    async def set_timestamp(
+        self, id: str, timestamp: float, *, last_reply: Reply | None = None
+    ) -> None:
+        """See :meth:`QueueStorage.set_timestamp`."""
+        reply = last_reply.to_dict() if last_reply is not None else None
+
+        def change(meta: _Meta) -> None:
+            meta.timestamp = float(timestamp)
+            if reply is not None:
+                meta.last_reply = reply
+
+        await self._update(id, change, "reschedule")
+
+    async def increment_attempts(self, id: str) -> int:
+        """See :meth:`QueueStorage.increment_attempts`."""
+
+        def change(meta: _Meta) -> int:
+            meta.attempts += 1
+            return meta.attempts
+
+        result: int = await self._update(id, change)
+        return result
+
+    async def set_recipients_delivered(self, id: str, indexes: Iterable[int]) -> None:
+        """See :meth:`QueueStorage.set_recipients_delivered`."""
+        new = {int(i) for i in indexes}
+
+        def change(meta: _Meta) -> None:
+            meta.delivered = sorted(new.union(meta.delivered))
+
+        await self._update(id, change)
+
+    async def load(self) -> list[tuple[float, str]]:
+        """Rebuild the schedule from the meta files; see :meth:`QueueStorage.load`.
+
+        Never stops at a bad entry: truncated, unparseable, wrong-version or inconsistent files
+        go to the corrupt directory (logged, counted in :meth:`get_info`); this storage's
+        scratch leftovers are deleted; orphans are resolved (see the module documentation).
+        The scan runs in one worker thread; writes and removals may go on meanwhile.
+        """
+        async with self._load_lock:
+            loop = asyncio.get_running_loop()
+            self._touched = {}
+            try:
+                found, held = await loop.run_in_executor(self._io_pool, self._scan)
+                touched = self._touched
+            finally:
+                self._touched = None
+            for id, state in touched.items():
+                if state is None:
+                    found.pop(id, None)
+                    held.discard(id)
+                else:
+                    found[id] = state[0]
+                    if state[1]:
+                        held.add(id)
+                    else:
+                        held.discard(id)
+            schedule = self._schedule
+            # Keep the leases this object holds: a reload must not hand an attempt to a
+            # second worker.
+            leases = schedule.leases()
+            schedule.clear()
+            for id, ts in found.items():
+                schedule.add(id, ts, held=id in held, lease_until=leases.get(id))
+            self._loaded = True
+            return [(ts, id) for id, ts in found.items()]
+
+    def _scan(self) -> tuple[dict[str, float], set[str]]:
+        """load()'s work, in one worker thread: id -> timestamp, and the held ids."""
+        try:
+            dfd = self._dirs()
+        except OSError as exc:
+            raise _queue_error("queue directories unusable", exc) from exc
+        started = time.monotonic()
+        scratch = orphans = 0
+        own = f".{self._token}"
+        with os.scandir(self.tmp_dir) as it:
+            for entry in it:
+                name = entry.name
+                if _SCRATCH.fullmatch(name) and own not in name and self._unlink(name, "tmp"):
+                    scratch += 1
+
+        corrupt_before = self._corrupt
+        found: dict[str, float] = {}
+        held: set[str] = set()
+        meta_fd = dfd["meta"]
+        with os.scandir(self.meta_dir) as it:
+            for entry in it:
+                name = entry.name
+                if not name.endswith(_META_SUFFIX) or not _ID.fullmatch(name[:-5]):
+                    continue
+                id = name[:-5]
+                try:
+                    fd = os.open(name, _READ_FILE, dir_fd=meta_fd)
+                    try:
+                        data = os.read(fd, 4096)
+                        if len(data) == 4096:
+                            while chunk := os.read(fd, 65536):
+                                data += chunk
+                    finally:
+                        os.close(fd)
+                    meta = _decode_meta(data)
+                except FileNotFoundError:
+                    continue  # removed meanwhile
+                except _CorruptError as exc:
+                    self._quarantine(id, str(exc))
+                    continue
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.EISDIR):
+                        self._quarantine(id, str(exc))
+                    else:  # maybe transient (EIO, EMFILE): leave the files for the next load
+                        log.error("cannot read queue entry %s: %s", id, exc)
+                    continue
+                found[id] = meta.timestamp
+                if meta.held:
+                    held.add(id)
+
+        envs: set[str] = set()
+        with os.scandir(self.env_dir) as it:
+            for entry in it:
+                name = entry.name
+                if not name.endswith(_ENV_SUFFIX) or not _ID.fullmatch(name[:-4]):
+                    continue
+                id = name[:-4]
+                if id in found:
+                    envs.add(id)
+                # An envelope whose meta never appeared (a write cut short) or is gone (a
+                # removal cut short) is not a message.
+                elif (
+                    id not in self._inflight
+                    and not self._exists(id + _META_SUFFIX, "meta")
+                    and self._unlink(name, "env")
+                ):
+                    orphans += 1
+        if len(envs) != len(found):
+            for id in [i for i in found if i not in envs]:
+                if id in self._inflight or self._exists(id + _ENV_SUFFIX, "env"):
+                    continue
+                del found[id]
+                held.discard(id)
+                if self._exists(id + _META_SUFFIX, "meta"):
+                    self._quarantine(id, "envelope file missing")
+        del envs
+        if self._corrupt != corrupt_before:
+            self._fsync_dir("meta")
+            self._fsync_dir("corrupt")
+        stored = self._count_corrupt()
+        with self._stats_lock:
+            self._orphans_removed += orphans
+            self._scratch_removed += scratch
+            self._corrupt_stored = stored
+        log.info(
+            "loaded %d queued messages in %.1f s (%d corrupt, %d orphans and %d scratch files"
+            " removed)",
+            len(found),
+            time.monotonic() - started,
+            self._corrupt - corrupt_before,
+            orphans,
+            scratch,
+        )
+        return found, held
+
+    def _exists(self, name: str, role: str) -> bool:
+        try:
+            os.stat(name, dir_fd=self._dfd[role], follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _count_corrupt(self) -> int:
+        ids = set()
+        with os.scandir(self.corrupt_dir) as it:
+            for entry in it:
+                ids.add(entry.name.split(".", 1)[0])
+        return len(ids)
+
+    async def get_entry(self, id: str) -> StoredMessage:
+        """See :meth:`QueueStorage.get_entry`.
+
+        An entry whose files are damaged is moved to the corrupt directory and is gone
+        (:class:`KeyError`).
+        """
+        id = _check_id(id)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._io_pool, self._read_entry, id)
+        except OSError as exc:
+            raise _queue_error("cannot read message", exc) from exc
+        except _CorruptError:
+            await self._submit(_Op(_QUARANTINE, id, loop.create_future()))
+            raise KeyError(id) from None
+
+    def _read_entry(self, id: str) -> StoredMessage:
+        self._dirs()
+        meta = self._read_meta(id)
+        try:
+            data = self._read(id + _ENV_SUFFIX, "env")
+        except FileNotFoundError:
+            raise KeyError(id) from None
+        try:
+            envelope = Envelope.from_bytes(data)
+        except EnvelopeFormatError as exc:
+            raise _CorruptError(str(exc)) from exc
+        delivered = set(meta.delivered)
+        pending = tuple(i for i in range(len(envelope.recipients)) if i not in delivered)
+        envelope.recipients = [envelope.recipients[i] for i in pending]
+        return StoredMessage(
+            id=id,
+            envelope=envelope,
+            attempts=meta.attempts,
+            timestamp=meta.timestamp,
+            pending=pending,
+            held=meta.held,
+            last_reply=Reply.from_dict(meta.last_reply) if meta.last_reply else None,
+        )
+
+    async def remove(self, id: str) -> None:
+        """See :meth:`QueueStorage.remove`; durable when it returns."""
+        loop = asyncio.get_running_loop()
+        await self._submit(_Op(_REMOVE, _check_id(id), loop.create_future()))
+
+    async def get_info(self) -> dict[str, Any]:
+        """``size`` (messages stored), and what an administrator wants to know about the disk.
+
+        ``corrupt``: entries this object moved to the corrupt directory; ``corrupt_stored``:
+        entries in that directory; ``orphans_removed`` and ``scratch_removed``: leftovers of
+        interrupted operations deleted by ``load()``.
+        """
+        await self._ensure_loaded()
+        with self._stats_lock:
+            return {
+                "size": len(self._schedule),
+                "corrupt": self._corrupt,
+                "corrupt_stored": self._corrupt_stored,
+                "orphans_removed": self._orphans_removed,
+                "scratch_removed": self._scratch_removed,
+                "sync": self.sync,
+                "env_dir": self.env_dir,
+                "meta_dir": self.meta_dir,
+                "corrupt_dir": self.corrupt_dir,
+            }
+
+    async def close(self) -> None:
+        """Finish the operations under way, then stop the worker threads."""
+        self._closed = True
+        async with self._load_lock:
+            if self._committer is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._committer)
+            await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
+
+    def _shutdown(self) -> None:
+        # Waits for reads still running before their directory fds are closed.
+        for pool in (self._commit_pool, self._sync_pool, self._io_pool):
+            pool.shutdown(wait=True)
+        fds, self._dfd = self._dfd, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    # -- schedule ------------------------------------------------------------------------------
+
+    async def claim(self, now: float, limit: int) -> list[str]:
+        """See :meth:`QueueStorage.claim`."""
+        await self._ensure_loaded()
+        return self._schedule.claim(now, limit, now + self.lease_timeout)
+
+    async def renew(self, ids: Sequence[str], now: float) -> None:
+        """See :meth:`QueueStorage.renew`."""
+        self._schedule.renew(ids, now + self.lease_timeout)
+
+    async def release(self, id: str) -> None:
+        """See :meth:`QueueStorage.release`."""
+        self._schedule.release(id)
+
+    async def next_due(self) -> float | None:
+        """See :meth:`QueueStorage.next_due`."""
+        await self._ensure_loaded()
+        return self._schedule.next_due()
+
+    async def wait(self, timeout: float) -> None:
+        """See :meth:`QueueStorage.wait`."""
+        await self._schedule.wait(timeout)
+
+    async def flush(self, now: float, ids: Sequence[str] | None = None) -> int:
+        """See :meth:`QueueStorage.flush`; as in DictStorage the new time is kept in memory."""
+        await self._ensure_loaded()
+        done = self._schedule.flush(now, ids)
+        for id in done:
+            self._note(id, (now, False))
+        return len(done)
+
+    async def set_held(self, id: str, held: bool) -> None:
+        """See :meth:`QueueStorage.set_held`; persisted, so a held message stays held."""
+        await self._ensure_loaded()
+
+        def change(meta: _Meta) -> None:
+            meta.held = held
+
+        await self._update(id, change, "hold")
