@@ -324,6 +324,8 @@ class DiskStorage(QueueStorage):
         self._corrupt_stored = 0
         self._orphans_removed = 0
         self._scratch_removed = 0
+        self._batches = 0
+        self._batched_ops = 0
 
     # -- directories (worker threads only) ---------------------------------------------------
 
@@ -462,10 +464,10 @@ class DiskStorage(QueueStorage):
             meta: _Meta | None = None
             original = b""
             for op in unit.ops:
-                if unit.remove:
+                if op.kind == _REMOVE:
+                    unit.remove = True  # idempotent: a second removal is no error
+                elif unit.remove:
                     op.error = KeyError(unit.id)
-                elif op.kind == _REMOVE:
-                    unit.remove = True
                 else:
                     assert op.fn is not None
                     if meta is None:
@@ -666,6 +668,8 @@ class DiskStorage(QueueStorage):
     def _finish(self, batch: list[_Op]) -> None:
         """Apply a committed batch to the schedule and wake its callers (event loop)."""
         schedule = self._schedule
+        self._batches += 1
+        self._batched_ops += len(batch)
         for op in batch:
             if op.kind in (_WRITE, _REMOVE):
                 self._inflight[op.id] -= 1
@@ -962,7 +966,8 @@ class DiskStorage(QueueStorage):
 
         ``corrupt``: entries this object moved to the corrupt directory; ``corrupt_stored``:
         entries in that directory; ``orphans_removed`` and ``scratch_removed``: leftovers of
-        interrupted operations deleted by ``load()``.
+        interrupted operations deleted by ``load()``; ``batches`` and ``batched_ops``: commit
+        batches run and the operations they carried (their ratio is the group-commit factor).
         """
         await self._ensure_loaded()
         with self._stats_lock:
@@ -972,6 +977,8 @@ class DiskStorage(QueueStorage):
                 "corrupt_stored": self._corrupt_stored,
                 "orphans_removed": self._orphans_removed,
                 "scratch_removed": self._scratch_removed,
+                "batches": self._batches,
+                "batched_ops": self._batched_ops,
                 "sync": self.sync,
                 "env_dir": self.env_dir,
                 "meta_dir": self.meta_dir,

@@ -1,0 +1,581 @@
+"""DiskStorage on real files: layout, format, recovery, failures, group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smtpq.envelope import Envelope
+from smtpq.errors import QueueError
+from smtpq.reply import Reply
+from smtpq.storage import DiskStorage
+
+NOW = 1_800_000_000.0
+
+
+def make_envelope(n: int = 0, size: int = 200, rcpts: int = 2) -> Envelope:
+    env = Envelope(f"s{n}@example.org", [f"r{i}@example.com" for i in range(rcpts)])
+    env.parse(b"Subject: disk %d\r\n\r\n" % n + b"x" * size)
+    return env
+
+
+class Dirs:
+    """The directories of one disk queue under a test's tmp_path."""
+
+    def __init__(self, root: Path) -> None:
+        self.env = root / "env"
+        self.meta = root / "meta"
+        self.tmp = self.meta / "tmp"
+        self.corrupt = self.meta / "corrupt"
+
+    def open(self, **kwargs: Any) -> DiskStorage:
+        return DiskStorage(self.env, self.meta, **kwargs)
+
+    def names(self, which: Path) -> set[str]:
+        return {p.name for p in which.iterdir()} if which.exists() else set()
+
+    def ids(self, which: Path, suffix: str) -> set[str]:
+        return {n[: -len(suffix)] for n in self.names(which) if n.endswith(suffix)}
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> Dirs:
+    return Dirs(tmp_path)
+
+
+@pytest.fixture
+async def store(dirs: Dirs) -> AsyncIterator[DiskStorage]:
+    s = dirs.open()
+    yield s
+    await s.close()
+
+
+# -- layout and format ---------------------------------------------------------------------------
+
+
+async def test_write_creates_two_owner_only_files(store: DiskStorage, dirs: Dirs) -> None:
+    env = make_envelope()
+    id = await store.write(env, NOW)
+    env_file, meta_file = dirs.env / f"{id}.env", dirs.meta / f"{id}.meta"
+    assert env_file.read_bytes() == env.to_bytes()
+    for path in (env_file, meta_file):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for path in (dirs.env, dirs.meta, dirs.tmp, dirs.corrupt):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    assert dirs.names(dirs.tmp) == set()
+
+
+async def test_meta_file_is_versioned_checksummed_json(store: DiskStorage, dirs: Dirs) -> None:
+    id = await store.write(make_envelope(), NOW)
+    await store.set_recipients_delivered(id, [1])
+    await store.set_timestamp(id, NOW + 60, last_reply=Reply("451", "4.7.1 later"))
+    head, body, end = (dirs.meta / f"{id}.meta").read_bytes().split(b"\n")
+    magic, version, crc = head.split(b" ")
+    assert (magic, version, end) == (b"smtpq-meta", b"1", b"")
+    assert int(crc, 16) == zlib.crc32(body)
+    fields = json.loads(body)
+    assert fields["timestamp"] == NOW + 60
+    assert fields["attempts"] == 0
+    assert fields["delivered"] == [1]
+    assert fields["held"] is False
+    assert fields["last_reply"]["code"] == "451"
+
+
+async def test_remove_deletes_both_files(store: DiskStorage, dirs: Dirs) -> None:
+    id = await store.write(make_envelope(), NOW)
+    await store.remove(id)
+    assert dirs.ids(dirs.env, ".env") == set()
+    assert dirs.ids(dirs.meta, ".meta") == set()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../../etc/passwd",
+        "0123456789ABCDEF0123456789ABCDEF",
+        "0123456789abcdef0123456789abcde",
+        "0123456789abcdef0123456789abcdef/",
+        "../meta/0123456789abcdef0123456789",
+        "",
+    ],
+)
+async def test_foreign_ids_are_key_errors(store: DiskStorage, bad: str) -> None:
+    await store.write(make_envelope(), NOW)
+    calls: list[Callable[[], Any]] = [
+        lambda: store.get(bad),
+        lambda: store.get_entry(bad),
+        lambda: store.remove(bad),
+        lambda: store.set_timestamp(bad, NOW),
+        lambda: store.increment_attempts(bad),
+        lambda: store.set_recipients_delivered(bad, [0]),
+        lambda: store.set_held(bad, True),
+    ]
+    for call in calls:
+        with pytest.raises(KeyError):
+            await call()
+
+
+async def test_updates_of_a_missing_message_are_key_errors(store: DiskStorage) -> None:
+    id = await store.write(make_envelope(), NOW)
+    await store.remove(id)
+    with pytest.raises(KeyError):
+        await store.increment_attempts(id)
+    with pytest.raises(KeyError):
+        await store.set_timestamp(id, NOW)
+    with pytest.raises(KeyError):
+        await store.set_held(id, True)
+
+
+async def test_tmp_dir_on_another_filesystem_is_refused(dirs: Dirs, small_fs: Path) -> None:
+    store = DiskStorage(dirs.env, dirs.meta, small_fs / "tmp")
+    try:
+        with pytest.raises(QueueError, match="one filesystem"):
+            await store.write(make_envelope(), NOW)
+    finally:
+        await store.close()
+
+
+# -- load: recovery ------------------------------------------------------------------------------
+
+
+async def test_held_message_stays_held_after_restart(store: DiskStorage, dirs: Dirs) -> None:
+    held = await store.write(make_envelope(), NOW)
+    free = await store.write(make_envelope(), NOW)
+    await store.set_held(held, True)
+    await store.close()
+    again = dirs.open()
+    try:
+        assert {i for _, i in await again.load()} == {held, free}
+        assert await again.claim(NOW + 3600, 10) == [free]
+        assert (await again.get_entry(held)).held
+    finally:
+        await again.close()
+
+
+def corrupt_metas() -> dict[str, bytes]:
+    """Bad meta contents, by what is wrong with them."""
+    body = b'{"timestamp":1.0,"attempts":0,"delivered":[],"held":false,"last_reply":null}'
+    head = b"smtpq-meta 1 %08x\n" % zlib.crc32(body)
+    return {
+        "empty": b"",
+        "truncated": (head + body + b"\n")[:-10],
+        "garbage": b"\x00\xff" * 40,
+        "pickle": b"\x80\x04\x95\x0b\x00\x00\x00\x00\x00\x00\x00}\x94.",
+        "wrong version": b"smtpq-meta 2 %08x\n" % zlib.crc32(body) + body + b"\n",
+        "bad checksum": b"smtpq-meta 1 00000000\n" + body + b"\n",
+        "bad json": b"smtpq-meta 1 %08x\n{]\n" % zlib.crc32(b"{]"),
+        "wrong types": (
+            b"smtpq-meta 1 %08x\n" % zlib.crc32(b'{"timestamp":"x"}') + b'{"timestamp":"x"}\n'
+        ),
+    }
+
+
+async def test_load_quarantines_every_bad_meta_and_keeps_going(dirs: Dirs) -> None:
+    store = dirs.open()
+    good = [await store.write(make_envelope(i), NOW + i) for i in range(5)]
+    bad = {}
+    for reason, content in corrupt_metas().items():
+        id = await store.write(make_envelope(), NOW)
+        (dirs.meta / f"{id}.meta").write_bytes(content)
+        bad[id] = reason
+    await store.close()
+
+    again = dirs.open()
+    try:
+        loaded = await again.load()
+        assert sorted(loaded) == [(NOW + i, id) for i, id in enumerate(good)]
+        info = await again.get_info()
+        assert info["size"] == len(good)
+        assert info["corrupt"] == len(bad)
+        assert info["corrupt_stored"] == len(bad)
+        # Both files of each bad entry are kept for the administrator, none is left in place.
+        assert dirs.names(dirs.corrupt) == {f"{id}{s}" for id in bad for s in (".meta", ".env")}
+        assert dirs.ids(dirs.meta, ".meta") == set(good)
+        assert dirs.ids(dirs.env, ".env") == set(good)
+        for id in good:
+            assert (await again.get(id))[0].sender.startswith("s")
+    finally:
+        await again.close()
+    # A second restart skips the corrupt directory and counts what is in it.
+    third = dirs.open()
+    try:
+        assert len(await third.load()) == len(good)
+        info = await third.get_info()
+        assert (info["corrupt"], info["corrupt_stored"]) == (0, len(bad))
+    finally:
+        await third.close()
+
+
+async def test_load_resolves_orphans_by_the_existence_rule(store: DiskStorage, dirs: Dirs) -> None:
+    kept = await store.write(make_envelope(1), NOW)
+    env_only = await store.write(make_envelope(2), NOW)
+    meta_only = await store.write(make_envelope(3), NOW)
+    (dirs.meta / f"{env_only}.meta").unlink()  # a write or a removal cut short
+    (dirs.env / f"{meta_only}.env").unlink()  # an envelope lost: an inconsistent entry
+    loaded = await store.load()
+    assert [i for _, i in loaded] == [kept]
+    assert dirs.ids(dirs.env, ".env") == {kept}
+    assert dirs.names(dirs.corrupt) == {f"{meta_only}.meta"}
+    info = await store.get_info()
+    assert (info["orphans_removed"], info["corrupt"], info["size"]) == (1, 1, 1)
+    with pytest.raises(KeyError):
+        await store.get(env_only)
+
+
+async def test_load_removes_only_its_own_scratch_leftovers(store: DiskStorage, dirs: Dirs) -> None:
+    await store.write(make_envelope(), NOW)
+    leftovers = [
+        "0123456789abcdef0123456789abcdef.env.deadbeef1.tmp",
+        "0123456789abcdef0123456789abcdef.meta.deadbeef2a.tmp",
+    ]
+    foreign = ["notes.txt", "0123456789abcdef0123456789abcdef.env", "x.meta.1.tmp"]
+    for name in leftovers + foreign:
+        (dirs.tmp / name).write_bytes(b"half")
+    # Files that are not the storage's own are left alone in the queue directories too.
+    (dirs.meta / "README").write_text("admin notes")
+    await store.load()
+    assert dirs.names(dirs.tmp) == set(foreign)
+    assert (dirs.meta / "README").exists()
+    assert (await store.get_info())["scratch_removed"] == 2
+
+
+async def test_symlinked_meta_is_quarantined_not_followed(store: DiskStorage, dirs: Dirs) -> None:
+    id = await store.write(make_envelope(), NOW)
+    secret = dirs.meta.parent / "secret"
+    secret.write_bytes(b"not for the queue")
+    meta = dirs.meta / f"{id}.meta"
+    meta.unlink()
+    meta.symlink_to(secret)
+    assert await store.load() == []
+    assert secret.read_bytes() == b"not for the queue"
+    assert (await store.get_info())["corrupt"] == 1
+
+
+async def test_corrupt_envelope_is_quarantined_when_read(store: DiskStorage, dirs: Dirs) -> None:
+    id = await store.write(make_envelope(), NOW)
+    other = await store.write(make_envelope(), NOW)
+    path = dirs.env / f"{id}.env"
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(KeyError):
+        await store.get(id)
+    assert dirs.names(dirs.corrupt) == {f"{id}.meta", f"{id}.env"}
+    assert await store.claim(NOW, 10) == [other]
+    info = await store.get_info()
+    assert (info["size"], info["corrupt"]) == (1, 1)
+
+
+async def test_update_of_corrupt_meta_quarantines_it(store: DiskStorage, dirs: Dirs) -> None:
+    id = await store.write(make_envelope(), NOW)
+    (dirs.meta / f"{id}.meta").write_bytes(b"smtpq-meta 1 00000000\n{}\n")
+    with pytest.raises(KeyError):
+        await store.increment_attempts(id)
+    assert f"{id}.meta" in dirs.names(dirs.corrupt)
+    assert (await store.get_info())["size"] == 0
+
+
+async def test_reload_keeps_leases_and_sees_new_files(store: DiskStorage, dirs: Dirs) -> None:
+    leased = await store.write(make_envelope(), NOW, claimed=True)
+    other = dirs.open()
+    try:
+        foreign = await other.write(make_envelope(), NOW)
+    finally:
+        await other.close()
+    assert sorted(i for _, i in await store.load()) == sorted([leased, foreign])
+    assert await store.claim(NOW, 10) == [foreign]  # the lease survived the reload
+
+
+async def test_load_while_writing_and_removing_loses_nothing(dirs: Dirs) -> None:
+    store = dirs.open()
+    try:
+        early = [await store.write(make_envelope(i), NOW) for i in range(200)]
+        await store.close()
+        store = dirs.open()
+
+        async def churn() -> tuple[list[str], list[str]]:
+            written = []
+            for i in range(100):
+                written.append(await store.write(make_envelope(i), NOW + 1))
+            for id in early[:100]:
+                await store.remove(id)
+            return written, early[:100]
+
+        tasks = [asyncio.create_task(churn()) for _ in range(3)]
+        loads = [await store.load() for _ in range(3)]
+        results = await asyncio.gather(*tasks)
+        written = {id for w, _ in results for id in w}
+        removed = set(early[:100])
+        assert all(loaded for loaded in loads)
+        expected = written | set(early[100:])
+        assert {i for _, i in await store.load()} == expected
+        # The in-memory schedule matched the disk even without that last load.
+        assert sorted(await store.claim(NOW + 10, 10_000)) == sorted(expected)
+        assert not removed & dirs.ids(dirs.env, ".env")
+        assert (await store.get_info())["corrupt"] == 0
+    finally:
+        await store.close()
+
+
+# -- failures: nothing half-written, 451 ---------------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 256 KiB tmpfs, so that ENOSPC is the kernel's own."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    cmd = ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs in CI: {done.stderr}")
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def assert_451(exc: QueueError) -> None:
+    assert exc.reply.code == "451"
+    assert exc.reply.enhanced_status_code == "4.3.0"
+
+
+async def test_full_disk_fails_the_write_and_leaves_nothing(small_fs: Path) -> None:
+    dirs = Dirs(small_fs)
+    store = dirs.open()
+    stored: list[str] = []
+    try:
+        error: QueueError | None = None
+        for i in range(100):
+            try:
+                stored.append(await store.write(make_envelope(i, size=30_000), NOW))
+            except QueueError as exc:
+                error = exc
+                break
+        assert error is not None
+        assert_451(error)
+        assert "no space" in str(error).lower()
+        assert 0 < len(stored) < 100
+        # Concurrent writers all fail cleanly while the disk is full.
+        results = await asyncio.gather(
+            *(store.write(make_envelope(i, size=30_000), NOW) for i in range(10)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, QueueError) for r in results)
+        assert dirs.names(dirs.tmp) == set()
+        assert dirs.ids(dirs.env, ".env") == dirs.ids(dirs.meta, ".meta") == set(stored)
+        # Space freed: the storage works again.
+        await store.remove(stored.pop())
+        stored.append(await store.write(make_envelope(7, size=1000), NOW))
+    finally:
+        await store.close()
+    again = dirs.open()
+    try:
+        assert {i for _, i in await again.load()} == set(stored)
+        for id in stored:
+            await again.get(id)
+        assert (await again.get_info())["corrupt"] == 0
+    finally:
+        await again.close()
+
+
+_FSIZE_CHILD = """
+import asyncio, json, resource, signal, sys
+from smtpq.envelope import Envelope
+from smtpq.errors import QueueError
+from smtpq.storage import DiskStorage
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so that write(2) fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+
+async def main():
+    store = DiskStorage(sys.argv[1], sys.argv[2])
+    out = {}
+    small = Envelope("a@example.org", ["b@example.com"])
+    small.parse(b"Subject: small\\r\\n\\r\\nhello\\r\\n")
+    out["small"] = await store.write(small, 1.0)
+    big = Envelope("a@example.org", ["b@example.com"])
+    big.parse(b"Subject: big\\r\\n\\r\\n" + b"y" * 50_000)
+    try:
+        await store.write(big, 1.0)
+    except QueueError as exc:
+        out["error"] = [str(exc), exc.reply.code, exc.reply.enhanced_status_code]
+    await store.close()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+async def test_file_size_limit_fails_the_write_cleanly(dirs: Dirs) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _FSIZE_CHILD,
+        str(dirs.env),
+        str(dirs.meta),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    result = json.loads(out)
+    message, code, esc = result["error"]
+    assert "too large" in message.lower()
+    assert (code, esc) == ("451", "4.3.0")
+    assert dirs.names(dirs.tmp) == set()
+    assert dirs.ids(dirs.env, ".env") == dirs.ids(dirs.meta, ".meta") == {result["small"]}
+
+
+@pytest.fixture
+def immutable() -> Iterator[Callable[[Path], None]]:
+    """Make a directory immutable (chattr +i): even root gets EPERM there."""
+    made: list[Path] = []
+
+    def make(path: Path) -> None:
+        done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"chattr +i not supported here: {done.stderr.decode().strip()}")
+        made.append(path)
+
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+async def test_permission_error_fails_the_write_cleanly(
+    store: DiskStorage, dirs: Dirs, immutable: Callable[[Path], None]
+) -> None:
+    first = await store.write(make_envelope(), NOW)
+    immutable(dirs.meta)  # envelopes can still be renamed in, metas cannot
+    with pytest.raises(QueueError) as caught:
+        await store.write(make_envelope(), NOW)
+    assert_451(caught.value)
+    assert "not permitted" in str(caught.value)
+    assert dirs.names(dirs.tmp) == set()
+    assert dirs.ids(dirs.env, ".env") == dirs.ids(dirs.meta, ".meta") == {first}
+    # The message written before is untouched and still deliverable.
+    assert await store.claim(NOW, 10) == [first]
+
+
+async def test_meta_update_failure_keeps_the_old_meta(
+    store: DiskStorage, dirs: Dirs, immutable: Callable[[Path], None]
+) -> None:
+    id = await store.write(make_envelope(), NOW)
+    immutable(dirs.meta)
+    with pytest.raises(QueueError):
+        await store.increment_attempts(id)
+    with pytest.raises(QueueError):
+        await store.remove(id)
+    entry = await store.get_entry(id)
+    assert entry.attempts == 0
+    assert dirs.names(dirs.tmp) == set()
+
+
+# -- concurrency: group commit, off the loop -----------------------------------------------------
+
+
+async def test_concurrent_writes_share_batches(store: DiskStorage) -> None:
+    ids = await asyncio.gather(*(store.write(make_envelope(i), NOW) for i in range(200)))
+    assert len(set(ids)) == 200
+    info = await store.get_info()
+    assert info["batched_ops"] == 200
+    assert info["batches"] < 50  # flushes were shared
+    for i, id in enumerate(ids):
+        assert (await store.get(id))[0].sender == f"s{i}@example.org"
+
+
+async def test_mixed_concurrent_operations_on_one_message(store: DiskStorage) -> None:
+    id = await store.write(make_envelope(rcpts=4), NOW)
+    counts = await asyncio.gather(*(store.increment_attempts(id) for _ in range(20)))
+    assert sorted(counts) == list(range(1, 21))
+    await asyncio.gather(
+        store.set_recipients_delivered(id, [0]),
+        store.set_recipients_delivered(id, [2]),
+        store.set_held(id, True),
+    )
+    entry = await store.get_entry(id)
+    assert (entry.attempts, entry.pending, entry.held) == (20, (1, 3), True)
+
+
+async def test_no_file_io_on_the_event_loop(
+    store: DiskStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop_thread = threading.get_ident()
+    seen: set[int] = set()
+    for name in ("open", "fsync", "rename", "unlink", "scandir", "read", "write"):
+        real = getattr(os, name)
+
+        def spy(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            seen.add(threading.get_ident())
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, spy)
+    id = await store.write(make_envelope(), NOW)
+    await store.increment_attempts(id)
+    await store.load()
+    await store.get(id)
+    await store.remove(id)
+    monkeypatch.undo()
+    assert seen
+    assert loop_thread not in seen
+
+
+async def test_cancelled_write_leaves_a_whole_message_or_none(
+    store: DiskStorage, dirs: Dirs
+) -> None:
+    tasks = [asyncio.create_task(store.write(make_envelope(i), NOW)) for i in range(20)]
+    await asyncio.sleep(0)
+    for task in tasks[::2]:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await store.close()
+    again = dirs.open()
+    try:
+        loaded = {i for _, i in await again.load()}
+        assert {t.result() for t in tasks if not t.cancelled()} <= loaded
+        for id in loaded:
+            await again.get(id)
+        assert dirs.names(dirs.tmp) == set()
+    finally:
+        await again.close()
+
+
+@pytest.mark.parametrize("sync", ["syncfs", "none"])
+async def test_other_sync_modes_store_the_same(dirs: Dirs, sync: Any) -> None:
+    store = dirs.open(sync=sync)
+    try:
+        ids = await asyncio.gather(*(store.write(make_envelope(i), NOW) for i in range(20)))
+        await store.increment_attempts(ids[0])
+        await store.remove(ids[1])
+        assert (await store.get_info())["sync"] == sync
+    finally:
+        await store.close()
+    again = dirs.open()
+    try:
+        assert {i for _, i in await again.load()} == set(ids) - {ids[1]}
+        assert (await again.get(ids[0]))[1] == 1
+    finally:
+        await again.close()
+
+
+def test_unknown_sync_mode_is_refused(dirs: Dirs) -> None:
+    with pytest.raises(ValueError, match="sync"):
+        DiskStorage(dirs.env, dirs.meta, sync="sometimes")  # type: ignore[arg-type]
+
+
+async def test_closed_storage_refuses_writes(store: DiskStorage) -> None:
+    await store.close()
+    with pytest.raises(QueueError):
+        await store.write(make_envelope(), NOW)
