@@ -101,6 +101,7 @@ def _entry(entry: StoredMessage) -> tuple[Any, ...]:
         entry.pending,
         entry.held,
         entry.last_reply.to_dict() if entry.last_reply else None,
+        entry.original_recipients,
     )
 
 

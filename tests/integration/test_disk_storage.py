@@ -559,7 +559,7 @@ async def test_other_sync_modes_store_the_same(dirs: Dirs, sync: Any) -> None:
         ids = await asyncio.gather(*(store.write(make_envelope(i), NOW) for i in range(20)))
         await store.increment_attempts(ids[0])
         await store.remove(ids[1])
-        assert (await store.get_info())["sync"] == sync
+        assert store.sync == sync
     finally:
         await store.close()
     again = dirs.open()

@@ -12,9 +12,9 @@ into place, ``remove`` unlinks the ``.meta`` then the ``.env``. A crash in betwe
 *orphan* that :meth:`DiskStorage.load` resolves by that rule (an ``.env`` alone is deleted, a
 ``.meta`` alone is quarantined: its envelope is gone).
 
-Ids are 32 lowercase hex digits (a uuid4). Only that form is accepted from callers (anything
-else is a :class:`KeyError`), so an id typed into an admin tool cannot name a path outside the
-queue directories.
+Ids are those of :func:`~smtpq.storage.base.new_id` (32 lowercase hex digits, time-ordered).
+Only that form is accepted from callers (anything else is a :class:`KeyError`), so an id typed
+into an admin tool cannot name a path outside the queue directories.
 
 Meta file format, version 1 — one header line, then a JSON object (UTF-8), then a newline::
 
@@ -59,7 +59,6 @@ import re
 import secrets
 import threading
 import time
-import uuid
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -70,7 +69,7 @@ from typing import Any, Literal
 from smtpq.envelope import Envelope
 from smtpq.errors import EnvelopeFormatError, QueueError
 from smtpq.reply import Reply
-from smtpq.storage.base import QueueStorage, StoredMessage
+from smtpq.storage.base import QueueStorage, StoredMessage, is_valid_id, new_id
 from smtpq.storage.schedule import LocalSchedule
 
 __all__ = ["DiskStorage", "SyncMode"]
@@ -80,7 +79,6 @@ log = logging.getLogger(__name__)
 #: How a DiskStorage makes its files durable; see the module documentation.
 SyncMode = Literal["fsync", "syncfs", "none"]
 
-_ID = re.compile(r"[0-9a-f]{32}")
 _ENV_SUFFIX = ".env"
 _META_SUFFIX = ".meta"
 # Scratch files: <id>.<env|meta>.<token><counter>.tmp, where the token is random per storage
@@ -162,7 +160,7 @@ def _decode_meta(data: bytes) -> _Meta:
 
 def _check_id(id: object) -> str:
     """The id if it has this storage's form; KeyError otherwise (it cannot name a stored file)."""
-    if not isinstance(id, str) or _ID.fullmatch(id) is None:
+    if not isinstance(id, str) or not is_valid_id(id):
         raise KeyError(id)
     return id
 
@@ -727,7 +725,7 @@ class DiskStorage(QueueStorage):
         permission or an I/O error; nothing half-written is left behind then.
         """
         loop = asyncio.get_running_loop()
-        id = uuid.uuid4().hex
+        id = new_id(timestamp)
         op = _Op(
             _WRITE,
             id,
@@ -829,7 +827,7 @@ class DiskStorage(QueueStorage):
         with os.scandir(self.meta_dir) as it:
             for entry in it:
                 name = entry.name
-                if not name.endswith(_META_SUFFIX) or not _ID.fullmatch(name[:-5]):
+                if not name.endswith(_META_SUFFIX) or not is_valid_id(name[:-5]):
                     continue
                 id = name[:-5]
                 try:
@@ -861,7 +859,7 @@ class DiskStorage(QueueStorage):
         with os.scandir(self.env_dir) as it:
             for entry in it:
                 name = entry.name
-                if not name.endswith(_ENV_SUFFIX) or not _ID.fullmatch(name[:-4]):
+                if not name.endswith(_ENV_SUFFIX) or not is_valid_id(name[:-4]):
                     continue
                 id = name[:-4]
                 if id in found:
@@ -944,8 +942,9 @@ class DiskStorage(QueueStorage):
         except EnvelopeFormatError as exc:
             raise _CorruptError(str(exc)) from exc
         delivered = set(meta.delivered)
-        pending = tuple(i for i in range(len(envelope.recipients)) if i not in delivered)
-        envelope.recipients = [envelope.recipients[i] for i in pending]
+        everyone = tuple(envelope.recipients)
+        pending = tuple(i for i in range(len(everyone)) if i not in delivered)
+        envelope.recipients = [everyone[i] for i in pending]
         return StoredMessage(
             id=id,
             envelope=envelope,
@@ -954,6 +953,7 @@ class DiskStorage(QueueStorage):
             pending=pending,
             held=meta.held,
             last_reply=Reply.from_dict(meta.last_reply) if meta.last_reply else None,
+            original_recipients=everyone,
         )
 
     async def remove(self, id: str) -> None:
@@ -962,7 +962,8 @@ class DiskStorage(QueueStorage):
         await self._submit(_Op(_REMOVE, _check_id(id), loop.create_future()))
 
     async def get_info(self) -> dict[str, Any]:
-        """``size`` (messages stored), and what an administrator wants to know about the disk.
+        """``size`` (messages stored), ``held``, ``active`` (being attempted), ``oldest``, and
+        what an administrator wants to know about the disk:
 
         ``corrupt``: entries this object moved to the corrupt directory; ``corrupt_stored``:
         entries in that directory; ``orphans_removed`` and ``scratch_removed``: leftovers of
@@ -973,16 +974,13 @@ class DiskStorage(QueueStorage):
         with self._stats_lock:
             return {
                 "size": len(self._schedule),
+                **self._schedule.stats(),
                 "corrupt": self._corrupt,
                 "corrupt_stored": self._corrupt_stored,
                 "orphans_removed": self._orphans_removed,
                 "scratch_removed": self._scratch_removed,
                 "batches": self._batches,
                 "batched_ops": self._batched_ops,
-                "sync": self.sync,
-                "env_dir": self.env_dir,
-                "meta_dir": self.meta_dir,
-                "corrupt_dir": self.corrupt_dir,
             }
 
     async def close(self) -> None:
