@@ -2,5 +2,6 @@
 
 from smtpq.storage.base import QueueStorage, StoredMessage
 from smtpq.storage.dict import DictStorage
+from smtpq.storage.redis import RedisStorage
 
-__all__ = ["DictStorage", "QueueStorage", "StoredMessage"]
+__all__ = ["DictStorage", "QueueStorage", "RedisStorage", "StoredMessage"]
