@@ -22,10 +22,10 @@ def test_file_and_overrides(tmp_path: Path) -> None:
     path = tmp_path / "smtpq.toml"
     path.write_text(
         'hostname = "mx.example.org"\n'
-        "[edge]\nlisten = [\"127.0.0.1:2600\", \"[::1]:2600\"]\nlocal_domains = [\"example.org\"]\n"
-        "[relay]\ntype = \"smarthost\"\nhost = \"smtp.example.net\"\nport = 587\n"
+        '[edge]\nlisten = ["127.0.0.1:2600", "[::1]:2600"]\nlocal_domains = ["example.org"]\n'
+        '[relay]\ntype = "smarthost"\nhost = "smtp.example.net"\nport = 587\n'
         "[retry]\ninitial = 60\n"
-        "[routes]\n\"Example.NET\" = \"[192.0.2.1]:2525\"\n"
+        '[routes]\n"Example.NET" = "[192.0.2.1]:2525"\n'
     )
     config = load_config(path, **{"storage.path": "/var/spool/smtpq", "workers": 2})
     assert config.hostname == "mx.example.org"
@@ -40,14 +40,14 @@ def test_file_and_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[storage]\ntype = \"tape\"\n", "storage.type must be one of"),
+        ('[storage]\ntype = "tape"\n', "storage.type must be one of"),
         ("[edge]\nlisen = []\n", "unknown setting edge.lisen"),
-        ("[relay]\ntype = \"smarthost\"\n", "needs relay.host"),
-        ("[retry]\ninitial = \"soon\"\n", "retry.initial must be a number"),
+        ('[relay]\ntype = "smarthost"\n', "needs relay.host"),
+        ('[retry]\ninitial = "soon"\n', "retry.initial must be a number"),
         ("[retry]\ninitial = -1\n", "must not be negative"),
         ("workers = 0\n", "workers must be at least 1"),
-        ("[edge]\nlisten = [\"127.0.0.1:99999\"]\n", "port out of range"),
-        ("[admin]\nlisten = \"127.0.0.1:8025\"\n", "needs admin.token"),
+        ('[edge]\nlisten = ["127.0.0.1:99999"]\n', "port out of range"),
+        ('[admin]\nlisten = "127.0.0.1:8025"\n', "needs admin.token"),
         ("bogus = 1\n", "unknown setting bogus"),
         ("[edge\n", "config file"),
     ],

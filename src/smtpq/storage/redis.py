@@ -2,18 +2,20 @@
 
 Everything lives in Redis — records, schedule and leases — so workers need no local state and a
 worker that dies loses nothing but its leases. Every change that touches more than one key is one
-Lua script (atomic, one round trip); iteration uses ``SCAN``-family commands, never ``KEYS``.
+Lua script (atomic, one round trip); listing walks a sorted set a page at a time, never ``KEYS``.
 
 Layout, format version 1 (``T`` is ``<prefix>{<tag>}:``, e.g. ``smtpq:{q}:``)::
 
     T msg:<id>   hash   v          format version of this record ("1")
                         env        Envelope.to_bytes(): versioned, checksummed, never pickle
+                        ts         next attempt time, Unix epoch seconds (a float's repr)
                         attempts   attempts made so far (integer)
                         delivered  comma-separated indexes (into the recipients as first
                                    written) that are done, ascending; "" when none
                         reply      the Reply that last deferred it, as JSON (absent if none)
-    T index      zset   id -> next attempt time (every message, held ones too): the record of
-                        the schedule, listed by load() with ZSCAN
+    T index      zset   every message id, all with score 0: ordered by id, that is by arrival
+                        (ids are time-ordered, see smtpq.storage.base.new_id); load() pages
+                        through it with ZRANGEBYLEX, get_info() reads the oldest from it
     T schedule   zset   id -> what a worker waits for: the next attempt time, or the lease
                         expiry while leased. Held messages are absent (unless held while
                         leased: they leave when the attempt ends). claim() takes members whose
@@ -23,9 +25,9 @@ Layout, format version 1 (``T`` is ``<prefix>{<tag>}:``, e.g. ``smtpq:{q}:``)::
     T wake       pub/sub channel: published when a message is written unclaimed or
                  rescheduled, so that waiting workers in any process claim at once
 
-All keys of one queue share the hash tag ``{tag}``: the queue lives in one Redis Cluster slot and
-its scripts are legal there. To spread one logical queue over several slots, run one
-RedisStorage (and one Queue) per tag — see ``docs/redis.md``.
+All keys of one queue share the hash tag ``{tag}``: the queue lives in one Redis Cluster slot, and
+every script declares the keys it touches. To spread one logical queue over several slots, run
+one RedisStorage (and one Queue) per tag — see ``docs/redis.md``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import logging
 import os
 import secrets
 import socket
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, cast
 
@@ -52,7 +53,7 @@ from redis.typing import EncodableT
 from smtpq.envelope import Envelope
 from smtpq.errors import EnvelopeFormatError, QueueError
 from smtpq.reply import Reply
-from smtpq.storage.base import QueueStorage, StoredMessage
+from smtpq.storage.base import QueueStorage, StoredMessage, id_time, new_id
 
 __all__ = ["FORMAT_VERSION", "RedisStorage"]
 
@@ -64,8 +65,9 @@ FORMAT_VERSION = 1
 # KEYS: msg, index, schedule, leases. ARGV: id, env, timestamp, score, owner ("" = unclaimed),
 # channel. A retried call (after a lost reply) writes the same values again: idempotent.
 _WRITE = """
-redis.call('HSET', KEYS[1], 'v', '1', 'env', ARGV[2], 'attempts', '0', 'delivered', '')
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('HSET', KEYS[1], 'v', '1', 'env', ARGV[2], 'ts', ARGV[3], 'attempts', '0',
+           'delivered', '')
+redis.call('ZADD', KEYS[2], 0, ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
@@ -75,20 +77,20 @@ end
 return 1
 """
 
-# KEYS: msg, index, schedule, leases, held. ARGV: id, timestamp, reply JSON or "", owner,
-# channel. Another owner's lease is left alone: its attempt is running, and the new time
-# applies when that attempt ends.
+# KEYS: msg, schedule, leases, held. ARGV: id, timestamp, reply JSON or "", owner, channel.
+# Another owner's lease is left alone: its attempt is running, and the new time applies when
+# that attempt ends.
 _SET_TIMESTAMP = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'ts', ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'reply', ARGV[3]) end
-local holder = redis.call('HGET', KEYS[4], ARGV[1])
+local holder = redis.call('HGET', KEYS[3], ARGV[1])
 if holder and holder ~= ARGV[4] then return 1 end
-if holder then redis.call('HDEL', KEYS[4], ARGV[1]) end
-if redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 1 then
-  redis.call('ZREM', KEYS[3], ARGV[1])
+if holder then redis.call('HDEL', KEYS[3], ARGV[1]) end
+if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then
+  redis.call('ZREM', KEYS[2], ARGV[1])
 else
-  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
   redis.call('PUBLISH', ARGV[5], 't')
 end
 return 1
@@ -126,11 +128,9 @@ redis.call('SREM', KEYS[5], ARGV[1])
 return 1
 """
 
-# KEYS: msg, index, leases, held. ARGV: id. Returns {hash as a flat list, timestamp, held,
-# lease owner or false}; an empty hash when the message is gone.
+# KEYS: msg, held. ARGV: id. Returns {the hash as a flat list (empty when gone), held}.
 _GET = """
-return {redis.call('HGETALL', KEYS[1]), redis.call('ZSCORE', KEYS[2], ARGV[1]),
-        redis.call('SISMEMBER', KEYS[4], ARGV[1]), redis.call('HGET', KEYS[3], ARGV[1])}
+return {redis.call('HGETALL', KEYS[1]), redis.call('SISMEMBER', KEYS[2], ARGV[1])}
 """
 
 # KEYS: schedule, leases, held. ARGV: now, limit, lease expiry, owner. A message held while
@@ -162,7 +162,7 @@ end
 return 1
 """
 
-# KEYS: index, schedule, leases, held. ARGV: id, owner, channel.
+# KEYS: msg, schedule, leases, held. ARGV: id, owner, channel.
 _RELEASE = """
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[1])
@@ -170,7 +170,7 @@ if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then
   redis.call('ZREM', KEYS[2], ARGV[1])
   return 1
 end
-local ts = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local ts = redis.call('HGET', KEYS[1], 'ts')
 if ts then
   redis.call('ZADD', KEYS[2], ts, ARGV[1])
   redis.call('PUBLISH', ARGV[3], 'r')
@@ -178,30 +178,32 @@ end
 return 1
 """
 
-# KEYS: msg, index, schedule, leases, held. ARGV: id, 1 to hold / 0 to release, channel.
+# KEYS: msg, schedule, leases, held. ARGV: id, 1 to hold / 0 to release, channel.
 # Returns -1 when the message is gone. A leased message stays leased until its attempt ends.
 _SET_HELD = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local leased = redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1
+local ts = redis.call('HGET', KEYS[1], 'ts')
+if not ts then return -1 end
+local leased = redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1
 if ARGV[2] == '1' then
-  redis.call('SADD', KEYS[5], ARGV[1])
-  if not leased then redis.call('ZREM', KEYS[3], ARGV[1]) end
-elseif redis.call('SREM', KEYS[5], ARGV[1]) == 1 and not leased then
-  redis.call('ZADD', KEYS[3], redis.call('ZSCORE', KEYS[2], ARGV[1]), ARGV[1])
+  redis.call('SADD', KEYS[4], ARGV[1])
+  if not leased then redis.call('ZREM', KEYS[2], ARGV[1]) end
+elseif redis.call('SREM', KEYS[4], ARGV[1]) == 1 and not leased then
+  redis.call('ZADD', KEYS[2], ts, ARGV[1])
   redis.call('PUBLISH', ARGV[3], 'h')
 end
 return 1
 """
 
-# KEYS: index, schedule, leases, held. ARGV: now, channel, ids... Returns how many were made due.
+# KEYS: schedule, leases, held, then one msg key per id. ARGV: now, channel, ids (in the same
+# order as their msg keys). Returns how many were made due.
 _FLUSH = """
 local n = 0
 for i = 3, #ARGV do
-  local id = ARGV[i]
-  if redis.call('ZSCORE', KEYS[1], id) and redis.call('HEXISTS', KEYS[3], id) == 0
-      and redis.call('SISMEMBER', KEYS[4], id) == 0 then
+  local id, msg = ARGV[i], KEYS[i + 1]
+  if redis.call('EXISTS', msg) == 1 and redis.call('HEXISTS', KEYS[2], id) == 0
+      and redis.call('SISMEMBER', KEYS[3], id) == 0 then
+    redis.call('HSET', msg, 'ts', ARGV[1])
     redis.call('ZADD', KEYS[1], ARGV[1], id)
-    redis.call('ZADD', KEYS[2], ARGV[1], id)
     n = n + 1
   end
 end
@@ -358,7 +360,7 @@ class RedisStorage(QueueStorage):
 
     async def write(self, envelope: Envelope, timestamp: float, *, claimed: bool = False) -> str:
         """See :meth:`QueueStorage.write`; with ``wait_replicas``, also replicated."""
-        id = uuid.uuid4().hex
+        id = new_id(timestamp)
         score = timestamp + self.lease_timeout if claimed else timestamp
         keys = [self._key(id), self._index, self._schedule, self._leases]
         owner = self.owner if claimed else ""
@@ -390,7 +392,7 @@ class RedisStorage(QueueStorage):
         and the message was taken over), that lease is kept; the new time applies after it.
         """
         reply = json.dumps(last_reply.to_dict()) if last_reply is not None else ""
-        keys = [self._key(id), self._index, self._schedule, self._leases, self._held]
+        keys = [self._key(id), self._schedule, self._leases, self._held]
         with _redis_errors("set_timestamp"):
             found = await self._s_set_timestamp(
                 keys, [id, timestamp, reply, self.owner, self.channel]
@@ -415,48 +417,60 @@ class RedisStorage(QueueStorage):
             raise KeyError(id)
 
     async def load(self) -> list[tuple[float, str]]:
-        """Every message as ``(timestamp, id)``, listed with ZSCAN; nothing is kept in memory.
+        """Every message as ``(timestamp, id)``, oldest first; nothing is kept in memory.
 
-        ZSCAN returns every message present for the whole scan at least once (duplicates are
-        merged here); one removed meanwhile may or may not be listed.
+        Pages through the index by id (ZRANGEBYLEX), reading each page's times in one pipelined
+        round trip: every message present for the whole listing is listed exactly once, and a
+        message removed meanwhile is left out.
         """
-        found: dict[str, float] = {}
-        cursor = 0
+        found: list[tuple[float, str]] = []
+        start = "-"
         with _redis_errors("load"):
             while True:
-                cursor, page = await self._client.zscan(self._index, cursor, count=_BATCH)
-                for member, score in page:
-                    found[cast(bytes, member).decode()] = float(score)
-                if cursor == 0:
+                page = await self._client.zrangebylex(self._index, start, "+", 0, _BATCH)
+                ids = [cast(bytes, member).decode() for member in page]
+                if ids:
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        for id in ids:
+                            pipe.hget(self._key(id), "ts")
+                        times = await pipe.execute()
+                    found += [(float(t), id) for id, t in zip(ids, times, strict=True) if t]
+                if len(ids) < _BATCH:
                     break
-        return [(ts, id) for id, ts in found.items()]
+                start = "(" + ids[-1]
+        return found
 
     async def get_entry(self, id: str) -> StoredMessage:
-        """See :meth:`QueueStorage.get_entry`; ``extra['lease_owner']`` names a lease holder."""
-        keys = [self._key(id), self._index, self._leases, self._held]
+        """See :meth:`QueueStorage.get_entry`."""
         with _redis_errors("get"):
-            flat, score, held, owner = await self._s_get(keys, [id])
-        if not flat or score is None:
+            flat, held = await self._s_get([self._key(id), self._held], [id])
+        if not flat:
             raise KeyError(id)
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
         version = fields.get(b"v")
         if version != str(FORMAT_VERSION).encode():
             raise EnvelopeFormatError(f"message {id}: unsupported record version {version!r}")
-        envelope = Envelope.from_bytes(fields[b"env"])
-        delivered = {int(i) for i in fields[b"delivered"].split(b",") if i}
-        pending = tuple(i for i in range(len(envelope.recipients)) if i not in delivered)
-        envelope.recipients = [envelope.recipients[i] for i in pending]
-        reply = fields.get(b"reply")
-        extra = {"lease_owner": owner.decode()} if owner else {}
+        try:
+            envelope = Envelope.from_bytes(fields[b"env"])
+            delivered = {int(i) for i in fields[b"delivered"].split(b",") if i}
+            attempts = int(fields[b"attempts"])
+            timestamp = float(fields[b"ts"])
+            reply = fields.get(b"reply")
+            last_reply = Reply.from_dict(json.loads(reply)) if reply else None
+        except (KeyError, ValueError, TypeError) as exc:
+            raise EnvelopeFormatError(f"message {id}: damaged record: {exc!r}") from exc
+        everyone = tuple(envelope.recipients)
+        pending = tuple(i for i in range(len(everyone)) if i not in delivered)
+        envelope.recipients = [everyone[i] for i in pending]
         return StoredMessage(
             id=id,
             envelope=envelope,
-            attempts=int(fields[b"attempts"]),
-            timestamp=float(score),
+            attempts=attempts,
+            timestamp=timestamp,
             pending=pending,
             held=bool(held),
-            last_reply=Reply.from_dict(json.loads(reply)) if reply else None,
-            extra=extra,
+            last_reply=last_reply,
+            original_recipients=everyone,
         )
 
     async def remove(self, id: str) -> None:
@@ -466,15 +480,19 @@ class RedisStorage(QueueStorage):
             await self._s_remove(keys, [id])
 
     async def get_info(self) -> dict[str, Any]:
-        """``size`` (messages stored), ``scheduled``, ``leased`` and ``held``."""
+        """``size`` (messages stored), ``held``, ``active`` (leased), ``oldest`` (arrival).
+
+        ``active`` counts leases whose holder may have died and not been taken over yet.
+        """
         with _redis_errors("get_info"):
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.zcard(self._index)
-                pipe.zcard(self._schedule)
-                pipe.hlen(self._leases)
                 pipe.scard(self._held)
-                size, scheduled, leased, held = await pipe.execute()
-        return {"size": size, "scheduled": scheduled, "leased": leased, "held": held}
+                pipe.hlen(self._leases)
+                pipe.zrange(self._index, 0, 0)
+                size, held, active, first = await pipe.execute()
+        oldest = id_time(first[0].decode()) if first else None
+        return {"size": size, "held": held, "active": active, "oldest": oldest}
 
     async def close(self) -> None:
         """Stop listening for wake-ups and close the connections; idempotent."""
@@ -515,7 +533,7 @@ class RedisStorage(QueueStorage):
 
     async def release(self, id: str) -> None:
         """See :meth:`QueueStorage.release`; only this object's own lease is released."""
-        keys = [self._index, self._schedule, self._leases, self._held]
+        keys = [self._key(id), self._schedule, self._leases, self._held]
         with _redis_errors("release"):
             await self._s_release(keys, [id, self.owner, self.channel])
 
@@ -545,16 +563,16 @@ class RedisStorage(QueueStorage):
         if ids is None:
             ids = [id for _, id in await self.load()]
         count = 0
-        keys = [self._index, self._schedule, self._leases, self._held]
         with _redis_errors("flush"):
             for start in range(0, len(ids), _BATCH):
-                args: list[EncodableT] = [now, self.channel, *ids[start : start + _BATCH]]
-                count += int(await self._s_flush(keys, args))
+                batch = ids[start : start + _BATCH]
+                keys = [self._schedule, self._leases, self._held, *map(self._key, batch)]
+                count += int(await self._s_flush(keys, [now, self.channel, *batch]))
         return count
 
     async def set_held(self, id: str, held: bool) -> None:
         """See :meth:`QueueStorage.set_held`."""
-        keys = [self._key(id), self._index, self._schedule, self._leases, self._held]
+        keys = [self._key(id), self._schedule, self._leases, self._held]
         with _redis_errors("set_held"):
             found = await self._s_set_held(keys, [id, 1 if held else 0, self.channel])
         if found < 0:
