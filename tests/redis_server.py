@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["RedisServer", "find_redis_server"]
@@ -51,16 +52,23 @@ class RedisServer:
         ``'everysec'`` / ``'no'`` for an append-only file in ``dir`` — a restarted server with
         the same ``dir`` reads it back.
     :param port: the TCP port; a free one is picked by default and kept across restarts.
+    :param extra_args: more ``redis-server`` options, e.g. ``["--replicaof", host, port]``.
     """
 
     host = "127.0.0.1"
 
     def __init__(
-        self, dir: Path, *, appendfsync: str | None = None, port: int | None = None
+        self,
+        dir: Path,
+        *,
+        appendfsync: str | None = None,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.dir = Path(dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.appendfsync = appendfsync
+        self.extra_args = list(extra_args)
         self.port = port if port is not None else _free_port()
         self._fixed_port = port is not None
         # A unix socket path must stay short (about 100 bytes): keep it out of deep test dirs.
@@ -96,7 +104,7 @@ class RedisServer:
             args += ["--appendonly", "no"]
         else:
             args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
-        return args
+        return args + self.extra_args
 
     def start(self, timeout: float = 20.0) -> None:
         """Start the server and return once it answers PING (a fresh port if one was taken)."""

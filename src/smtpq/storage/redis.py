@@ -244,8 +244,9 @@ class RedisStorage(QueueStorage):
     :param owner: the lease owner token of this storage object (default: host, pid, random).
     :param client: a ready ``redis.asyncio.Redis`` to use instead of connecting (it is closed
         by :meth:`close`).
-    :param redis_kwargs: passed to ``redis.asyncio.Redis`` (e.g. ``ssl=True``, ``username``,
-        ``retry``, ``socket_connect_timeout``, ``unix_socket_path``).
+    :param redis_kwargs: connection options of redis-py (e.g. ``ssl=True``, ``username``,
+        ``retry``, ``socket_connect_timeout``, ``unix_socket_path``, ``max_connections`` —
+        default 64 — and ``timeout``, how long to wait for a free connection, default 10 s).
 
     A failed Redis operation raises :class:`~smtpq.errors.QueueError`. Connections are
     re-established on the next operation; each operation retries a broken connection a few
@@ -275,14 +276,18 @@ class RedisStorage(QueueStorage):
         if not tag or "{" in tag or "}" in tag:
             raise ValueError("tag must be a non-empty name without braces")
         if client is None:
-            client = aioredis.Redis(
-                host=host,
-                port=port,
-                db=db,
-                password=password,
-                socket_timeout=socket_timeout,
-                **self._client_defaults(redis_kwargs),
+            options = self._pool_options(redis_kwargs)
+            path = options.pop("unix_socket_path", None)
+            if path is not None:
+                options.update(connection_class=aioredis.UnixDomainSocketConnection, path=path)
+            else:
+                options.update(host=host, port=port)
+                if options.pop("ssl", False):
+                    options["connection_class"] = aioredis.SSLConnection
+            pool = aioredis.BlockingConnectionPool(
+                db=db, password=password, socket_timeout=socket_timeout, **options
             )
+            client = aioredis.Redis.from_pool(pool)
         self._client = client
         self.prefix = prefix
         self.tag = tag
@@ -316,9 +321,16 @@ class RedisStorage(QueueStorage):
         self._closed = False
 
     @staticmethod
-    def _client_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
-        """redis-py options, with a short retry so that an outage becomes a 451 quickly."""
+    def _pool_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+        """redis-py connection pool options, with this storage's defaults.
+
+        A short retry, so that an outage becomes a 451 in about a second; a bounded pool that
+        makes callers wait (``timeout`` seconds at most) for a free connection rather than fail
+        when many attempts run at once.
+        """
         kwargs = dict(kwargs)
+        kwargs.setdefault("max_connections", 64)
+        kwargs.setdefault("timeout", 10.0)
         kwargs.setdefault("retry", Retry(EqualJitterBackoff(cap=0.5, base=0.02), 3))
         kwargs.setdefault("retry_on_error", [RedisConnectionError, RedisTimeoutError])
         kwargs.setdefault("socket_connect_timeout", 5.0)
@@ -342,7 +354,8 @@ class RedisStorage(QueueStorage):
         The URL carries host, port, password, database (``/0`` or ``?db=0``) and options as
         redis-py reads them; ``redis_kwargs`` add to them.
         """
-        client = aioredis.Redis.from_url(url, **cls._client_defaults(redis_kwargs))
+        pool = aioredis.BlockingConnectionPool.from_url(url, **cls._pool_options(redis_kwargs))
+        client = aioredis.Redis.from_pool(pool)
         return cls(
             prefix=prefix,
             tag=tag,
