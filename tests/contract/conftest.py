@@ -7,6 +7,7 @@ worker, or the same process after a restart).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from smtpq.storage import DictStorage, DiskStorage, QueueStorage
+from smtpq.storage import DictStorage, DiskStorage, QueueStorage, RedisStorage
+from tests.redis_server import RedisServer
 
 
 @dataclass
@@ -57,9 +59,28 @@ async def disk_backend(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncI
     await storage.close()
 
 
+@asynccontextmanager
+async def redis_backend(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    server: RedisServer = request.getfixturevalue("redis_server")
+    prefix = f"contract-{uuid.uuid4().hex[:12]}:"
+    opened: list[RedisStorage] = []
+
+    async def reopen() -> QueueStorage:
+        other = RedisStorage.from_url(server.url, prefix=prefix, lease_timeout=5.0)
+        opened.append(other)
+        return other
+
+    storage = RedisStorage.from_url(server.url, prefix=prefix, lease_timeout=5.0)
+    yield Backend(storage, reopen, durable=True)
+    await storage.close()
+    for other in opened:
+        await other.close()
+
+
 BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], Any]] = {
     "dict": dict_backend,
     "disk": disk_backend,
+    "redis": redis_backend,
 }
 
 

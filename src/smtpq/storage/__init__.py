@@ -3,5 +3,6 @@
 from smtpq.storage.base import QueueStorage, StoredMessage
 from smtpq.storage.dict import DictStorage
 from smtpq.storage.disk import DiskStorage
+from smtpq.storage.redis import RedisStorage
 
-__all__ = ["DictStorage", "DiskStorage", "QueueStorage", "StoredMessage"]
+__all__ = ["DictStorage", "DiskStorage", "QueueStorage", "RedisStorage", "StoredMessage"]
