@@ -1,14 +1,17 @@
 """Test-wide settings and fixtures.
 
 * hypothesis profiles: ``dev`` locally, ``ci`` when ``CI`` is set (or ``HYPOTHESIS_PROFILE``);
-* a private redis-server for the whole session, and a key prefix per test.
+* a private redis-server for the whole session, and a key prefix per test;
+* a tiny real filesystem (tmpfs) for disk-full tests.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -50,3 +53,20 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def redis_prefix() -> str:
     """A key prefix of this test's own, so that tests on the shared server never meet."""
     return f"test-{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 256 KiB tmpfs, so that ENOSPC is the kernel's own."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    cmd = ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs in CI: {done.stderr}")
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -115,6 +115,13 @@ async def test_load_lists_everything(backend: Backend) -> None:
     assert sorted(t for t, _ in loaded) == [NOW + i for i in range(5)]
 
 
+async def test_message_ids_oldest_first(backend: Backend) -> None:
+    store = backend.storage
+    ids = [await store.write(make_envelope(), NOW + i) for i in range(5)]
+    await store.remove(ids[2])
+    assert await store.message_ids() == [ids[0], ids[1], ids[3], ids[4]]
+
+
 async def test_binary_and_utf8_content_round_trips(backend: Backend) -> None:
     store = backend.storage
     env = Envelope("jöran@exämple.org", ["ünï@example.com"])

@@ -329,23 +329,6 @@ async def test_load_while_writing_and_removing_loses_nothing(dirs: Dirs) -> None
 # -- failures: nothing half-written, 451 ---------------------------------------------------------
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 256 KiB tmpfs, so that ENOSPC is the kernel's own."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    cmd = ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot mount a tmpfs in CI: {done.stderr}")
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-
-
 def assert_451(exc: QueueError) -> None:
     assert exc.reply.code == "451"
     assert exc.reply.enhanced_status_code == "4.3.0"

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 
 from smtpq.daemon.config import ConfigError, load_config, parse_hostport
+from smtpq.relay.mx import Route
 
 
 def test_defaults() -> None:
     config = load_config(None)
     assert config.storage.type == "disk"
     assert config.storage.path == "./smtpq-queue"
-    assert config.edge.listen == ("127.0.0.1:2525",)
+    assert config.listen == ("127.0.0.1:2525",)
     assert config.relay.type == "mx"
     assert config.retry.lifetime == 5 * 86400
 
@@ -22,17 +23,21 @@ def test_file_and_overrides(tmp_path: Path) -> None:
     path = tmp_path / "smtpq.toml"
     path.write_text(
         'hostname = "mx.example.org"\n'
-        '[edge]\nlisten = ["127.0.0.1:2600", "[::1]:2600"]\nlocal_domains = ["example.org"]\n'
+        '[edge]\nlisten = ["127.0.0.1:2600", "[::1]:2600"]\nrelay_domains = ["example.org"]\n'
         '[relay]\ntype = "smarthost"\nhost = "smtp.example.net"\nport = 587\n'
+        '[smtp]\ntls = "required"\n'
         "[retry]\ninitial = 60\n"
         '[routes]\n"Example.NET" = "[192.0.2.1]:2525"\n'
     )
     config = load_config(path, **{"storage.path": "/var/spool/smtpq", "workers": 2})
     assert config.hostname == "mx.example.org"
-    assert config.edge.listen == ("127.0.0.1:2600", "[::1]:2600")
+    assert config.listen_addresses() == [("127.0.0.1", 2600), ("::1", 2600)]
+    assert config.edge.relay_domains == ("example.org",)
+    assert config.edge.hostname == "mx.example.org"
+    assert config.smtp.tls == "required"
     assert config.relay.port == 587
     assert config.retry.initial == 60.0
-    assert config.routes == {"example.net": "[192.0.2.1]:2525"}
+    assert config.mx.routes == {"example.net": Route("192.0.2.1", 2525)}
     assert config.storage.path == "/var/spool/smtpq"
     assert config.workers == 2
 
@@ -42,6 +47,10 @@ def test_file_and_overrides(tmp_path: Path) -> None:
     [
         ('[storage]\ntype = "tape"\n', "storage.type must be one of"),
         ("[edge]\nlisen = []\n", "unknown setting edge.lisen"),
+        ("[edge]\nport = 25\n", "unknown setting edge.port"),
+        ('[smtp]\ntls = "sometimes"\n', "smtp"),
+        ('[edge]\ntrusted_networks = ["10.0.0.0/33"]\n', "edge"),
+        ('[edge]\ntls_cert = "/nonexistent.pem"\ntls_key = "/nonexistent.pem"\n', "not found"),
         ('[relay]\ntype = "smarthost"\n', "needs relay.host"),
         ('[retry]\ninitial = "soon"\n', "retry.initial must be a number"),
         ("[retry]\ninitial = -1\n", "must not be negative"),

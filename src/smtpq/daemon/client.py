@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,8 +32,28 @@ class AdminClient:
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise AdminUnavailable(str(exc)) from None
 
-    async def _send(self, method: str, path: str, body: Any = None) -> asyncio.StreamReader:
+    @contextlib.asynccontextmanager
+    async def _send(
+        self, method: str, path: str, body: Any = None
+    ) -> AsyncIterator[asyncio.StreamReader]:
+        """The response body's stream, after the status and headers (the writer is kept open
+        until the body is read: a dropped StreamWriter closes the connection)."""
         reader, writer = await self._open()
+        try:
+            yield await self._exchange(reader, writer, method, path, body)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def _exchange(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        method: str,
+        path: str,
+        body: Any,
+    ) -> asyncio.StreamReader:
         data = json.dumps(body).encode() if body is not None else b""
         writer.write(
             f"{method} {path} HTTP/1.1\r\nHost: smtpq\r\nContent-Type: application/json\r\n"
@@ -63,21 +84,21 @@ class AdminClient:
 
     async def get(self, path: str) -> Any:
         """GET a JSON document."""
-        reader = await self._send("GET", path)
-        return json.loads(await reader.read())
+        async with self._send("GET", path) as reader:
+            return json.loads(await reader.read())
 
     async def get_text(self, path: str) -> str:
         """GET a text document."""
-        reader = await self._send("GET", path)
-        return (await reader.read()).decode()
+        async with self._send("GET", path) as reader:
+            return (await reader.read()).decode()
 
     async def lines(self, path: str) -> AsyncIterator[dict[str, Any]]:
         """GET a stream of JSON lines."""
-        reader = await self._send("GET", path)
-        while line := await reader.readline():
-            yield json.loads(line)
+        async with self._send("GET", path) as reader:
+            while line := await reader.readline():
+                yield json.loads(line)
 
     async def post(self, path: str, body: dict[str, Any]) -> Any:
         """POST a JSON body, get a JSON document."""
-        reader = await self._send("POST", path, body)
-        return json.loads(await reader.read())
+        async with self._send("POST", path, body) as reader:
+            return json.loads(await reader.read())

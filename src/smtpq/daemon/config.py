@@ -1,50 +1,75 @@
-"""The daemon's configuration: one TOML file, read once, into small frozen dataclasses.
+"""The daemon's configuration: one TOML file, read once, into the components' frozen dataclasses.
 
-Every setting has a working default, so ``smtpq serve`` with no file runs: disk storage in
-``./smtpq-queue``, listening on 127.0.0.1:2525, delivering by MX. An example::
+Each section configures one component with that component's own dataclass, so a setting means
+the same in the file as in the library: ``[edge]`` is :class:`~smtpq.edge.EdgeConfig` (plus
+``listen``), ``[smtp]`` is :class:`~smtpq.relay.smtp.SmtpRelayConfig` (how we talk to other
+servers), ``[mx]`` is :class:`~smtpq.relay.mx.MxRelayConfig`. Every setting has a working
+default, so ``smtpq serve`` with no file runs: disk storage in ``./smtpq-queue``, listening on
+127.0.0.1:2525, delivering by MX. An example::
 
     hostname = "mx.example.org"
+    workers = 2                       # processes; each listens, disk queue is sharded
 
     [edge]
-    listen = ["127.0.0.1:2525"]
+    listen = ["127.0.0.1:2525", "[::1]:2525"]
     max_message_size = 10485760
-    local_domains = ["example.org"]
+    relay_domains = ["example.org"]   # mail accepted for these from anyone
     trusted_networks = ["127.0.0.0/8", "::1/128"]
+    # tls_cert = "/etc/smtpq/cert.pem"; tls_key = "/etc/smtpq/key.pem"
+    # credentials_file = "/etc/smtpq/passwd"   # lines from `smtpq passwd USER`
 
     [storage]
-    type = "disk"            # disk | redis | memory
+    type = "disk"                     # disk | redis | memory
     path = "./smtpq-queue"
     # url = "redis://127.0.0.1:6379/0"
 
     [relay]
-    type = "mx"              # mx | smarthost
-    # host = "smtp.example.net"; port = 587; starttls = "required"
+    type = "mx"                       # mx | smarthost
+    # host = "smtp.example.net"; port = 587
 
-    [routes]
+    [smtp]
+    tls = "opportunistic"             # opportunistic | required | implicit | none
+    # username = "user"; password = "secret"
+
+    [mx]
+    # nameservers = ["127.0.0.1:5353"]
+
+    [routes]                          # per-domain destinations instead of MX look-ups
     "example.net" = "[192.0.2.10]:25"
 
     [retry]
-    initial = 300; factor = 2.0; maximum = 14400; lifetime = 432000
+    initial = 300
+    factor = 2.0
+    maximum = 14400
+    lifetime = 432000
+
+    [admin]
+    # socket = "/run/smtpq/admin.sock"       # default: <storage.path>/admin.sock
+    # listen = "127.0.0.1:8025"; token = "..."  # /metrics and the API over TCP
 
 A config error is reported as one clear message (:class:`ConfigError`), never a traceback.
 """
 
 from __future__ import annotations
 
+import enum
 import socket
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from smtpq.edge.server import EdgeConfig
+from smtpq.relay.mx import MxRelayConfig, Route
+from smtpq.relay.smtp import SmtpRelayConfig
+
 __all__ = [
     "AdminConfig",
     "Config",
     "ConfigError",
-    "EdgeSettings",
-    "RelaySettings",
-    "RetrySettings",
-    "StorageSettings",
+    "RelayChoice",
+    "RetryConfig",
+    "StorageConfig",
     "load_config",
     "parse_hostport",
 ]
@@ -76,55 +101,32 @@ def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
 
 
 @dataclass(frozen=True)
-class EdgeSettings:
-    """Where and how the SMTP edge listens, and whom it accepts mail for."""
+class StorageConfig:
+    """Which storage holds the queue.
 
-    listen: tuple[str, ...] = ("127.0.0.1:2525",)
-    max_message_size: int = 10 * 1024 * 1024
-    max_recipients: int = 1000
-    local_domains: tuple[str, ...] = ()
-    relay_domains: tuple[str, ...] = ()
-    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    auth_file: str | None = None
-    timeout: float = 300.0
-
-
-@dataclass(frozen=True)
-class StorageSettings:
-    """Which storage holds the queue."""
+    :ivar sync: disk durability: ``fsync`` (default), ``syncfs``, or ``none`` — unsafe: a crash
+        may lose mail that was acknowledged with 250; for benchmarks and tests only.
+    """
 
     type: str = "disk"
     path: str = "./smtpq-queue"
     url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "smtpq:"
     lease_timeout: float = 60.0
-    #: Unsafe: skip fsync (a crash may lose acknowledged mail). Benchmarks and tests only.
-    unsafe_no_fsync: bool = False
+    sync: str = "fsync"
 
 
 @dataclass(frozen=True)
-class RelaySettings:
-    """How mail leaves: by MX look-up, or through a smarthost."""
+class RelayChoice:
+    """How mail leaves: ``mx`` (DNS, with [routes]) or ``smarthost`` (``host``:``port``)."""
 
     type: str = "mx"
     host: str | None = None
     port: int = 25
-    starttls: str = "opportunistic"
-    implicit_tls: bool = False
-    username: str | None = None
-    password: str | None = None
-    pool_size: int = 10
-    connect_timeout: float = 30.0
-    command_timeout: float = 300.0
-    nameservers: tuple[str, ...] = ()
-    mx_port: int = 25
-    helo_name: str | None = None
 
 
 @dataclass(frozen=True)
-class RetrySettings:
+class RetryConfig:
     """The retry schedule (see :class:`smtpq.backoff.DefaultBackoff`)."""
 
     initial: float = 300.0
@@ -138,9 +140,9 @@ class RetrySettings:
 class AdminConfig:
     """The operators' HTTP API: a Unix socket (file permissions) and optional loopback TCP."""
 
-    socket: str | None = None  # default: <storage path>/admin.sock
-    listen: str | None = None  # e.g. "127.0.0.1:8025"; needs a token
-    token: str | None = None
+    socket: str | None = None
+    listen: str | None = None
+    token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -148,12 +150,14 @@ class Config:
     """The whole daemon configuration."""
 
     hostname: str = field(default_factory=socket.getfqdn)
-    edge: EdgeSettings = field(default_factory=EdgeSettings)
-    storage: StorageSettings = field(default_factory=StorageSettings)
-    relay: RelaySettings = field(default_factory=RelaySettings)
-    retry: RetrySettings = field(default_factory=RetrySettings)
+    listen: tuple[str, ...] = ("127.0.0.1:2525",)
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    relay: RelayChoice = field(default_factory=RelayChoice)
+    smtp: SmtpRelayConfig = field(default_factory=SmtpRelayConfig)
+    mx: MxRelayConfig = field(default_factory=MxRelayConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
-    routes: dict[str, str] = field(default_factory=dict)
     workers: int = 1
     relay_pool: int = 100
     grace_period: float = 30.0
@@ -165,21 +169,48 @@ class Config:
             return Path(self.admin.socket)
         return Path(self.storage.path) / "admin.sock"
 
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        """The edge's (host, port) pairs."""
+        return [parse_hostport(a, 25) for a in self.listen]
+
 
 T = TypeVar("T")
 
+_SECTIONS: dict[str, type[Any]] = {
+    "edge": EdgeConfig,
+    "storage": StorageConfig,
+    "relay": RelayChoice,
+    "smtp": SmtpRelayConfig,
+    "mx": MxRelayConfig,
+    "retry": RetryConfig,
+    "admin": AdminConfig,
+}
+# Set elsewhere: edge host/port come from `listen`, its hostname from `hostname`; routes from
+# the [routes] table.
+_RESERVED = {"edge": {"host", "port", "hostname"}, "mx": {"routes"}}
+_TOP = ("hostname", "workers", "relay_pool", "grace_period", "log_level")
+_CHOICES = {
+    "storage.type": ("disk", "redis", "memory"),
+    "storage.sync": ("fsync", "syncfs", "none"),
+    "relay.type": ("mx", "smarthost"),
+    "log_level": ("debug", "info", "warning", "error"),
+}
 
-def _section(cls: type[T], data: Any, where: str) -> T:
+
+def _section(cls: type[T], data: Any, where: str, extra: dict[str, Any]) -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"[{where}] must be a table")
-    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-    kwargs: dict[str, Any] = {}
+    defaults = cls()
+    kwargs: dict[str, Any] = dict(extra)
+    names = {f.name for f in fields(cls)} - _RESERVED.get(where, set())  # type: ignore[arg-type]
     for key, value in data.items():
-        if key not in known:
+        if key not in names:
             raise ConfigError(f"unknown setting {where}.{key}")
-        default = getattr(cls(), key)
-        kwargs[key] = _check(value, default, f"{where}.{key}")
-    return cls(**kwargs)
+        kwargs[key] = _check(value, getattr(defaults, key), f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"[{where}]: {exc}") from None
 
 
 def _check(value: Any, default: Any, where: str) -> Any:
@@ -193,63 +224,61 @@ def _check(value: Any, default: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false")
         return value
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
+    if isinstance(default, (int, float)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number")
         if value < 0:
             raise ConfigError(f"{where} must not be negative")
-        return type(default)(value) if isinstance(default, float) else value
-    if isinstance(default, str) or default is None:
-        if not isinstance(value, str):
+        return float(value) if isinstance(default, float) else value
+    if isinstance(default, (str, enum.Enum)) or default is None:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where} must be a string")
         return value
     return value
 
 
-_CHOICES = {
-    "storage.type": ("disk", "redis", "memory"),
-    "relay.type": ("mx", "smarthost"),
-    "relay.starttls": ("opportunistic", "required", "off"),
-    "log_level": ("debug", "info", "warning", "error"),
-}
-
-
 def build_config(data: dict[str, Any]) -> Config:
     """Validate a parsed TOML document into a :class:`Config`."""
-    sections = {
-        "edge": EdgeSettings,
-        "storage": StorageSettings,
-        "relay": RelaySettings,
-        "retry": RetrySettings,
-        "admin": AdminConfig,
-    }
-    kwargs: dict[str, Any] = {}
-    defaults = Config(hostname="x")
+    top: dict[str, Any] = {}
+    defaults = Config(hostname="localhost")
     for key, value in data.items():
-        if key in sections:
-            kwargs[key] = _section(sections[key], value, key)
-        elif key == "routes":
-            if not isinstance(value, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-            ):
-                raise ConfigError('[routes] maps domains to "host:port" strings')
-            for dest in value.values():
-                parse_hostport(dest, 25)
-            kwargs[key] = {k.lower(): v for k, v in value.items()}
-        elif key in ("hostname", "workers", "relay_pool", "grace_period", "log_level"):
-            kwargs[key] = _check(value, getattr(defaults, key), key)
-        else:
+        if key not in (*_SECTIONS, "routes", *_TOP):
             raise ConfigError(f"unknown setting {key}")
-    config = Config(**kwargs)
+        if key in _TOP:
+            top[key] = _check(value, getattr(defaults, key), key)
+    hostname = top.get("hostname") or socket.getfqdn()
+    edge_data = dict(data.get("edge", {})) if isinstance(data.get("edge", {}), dict) else None
+    if edge_data is None:
+        raise ConfigError("[edge] must be a table")
+    listen = _check(edge_data.pop("listen", list(defaults.listen)), (), "edge.listen")
+    routes = _routes(data.get("routes", {}))
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        extra: dict[str, Any] = {}
+        if name == "edge":
+            extra = {"hostname": hostname}
+        elif name == "mx":
+            extra = {"routes": routes}
+        section = edge_data if name == "edge" else data.get(name, {})
+        sections[name] = _section(cls, section, name, extra)
+    config = Config(listen=listen, **sections, **top)
     _validate(config)
     return config
+
+
+def _routes(value: Any) -> dict[str, Route]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ConfigError('[routes] maps domains to "host:port" strings')
+    return {domain.lower(): Route(*parse_hostport(dest, 25)) for domain, dest in value.items()}
 
 
 def _validate(config: Config) -> None:
     values = {
         "storage.type": config.storage.type,
+        "storage.sync": config.storage.sync,
         "relay.type": config.relay.type,
-        "relay.starttls": config.relay.starttls,
         "log_level": config.log_level,
     }
     for key, value in values.items():
@@ -261,18 +290,22 @@ def _validate(config: Config) -> None:
         raise ConfigError("workers must be at least 1")
     if config.relay_pool < 1:
         raise ConfigError("relay_pool must be at least 1")
-    if bool(config.edge.tls_cert) != bool(config.edge.tls_key):
-        raise ConfigError("edge.tls_cert and edge.tls_key go together")
-    if config.admin.listen and not config.admin.token:
-        raise ConfigError("admin.listen needs admin.token")
-    for address in config.edge.listen:
-        parse_hostport(address, 25)
+    if not config.listen:
+        raise ConfigError("edge.listen needs at least one address")
+    if config.admin.listen:
+        if not config.admin.token:
+            raise ConfigError("admin.listen needs admin.token")
+        parse_hostport(config.admin.listen, 8025)
+    config.listen_addresses()
     if config.storage.lease_timeout <= 0:
         raise ConfigError("storage.lease_timeout must be positive")
+    for path in (config.edge.tls_cert, config.edge.tls_key, config.edge.credentials_file):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"file {path} not found")
 
 
 def load_config(path: str | Path | None, **overrides: Any) -> Config:
-    """Read the TOML file (if any) and apply command-line overrides (dotted keys)."""
+    """Read the TOML file (if any) and apply command-line overrides (``section.key`` names)."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -289,7 +322,10 @@ def load_config(path: str | Path | None, **overrides: Any) -> Config:
             continue
         section, _, key = dotted.partition(".")
         if key:
-            data.setdefault(section, {})[key] = value
+            table = data.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"[{section}] must be a table")
+            table[key] = value
         else:
             data[section] = value
     return build_config(data)

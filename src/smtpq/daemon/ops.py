@@ -22,6 +22,7 @@ __all__ = [
     "Shape",
     "delete",
     "iter_messages",
+    "merge_shapes",
     "message_summary",
     "render_shape",
     "shape",
@@ -95,7 +96,7 @@ async def iter_messages(
     so that a queue of a million messages lists in bounded memory.
     """
     if ids is None:
-        ids = sorted(id for _, id in await storage.load())
+        ids = await storage.message_ids()
     selector = selector or MessageFilter()
     for start in range(0, len(ids), batch):
         for id in ids[start : start + batch]:
@@ -205,6 +206,20 @@ class Shape:
                 d: self.replies[d].most_common(top) for d, _ in ordered if d in self.replies
             },
         }
+
+
+def merge_shapes(shapes: Sequence[dict[str, Any]], top: int = 3) -> dict[str, Any]:
+    """One shape from the shapes of several queues (the shards of a daemon)."""
+    merged = Shape()
+    for data in shapes:
+        merged.buckets = tuple(data["buckets"])
+        for row in data["rows"]:
+            counts = merged.rows.setdefault(row["domain"], [0] * len(row["counts"]))
+            merged.rows[row["domain"]] = [a + b for a, b in zip(counts, row["counts"], strict=True)]
+        for domain, replies in data["replies"].items():
+            for reply, count in replies:
+                merged.replies[domain][reply] += count
+    return merged.to_dict(top)
 
 
 def render_shape(data: dict[str, Any]) -> str:

@@ -75,6 +75,8 @@ class EdgeConfig:
     :ivar smtputf8: offer SMTPUTF8 (RFC 6531).
     :ivar reverse_lookup: look up the client's host name (forward-confirmed) for the envelope.
     :ivar lookup_timeout: seconds the reverse lookup may take before the host is unknown.
+    :ivar reuse_port: listen with SO_REUSEPORT, so that several worker processes share the
+        address and the kernel spreads connections among them.
     """
 
     host: str = "127.0.0.1"
@@ -94,6 +96,7 @@ class EdgeConfig:
     smtputf8: bool = True
     reverse_lookup: bool = True
     lookup_timeout: float = 5.0
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         # From TOML, lists arrive where tuples are meant; bad networks fail here, not later.
@@ -540,6 +543,7 @@ class SmtpEdge:
             self.config.host,
             self.config.port,
             ssl=self.tls if self.config.implicit_tls else None,
+            reuse_port=self.config.reuse_port or None,
         )
         log.info("SMTP edge listening on %s", self.addresses)
 

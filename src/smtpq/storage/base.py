@@ -115,6 +115,14 @@ class QueueStorage(abc.ABC):
         Safe while another task or process removes messages.
         """
 
+    async def message_ids(self) -> list[str]:
+        """Every stored message id, oldest first (for listings).
+
+        The default loads everything; local backends answer from their schedule in memory,
+        without touching the disk.
+        """
+        return sorted(id for _, id in await self.load())
+
     @abc.abstractmethod
     async def get_entry(self, id: str) -> StoredMessage:
         """Everything stored about a message; :class:`KeyError` when it is gone."""

@@ -112,6 +112,11 @@ class DictStorage(QueueStorage):
             result.append((ts, id))
         return result
 
+    async def message_ids(self) -> list[str]:
+        """Every stored message id, oldest first, from the schedule in memory."""
+        await self._ensure_loaded()
+        return sorted(self._schedule.ids())
+
     async def get_entry(self, id: str) -> StoredMessage:
         """See :meth:`QueueStorage.get_entry`."""
         meta = self._meta(id)

@@ -914,6 +914,11 @@ class DiskStorage(QueueStorage):
                 ids.add(entry.name.split(".", 1)[0])
         return len(ids)
 
+    async def message_ids(self) -> list[str]:
+        """Every stored message id, oldest first, from the schedule in memory."""
+        await self._ensure_loaded()
+        return sorted(self._schedule.ids())
+
     async def get_entry(self, id: str) -> StoredMessage:
         """See :meth:`QueueStorage.get_entry`.
 

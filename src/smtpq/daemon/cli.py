@@ -1,0 +1,371 @@
+"""The ``smtpq`` command: ``serve`` the MTA, inspect and steer its ``queue``, hash a ``passwd``.
+
+Exit codes: 0 success, 1 an operation failed, 2 a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import getpass
+import json
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+import click
+
+from smtpq.daemon.config import Config, ConfigError, load_config
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+
+
+def _load(config_path: str | None, **overrides: Any) -> Config:
+    try:
+        return load_config(config_path, **overrides)
+    except ConfigError as exc:
+        click.echo(f"smtpq: configuration error: {exc}", err=True)
+        sys.exit(2)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except ConfigError as exc:
+        click.echo(f"smtpq: configuration error: {exc}", err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="smtpq")
+def main() -> None:
+    """smtpq: an SMTP queue service — accept, store durably, deliver, retry, bounce."""
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(), help="TOML configuration file.")
+@click.option("--listen", multiple=True, help="Address to listen on, host:port (repeatable).")
+@click.option("--queue-dir", help="Directory of the disk queue (storage.path).")
+@click.option("--storage", "storage_type", type=click.Choice(["disk", "redis", "memory"]))
+@click.option("--redis-url", help="Redis URL for storage = redis.")
+@click.option("--smarthost", help="Relay all mail through host[:port] instead of MX look-ups.")
+@click.option("--hostname", help="Our host name (greeting, Received, DSNs).")
+@click.option("--workers", type=int, help="Worker processes (each listens; disk shards).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(
+    config_path: str | None,
+    listen: tuple[str, ...],
+    queue_dir: str | None,
+    storage_type: str | None,
+    redis_url: str | None,
+    smarthost: str | None,
+    hostname: str | None,
+    workers: int | None,
+    log_level: str | None,
+) -> None:
+    """Run the MTA: SMTP edge, durable queue and relay, until SIGTERM or SIGINT."""
+    from smtpq.daemon.server import serve_forever
+
+    relay: dict[str, Any] | None = None
+    if smarthost:
+        from smtpq.daemon.config import parse_hostport
+
+        try:
+            host, port = parse_hostport(smarthost, 25)
+        except ConfigError as exc:
+            click.echo(f"smtpq: configuration error: {exc}", err=True)
+            sys.exit(2)
+        relay = {"type": "smarthost", "host": host, "port": port}
+    config = _load(
+        config_path,
+        **{
+            "edge.listen": list(listen) or None,
+            "storage.path": queue_dir,
+            "storage.type": storage_type,
+            "storage.url": redis_url,
+            "hostname": hostname,
+            "workers": workers,
+            "log_level": log_level,
+        },
+        **({f"relay.{k}": v for k, v in relay.items()} if relay else {}),
+    )
+    sys.exit(serve_forever(config))
+
+
+@main.command()
+@click.argument("user")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def passwd(user: str, password_stdin: bool) -> None:
+    """Print a credentials-file line (user:hash) for SMTP AUTH."""
+    from smtpq.edge.auth import hash_password
+
+    if ":" in user or not user:
+        click.echo("smtpq: a user name must be non-empty and contain no ':'", err=True)
+        sys.exit(2)
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            click.echo("smtpq: the passwords differ", err=True)
+            sys.exit(1)
+    if not password:
+        click.echo("smtpq: empty password", err=True)
+        sys.exit(2)
+    click.echo(f"{user}:{hash_password(password)}")
+
+
+# -- queue ---------------------------------------------------------------------------------------
+
+
+class QueueAccess:
+    """How ``smtpq queue`` reaches each queue: through the daemon, or the storage itself.
+
+    A running daemon answers on each shard's admin socket, so that its schedule sees every
+    change at once. Where none answers, the command opens the stored queue directly. Redis is
+    always used directly: every worker shares its schedule and is woken by its changes.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    async def each(
+        self,
+        online: Callable[[Any], Coroutine[Any, Any, T]],
+        offline: Callable[[Any], Coroutine[Any, Any, T]],
+    ) -> list[T]:
+        """Run ``online(client)`` or ``offline(queue)`` on every queue of the daemon."""
+        from smtpq.daemon.client import AdminClient
+        from smtpq.daemon.server import open_offline_queue, shards
+
+        results: list[T] = []
+        for shard in shards(self.config):
+            client = AdminClient(shard.admin_socket)
+            if self.config.storage.type != "redis" and await client.available():
+                results.append(await online(client))
+            elif self.config.storage.type == "memory":
+                raise click.ClickException("memory storage: no daemon runs, so no queue exists")
+            else:
+                async with open_offline_queue(self.config, shard) as q:
+                    results.append(await offline(q))
+        return results
+
+
+def _queue_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("-c", "--config", "config_path", type=click.Path(), help="TOML file.")(f)
+    f = click.option("--queue-dir", help="Directory of the disk queue.")(f)
+    return f
+
+
+def _config(config_path: str | None, queue_dir: str | None) -> Config:
+    return _load(config_path, **{"storage.path": queue_dir})
+
+
+@main.group()
+def queue() -> None:
+    """Inspect and steer the queue (through the daemon when it runs)."""
+
+
+def _filters(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--sender-domain", help="Only messages from this domain.")(f)
+    f = click.option("--domain", "recipient_domain", help="Only messages to this domain.")(f)
+    f = click.option("--min-age", help="Only messages at least this old (90s, 15m, 2h, 3d).")(f)
+    f = click.option("--max-age", help="Only messages at most this old.")(f)
+    f = click.option("--state", type=click.Choice(["active", "deferred", "held"]))(f)
+    return f
+
+
+def _filter_params(**kwargs: Any) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if v not in (None, "", ())}
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@queue.command("list")
+@_queue_options
+@_filters
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--limit", type=int, help="At most this many messages.")
+def list_(config_path: str | None, queue_dir: str | None, as_json: bool, limit: int | None,
+          **filters: Any) -> None:  # fmt: skip
+    """List queued messages, oldest first (like mailq)."""
+    from smtpq.daemon import admin, ops
+
+    params = _filter_params(**filters)
+    config = _config(config_path, queue_dir)
+
+    async def online(client: Any) -> int:
+        query = urlencode({**params, **({"limit": limit} if limit is not None else {})})
+        return await _print_messages(client.lines(f"/queue?{query}"), as_json)
+
+    async def offline(q: Any) -> int:
+        selector = admin.selector_from(params)
+        stream = ops.iter_messages(q.store, q.clock.time(), selector)
+        return await _print_messages(admin.limited(stream, limit), as_json)
+
+    count = sum(_run(QueueAccess(config).each(online, offline)))
+    if not as_json:
+        click.echo(f"-- {count} message{'s' if count != 1 else ''}")
+
+
+async def _print_messages(stream: AsyncIterator[dict[str, Any]], as_json: bool) -> int:
+    count = 0
+    async for m in stream:
+        count += 1
+        if as_json:
+            click.echo(json.dumps(m))
+            continue
+        flag = {"held": "!", "active": "*"}.get(m["state"], " ")
+        click.echo(
+            f"{m['id']}{flag} {m['size']:>8} {_when(m['arrival'])}  <{m['sender']}>"
+            f"  attempts={m['attempts']} next={_when(m['next_attempt'])}"
+        )
+        if m["last_reply"]:
+            click.echo(f"    ({m['last_reply']})")
+        for rcpt in m["recipients"]:
+            click.echo(f"    <{rcpt}>")
+    return count
+
+
+@queue.command()
+@_queue_options
+@click.argument("id")
+@click.option("--body", is_flag=True, help="Also print the message body.")
+@click.option("--json", "as_json", is_flag=True)
+def show(config_path: str | None, queue_dir: str | None, id: str, body: bool,
+         as_json: bool) -> None:  # fmt: skip
+    """Show one message: envelope, status per recipient, headers."""
+    from smtpq.daemon import admin
+    from smtpq.daemon.client import AdminError
+
+    config = _config(config_path, queue_dir)
+
+    async def online(client: Any) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = await client.get(f"/queue/{id}?body={int(body)}")
+        except AdminError:
+            return None
+        return result
+
+    async def offline(q: Any) -> dict[str, Any] | None:
+        try:
+            return await admin.describe_message(q, id, body)
+        except KeyError:
+            return None
+
+    found = [i for i in _run(QueueAccess(config).each(online, offline)) if i is not None]
+    if not found:
+        raise click.ClickException(f"no message {id!r} in the queue")
+    info = found[0]
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"id:           {info['id']}  ({info['state']})")
+    click.echo(f"arrival:      {_when(info['arrival'])}")
+    click.echo(f"sender:       <{info['sender']}>")
+    click.echo(f"size:         {info['size']}")
+    click.echo(f"attempts:     {info['attempts']}")
+    click.echo(f"next attempt: {_when(info['next_attempt'])}")
+    click.echo(f"last reply:   {info['last_reply'] or '-'}")
+    client = info.get("client") or {}
+    click.echo(f"client:       {client.get('name') or '-'} [{client.get('ip') or '-'}]")
+    for r in info["recipient_status"]:
+        click.echo(f"recipient:    <{r['recipient']}> {r['status']}")
+    click.echo("")
+    click.echo(info["headers"].rstrip("\r\n"))
+    if body:
+        click.echo("")
+        click.echo(info["body"])
+
+
+def _action_command(name: str, doc: str, confirm: bool = False) -> None:
+    @queue.command(name, help=doc)
+    @_queue_options
+    @click.argument("ids", nargs=-1)
+    @click.option("--all", "all_", is_flag=True, help="Every message in the queue.")
+    @_filters
+    @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+    def command(config_path: str | None, queue_dir: str | None, ids: tuple[str, ...],
+                all_: bool, yes: bool, **filters: Any) -> None:  # fmt: skip
+        from smtpq.daemon import admin
+        from smtpq.daemon.client import AdminError
+
+        params: dict[str, Any] = _filter_params(**filters)
+        if ids:
+            params["ids"] = list(ids)
+        if all_:
+            params["all"] = True
+        if not params:
+            raise click.UsageError("name the messages: IDs, --all, or a filter such as --domain")
+        if confirm and not yes and not ids:
+            what = "every message" if all_ and len(params) == 1 else "the matching messages"
+            click.confirm(f"{name.capitalize()} {what}?", abort=True)
+        config = _config(config_path, queue_dir)
+
+        async def online(client: Any) -> dict[str, Any]:
+            try:
+                result: dict[str, Any] = await client.post(f"/queue/{name}", params)
+            except AdminError as exc:
+                raise click.ClickException(str(exc)) from None
+            return result
+
+        async def offline(q: Any) -> dict[str, Any]:
+            try:
+                return await admin.run_action(q, name, params)
+            except admin.HttpError as exc:
+                raise click.ClickException(str(exc)) from None
+
+        results = _run(QueueAccess(config).each(online, offline))
+        count = sum(r["count"] for r in results)
+        click.echo(f"{name}: {count} message{'s' if count != 1 else ''}")
+        for result in results:
+            for new in result.get("ids", []):
+                click.echo(f"  new id {new}")
+        if ids and count == 0:
+            sys.exit(1)
+
+
+_action_command("flush", "Attempt deferred messages now (IDs, --all or a filter).")
+_action_command("delete", "Remove messages without a bounce.", confirm=True)
+_action_command("hold", "Hold messages: never attempted until released (survives restarts).")
+_action_command("release", "Release held messages.")
+_action_command("bounce", "Give up on messages now and bounce them to their senders.", confirm=True)
+_action_command("requeue", "Store messages again as new (new id, attempts reset, due now).")
+
+
+@queue.command("shape")
+@_queue_options
+@click.option("--by", type=click.Choice(["recipient", "sender"]), default="recipient")
+@click.option("--top", type=int, default=3, help="Commonest last replies per domain.")
+@click.option("--json", "as_json", is_flag=True)
+def shape_(config_path: str | None, queue_dir: str | None, by: str, top: int,
+           as_json: bool) -> None:  # fmt: skip
+    """Age histogram per domain (like Postfix's qshape), and why messages are stuck."""
+    from smtpq.daemon import ops
+
+    config = _config(config_path, queue_dir)
+
+    async def online(client: Any) -> dict[str, Any]:
+        result: dict[str, Any] = await client.get(f"/queue/shape?by={by}&top={top}")
+        return result
+
+    async def offline(q: Any) -> dict[str, Any]:
+        now = q.clock.time()
+        return (await ops.shape(ops.iter_messages(q.store, now), now, by)).to_dict(top)
+
+    data = ops.merge_shapes(_run(QueueAccess(config).each(online, offline)), top)
+    if as_json:
+        click.echo(json.dumps(data))
+    else:
+        click.echo(ops.render_shape(data))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
