@@ -424,3 +424,25 @@ async def test_lease_is_renewed_during_a_long_attempt() -> None:
         await h.drained()
     assert await h.size() == 0
     assert id
+
+
+async def test_delay_warning_sent_once_honouring_notify(scripted: ScriptedRelay) -> None:
+    scripted.script = lambda rcpt, n: GREYLIST if n < 3 else None
+    h = Harness(scripted, backoff=lambda env, n: 3600.0)
+    h.queue.delay_warnings = (2 * 3600.0,)
+    env = make_envelope(recipients=["a@x.example", "b@x.example"])
+    env.rcpt_params["b@x.example"] = {"NOTIFY": "FAILURE"}  # asked for no delay notices
+    async with h.queue:
+        await enqueue_ok(h.queue, env)
+        await h.drained()
+        for n in (2, 3, 4):
+            await h.clock.advance(3600)
+            await until(calls_reach(scripted, n))
+            await h.drained()
+    assert await h.size() == 0
+    [notice] = await h.bounce_messages()  # one warning, from the attempt 2 hours in
+    text = b"".join(notice.flatten())
+    assert b"Action: delayed" in text
+    assert b"Final-Recipient: rfc822; a@x.example" in text
+    assert b"b@x.example" not in text.split(b"message/rfc822")[0]
+    assert b"Status: 4.7.1" in text

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from smtpq.queue.rules import exhausted_reply, group_by_reply, is_expired, judge
+from smtpq.queue.rules import (
+    delay_warning_due,
+    exhausted_reply,
+    group_by_reply,
+    is_expired,
+    judge,
+)
 from smtpq.relay.base import PermanentRelayError, TransientRelayError
 from smtpq.reply import Reply
 
@@ -81,3 +87,20 @@ def test_is_expired() -> None:
     assert not is_expired(100.0, 1000.0, 1099.0)
     assert not is_expired(None, 1000.0, 10**9)
     assert not is_expired(100.0, None, 10**9)
+
+
+def test_delay_warning_due_once_per_threshold() -> None:
+    hours = [4 * 3600.0, 24 * 3600.0]
+    received = 1000.0
+    # An attempt scheduled 3 h after arrival that failed at 3.5 h: nothing yet.
+    assert delay_warning_due(hours, received, received + 3 * 3600, received + 3.5 * 3600) is None
+    # Scheduled at 3.9 h, failed at 4.1 h: the 4-hour warning.
+    assert (
+        delay_warning_due(hours, received, received + 3.9 * 3600, received + 4.1 * 3600) == 4 * 3600
+    )
+    # The next attempt (scheduled after 4 h) does not warn again.
+    assert delay_warning_due(hours, received, received + 4.1 * 3600, received + 6 * 3600) is None
+    # Both thresholds crossed by one long gap: one warning, for the later.
+    assert delay_warning_due(hours, received, received, received + 30 * 3600) == 24 * 3600
+    assert delay_warning_due([], received, received, received + 10**6) is None
+    assert delay_warning_due(hours, None, 0.0, 10**9) is None

@@ -42,6 +42,7 @@ default, so ``smtpq serve`` with no file runs: disk storage in ``./smtpq-queue``
     factor = 2.0
     maximum = 14400
     lifetime = 432000
+    delay_warnings = [14400]          # a "delayed" DSN after 4 hours (honours NOTIFY)
 
     [admin]
     # socket = "/run/smtpq/admin.sock"       # default: <storage.path>/admin.sock
@@ -134,6 +135,8 @@ class RetryConfig:
     maximum: float = 4 * 3600.0
     lifetime: float = 5 * 86400.0
     jitter: float = 0.1
+    #: Message ages (seconds) at which a "delayed" DSN goes to the sender; none by default.
+    delay_warnings: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -215,11 +218,12 @@ def _section(cls: type[T], data: Any, where: str, extra: dict[str, Any]) -> T:
 
 def _check(value: Any, default: Any, where: str) -> Any:
     if isinstance(default, tuple):
-        if isinstance(value, str):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where} must be a list of strings")
-        return tuple(value)
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        if not isinstance(value, list) or not (numbers or all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"{where} must be a list of strings or of numbers")
+        return tuple(float(v) for v in value) if numbers and value else tuple(value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false")

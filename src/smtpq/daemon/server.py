@@ -153,6 +153,7 @@ def build_queue(config: Config, storage: QueueStorage, relay: Relay | None, cloc
         grace_period=config.grace_period,
         hostname=config.hostname,
         policies=[AddReceivedHeader(config.hostname), AddMissingHeaders(config.hostname)],
+        delay_warnings=t.delay_warnings,
     )
 
 

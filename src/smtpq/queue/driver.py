@@ -23,7 +23,7 @@ from smtpq.clock import Clock, SystemClock
 from smtpq.envelope import Envelope
 from smtpq.errors import EnvelopeFormatError, QueueError
 from smtpq.policy import QueuePolicy
-from smtpq.queue.rules import Judgement, exhausted_reply, is_expired, judge
+from smtpq.queue.rules import Judgement, delay_warning_due, exhausted_reply, is_expired, judge
 from smtpq.relay.base import Relay, RelayError, RelayResult
 from smtpq.reply import Reply
 from smtpq.storage.base import QueueStorage
@@ -92,6 +92,8 @@ class Queue:
     :param clock: time source (:class:`~smtpq.clock.SystemClock`); tests inject a ManualClock.
     :param grace_period: seconds that stopping waits for running attempts.
     :param poll_interval: longest idle wait before the schedule is looked at again anyway.
+    :param delay_warnings: message ages (seconds) at which the sender is sent a "delayed" DSN
+        (RFC 3464 Action: delayed), honouring NOTIFY; none by default, like Postfix.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class Queue:
         grace_period: float = 30.0,
         poll_interval: float = 5.0,
         hostname: str | None = None,
+        delay_warnings: Sequence[float] = (),
     ) -> None:
         self.store = store
         self.relay = relay
@@ -120,6 +123,7 @@ class Queue:
         self.policies: list[QueuePolicy] = list(policies)
         self.grace_period = grace_period
         self.poll_interval = poll_interval
+        self.delay_warnings = tuple(delay_warnings)
         self.capacity = relay_pool or 100
         self._relay_sem = asyncio.Semaphore(self.capacity)
         self._store_sem = asyncio.Semaphore(store_pool) if store_pool else None
@@ -243,7 +247,7 @@ class Queue:
         )
         if deliver:
             pending = tuple(range(len(env.recipients)))
-            self._spawn(id, self._attempt(id, env.copy(), 0, pending))
+            self._spawn(id, self._attempt(id, env.copy(), 0, pending, now))
         return id
 
     async def flush(self, ids: Sequence[str] | None = None) -> int:
@@ -356,10 +360,15 @@ class Queue:
         if entry.held:
             await self._store(self.store.release(id))
             return
-        await self._attempt(id, entry.envelope, entry.attempts, entry.pending)
+        await self._attempt(id, entry.envelope, entry.attempts, entry.pending, entry.timestamp)
 
     async def _attempt(
-        self, id: str, envelope: Envelope, attempts: int, pending: tuple[int, ...]
+        self,
+        id: str,
+        envelope: Envelope,
+        attempts: int,
+        pending: tuple[int, ...],
+        scheduled: float,
     ) -> None:
         assert self.relay is not None
         result: RelayResult | BaseException
@@ -385,7 +394,7 @@ class Queue:
                 QueueEvent("attempted", id, envelope.recipients, attempt=attempts + 1, seconds=took)
             )
         judgement = judge(envelope.recipients, pending, result)
-        settle = asyncio.create_task(self._settle(id, envelope, pending, judgement))
+        settle = asyncio.create_task(self._settle(id, envelope, pending, judgement, scheduled))
         self._settling.add(settle)
         settle.add_done_callback(self._settling.discard)
         await asyncio.shield(settle)
@@ -395,18 +404,28 @@ class Queue:
         return envelope.copy([envelope.recipients[position[i]] for i in idx])
 
     async def _settle(
-        self, id: str, envelope: Envelope, pending: tuple[int, ...], judgement: Judgement
+        self,
+        id: str,
+        envelope: Envelope,
+        pending: tuple[int, ...],
+        judgement: Judgement,
+        scheduled: float,
     ) -> None:
         """Record an attempt's outcome: delivered first, then bounces, then the retry."""
         try:
-            await self._record(id, envelope, pending, judgement)
+            await self._record(id, envelope, pending, judgement, scheduled)
         except Exception:
             # The lease runs out and the message is attempted again: duplicates are bounded by
             # what was in flight, nothing is lost.
             log.exception("recording the outcome of %s failed; it will be attempted again", id)
 
     async def _record(
-        self, id: str, envelope: Envelope, pending: tuple[int, ...], judgement: Judgement
+        self,
+        id: str,
+        envelope: Envelope,
+        pending: tuple[int, ...],
+        judgement: Judgement,
+        scheduled: float,
     ) -> None:
         now = self.clock.time()
         done: set[int] = set()
@@ -444,6 +463,7 @@ class Queue:
             else:
                 at = now + max(0.0, wait)
                 await self._store(self.store.set_timestamp(id, at, last_reply=judgement.last_reply))
+                await self._warn_delay(id, retry_env, judgement, scheduled, now)
                 self._emit(
                     QueueEvent(
                         "deferred",
@@ -460,6 +480,25 @@ class Queue:
             self._emit(QueueEvent("removed", id))
         elif retry_soon:
             await self._store(self.store.set_timestamp(id, now + BOUNCE_RETRY_DELAY))
+
+    async def _warn_delay(
+        self, id: str, envelope: Envelope, judgement: Judgement, scheduled: float, now: float
+    ) -> None:
+        """Send an RFC 3464 "delayed" notice when the message's age passed a warning time."""
+        due = delay_warning_due(self.delay_warnings, envelope.timestamp, scheduled, now)
+        factory = self.bounce_factory
+        if due is None or not isinstance(factory, BounceFactory) or judgement.last_reply is None:
+            return
+        hours = due / 3600
+        why = f"delayed for more than {hours:g} hours; delivery will be retried"
+        notice = factory(envelope, judgement.last_reply, now=now, diagnostic=why, action="delayed")
+        if notice is None:
+            return
+        results = await self.bounce_queue.enqueue(notice)
+        ids = ",".join(r for _, r in results if isinstance(r, str))
+        self._emit(
+            QueueEvent("delay-warned", id, envelope.recipients, judgement.last_reply, dsn=ids)
+        )
 
     async def send_bounce(
         self, envelope: Envelope, reply: Reply, why: str | None = None

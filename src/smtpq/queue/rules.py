@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from smtpq.relay.base import RelayError, RelayResult
 from smtpq.reply import Reply, ReplyClass, missing_recipient_reply, unexpected_error_reply
 
-__all__ = ["Judgement", "exhausted_reply", "group_by_reply", "is_expired", "judge"]
+__all__ = [
+    "Judgement",
+    "delay_warning_due",
+    "exhausted_reply",
+    "group_by_reply",
+    "is_expired",
+    "judge",
+]
 
 ReplyGroups = tuple[tuple[Reply, tuple[int, ...]], ...]
 
@@ -120,6 +127,24 @@ def exhausted_reply(last: Reply, attempts: int, expired: bool) -> tuple[Reply, s
     else:
         why = f"retries exhausted after {attempts} attempts; giving up"
     return reply, why
+
+
+def delay_warning_due(
+    thresholds: Sequence[float], received: float | None, scheduled: float, now: float
+) -> float | None:
+    """The delay-warning threshold first crossed by an attempt scheduled at ``scheduled`` that
+    failed transiently at ``now``, or None.
+
+    A warning is due for a threshold the message's age reached between the time the attempt was
+    scheduled and its failure. The next attempt is scheduled after that failure, so each
+    threshold is reported once, with no stored state (RFC 3464 Action: delayed). Several
+    thresholds crossed at once give one warning.
+    """
+    if received is None:
+        return None
+    before, after = scheduled - received, now - received
+    crossed = [t for t in thresholds if before <= t <= after]
+    return max(crossed) if crossed else None
 
 
 def is_expired(lifetime: float | None, received: float | None, now: float) -> bool:
