@@ -430,7 +430,10 @@ class Queue:
         now = self.clock.time()
         done: set[int] = set()
         if judgement.delivered:
-            await self._store(self.store.set_recipients_delivered(id, judgement.delivered))
+            # When every recipient was delivered, removing the message records it: the usual
+            # case costs no meta update. Otherwise the delivered ones are persisted first.
+            if judgement.permanent or judgement.transient:
+                await self._store(self.store.set_recipients_delivered(id, judgement.delivered))
             done.update(judgement.delivered)
             delivered = self._subset(envelope, pending, judgement.delivered).recipients
             self._emit(QueueEvent("delivered", id, delivered, judgement.success))
