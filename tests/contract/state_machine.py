@@ -209,7 +209,7 @@ class StorageMachine(RuleBasedStateMachine):
     def claim_due(self) -> None:
         model = sorted(self.run(self.model.claim(self.now, 10_000)))
         real = self.run(self.real.claim(self.now, 10_000))
-        assert self.real_ids(real) == model
+        assert self.real_ids(real) == model, (self.real_ids(real), model, self.now)
 
     @rule(msgs=st.lists(messages, max_size=3))
     def renew(self, msgs: list[tuple[str, str]]) -> None:

@@ -36,6 +36,11 @@ class LocalSchedule:
         return id in self._timestamp
 
     def _push(self, id: str, score: float) -> None:
+        # While _score[id] == score, an entry (score, id) is in the heap (claim deletes the
+        # score of an entry it consumes), so a second one is never pushed: a duplicate would be
+        # claimed twice, and flushes would grow the heap.
+        if self._score.get(id) == score:
+            return
         self._score[id] = score
         heapq.heappush(self._heap, (score, id))
 
@@ -126,8 +131,8 @@ class LocalSchedule:
             score, id = heapq.heappop(heap)
             if self._score.get(id) != score:
                 continue  # stale entry
+            del self._score[id]  # consumed: a duplicate entry is stale now
             if id in self._held:  # held while leased: its attempt has ended
-                self._score.pop(id, None)
                 self._leased.discard(id)
                 continue
             claimed.append(id)
