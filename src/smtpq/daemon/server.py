@@ -274,20 +274,35 @@ def serve_forever(config: Config) -> int:
 
 
 def _supervise(workers: int) -> int:
-    """Start the worker processes, pass SIGTERM/SIGINT on, and wait for all of them."""
+    """Start the worker processes, pass SIGTERM/SIGINT on, and wait for all of them.
+
+    When a worker exits on its own (it crashed), the others are stopped too and the exit code
+    is non-zero, so that a service manager restarts the whole daemon.
+    """
     children: list[subprocess.Popen[bytes]] = []
     command = [sys.executable, "-m", "smtpq.daemon.cli", *sys.argv[1:]]
-    for index in range(workers):
-        env = dict(os.environ, **{WORKER_ENV: f"{index}/{workers}"})
-        children.append(subprocess.Popen(command, env=env))
+    stopping = False
 
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    for index in range(workers):
+        env = dict(os.environ, **{WORKER_ENV: f"{index}/{workers}"})
+        children.append(subprocess.Popen(command, env=env))
     log.info("supervising %d workers: %s", workers, " ".join(str(c.pid) for c in children))
+    while all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    if not stopping:
+        failed = [c for c in children if c.poll() is not None]
+        log.error(
+            "worker %d exited with %s; stopping the others", failed[0].pid, failed[0].returncode
+        )
+        forward(signal.SIGTERM, None)
     codes = [child.wait() for child in children]
-    return max(codes, default=0)
+    return 0 if stopping and not any(codes) else max(1, *codes)
