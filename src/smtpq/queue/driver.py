@@ -14,6 +14,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
@@ -76,6 +77,26 @@ class QueueEvent:
         for key, value in self.detail.items():
             parts.append(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}")
         return " ".join(parts)
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One delivery attempt of a stored message: what the driver carries from start to record.
+
+    :ivar pending: the original index of each recipient of :attr:`envelope`.
+    :ivar scheduled: when the attempt was due (for delay warnings).
+    """
+
+    id: str
+    envelope: Envelope
+    attempts: int
+    pending: tuple[int, ...]
+    scheduled: float
+
+    def subset(self, indexes: Sequence[int]) -> Envelope:
+        """A copy of the envelope for the recipients at these original indexes."""
+        position = {orig: k for k, orig in enumerate(self.pending)}
+        return self.envelope.copy([self.envelope.recipients[position[i]] for i in indexes])
 
 
 class Queue:
@@ -247,7 +268,7 @@ class Queue:
         )
         if deliver:
             pending = tuple(range(len(env.recipients)))
-            self._spawn(id, self._attempt(id, env.copy(), 0, pending, now))
+            self._spawn(id, self._attempt(_Attempt(id, env.copy(), 0, pending, now)))
         return id
 
     async def flush(self, ids: Sequence[str] | None = None) -> int:
@@ -360,73 +381,53 @@ class Queue:
         if entry.held:
             await self._store(self.store.release(id))
             return
-        await self._attempt(id, entry.envelope, entry.attempts, entry.pending, entry.timestamp)
+        await self._attempt(
+            _Attempt(id, entry.envelope, entry.attempts, entry.pending, entry.timestamp)
+        )
 
-    async def _attempt(
-        self,
-        id: str,
-        envelope: Envelope,
-        attempts: int,
-        pending: tuple[int, ...],
-        scheduled: float,
-    ) -> None:
+    async def _attempt(self, a: _Attempt) -> None:
         assert self.relay is not None
         result: RelayResult | BaseException
-        if not envelope.recipients:
+        if not a.envelope.recipients:
             result = None
         else:
             started = 0.0
             try:
                 async with self._relay_sem:
                     started = time.perf_counter()
-                    result = await self.relay.attempt(envelope, attempts)
+                    result = await self.relay.attempt(a.envelope, a.attempts)
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self.store.release(id))
+                    await asyncio.shield(self.store.release(a.id))
                 raise
             except RelayError as exc:
                 result = exc
             except Exception as exc:
-                log.exception("relay raised an unexpected error for %s; will retry", id)
+                log.exception("relay raised an unexpected error for %s; will retry", a.id)
                 result = exc
             took = time.perf_counter() - started
             self._emit(
-                QueueEvent("attempted", id, envelope.recipients, attempt=attempts + 1, seconds=took)
+                QueueEvent(
+                    "attempted", a.id, a.envelope.recipients, attempt=a.attempts + 1, seconds=took
+                )
             )
-        judgement = judge(envelope.recipients, pending, result)
-        settle = asyncio.create_task(self._settle(id, envelope, pending, judgement, scheduled))
+        judgement = judge(a.envelope.recipients, a.pending, result)
+        settle = asyncio.create_task(self._settle(a, judgement))
         self._settling.add(settle)
         settle.add_done_callback(self._settling.discard)
         await asyncio.shield(settle)
 
-    def _subset(self, envelope: Envelope, pending: tuple[int, ...], idx: Sequence[int]) -> Envelope:
-        position = {orig: k for k, orig in enumerate(pending)}
-        return envelope.copy([envelope.recipients[position[i]] for i in idx])
-
-    async def _settle(
-        self,
-        id: str,
-        envelope: Envelope,
-        pending: tuple[int, ...],
-        judgement: Judgement,
-        scheduled: float,
-    ) -> None:
+    async def _settle(self, a: _Attempt, judgement: Judgement) -> None:
         """Record an attempt's outcome: delivered first, then bounces, then the retry."""
         try:
-            await self._record(id, envelope, pending, judgement, scheduled)
+            await self._record(a, judgement)
         except Exception:
             # The lease runs out and the message is attempted again: duplicates are bounded by
             # what was in flight, nothing is lost.
-            log.exception("recording the outcome of %s failed; it will be attempted again", id)
+            log.exception("recording the outcome of %s failed; it will be attempted again", a.id)
 
-    async def _record(
-        self,
-        id: str,
-        envelope: Envelope,
-        pending: tuple[int, ...],
-        judgement: Judgement,
-        scheduled: float,
-    ) -> None:
+    async def _record(self, a: _Attempt, judgement: Judgement) -> None:
+        id, envelope = a.id, a.envelope
         now = self.clock.time()
         done: set[int] = set()
         if judgement.delivered:
@@ -435,11 +436,11 @@ class Queue:
             if judgement.permanent or judgement.transient:
                 await self._store(self.store.set_recipients_delivered(id, judgement.delivered))
             done.update(judgement.delivered)
-            delivered = self._subset(envelope, pending, judgement.delivered).recipients
+            delivered = a.subset(judgement.delivered).recipients
             self._emit(QueueEvent("delivered", id, delivered, judgement.success))
         retry_soon = False
         for reply, idx in judgement.permanent:
-            if await self._bounce(id, self._subset(envelope, pending, idx), reply):
+            if await self._bounce(id, a.subset(idx), reply):
                 await self._store(self.store.set_recipients_delivered(id, idx))
                 done.update(idx)
             else:
@@ -447,14 +448,14 @@ class Queue:
         transient = judgement.transient_indexes
         if transient:
             attempts = await self._store(self.store.increment_attempts(id))
-            retry_env = self._subset(envelope, pending, transient)
+            retry_env = a.subset(transient)
             wait = self.backoff(retry_env, attempts)
             if wait is None:
                 lifetime = getattr(self.backoff, "lifetime", None)
                 expired = is_expired(lifetime, envelope.timestamp, now)
                 for reply, idx in judgement.transient:
                     final, why = exhausted_reply(reply, attempts, expired)
-                    sub = self._subset(envelope, pending, idx)
+                    sub = a.subset(idx)
                     self._emit(
                         QueueEvent("expired" if expired else "failed", id, sub.recipients, reply)
                     )
@@ -466,7 +467,7 @@ class Queue:
             else:
                 at = now + max(0.0, wait)
                 await self._store(self.store.set_timestamp(id, at, last_reply=judgement.last_reply))
-                await self._warn_delay(id, retry_env, judgement, scheduled, now)
+                await self._warn_delay(id, retry_env, judgement, a.scheduled, now)
                 self._emit(
                     QueueEvent(
                         "deferred",
@@ -478,7 +479,7 @@ class Queue:
                     )
                 )
                 return
-        if done.issuperset(pending):
+        if done.issuperset(a.pending):
             await self._store(self.store.remove(id))
             self._emit(QueueEvent("removed", id))
         elif retry_soon:
