@@ -112,6 +112,11 @@ class Envelope:
             self._parsed = BytesHeaderParser(policy=compat32).parsebytes(self._header_bytes)
         return self._parsed
 
+    def has_header(self, name: str) -> bool:
+        """Whether the header block has a field called ``name`` (without parsing it all)."""
+        pattern = rb"(?:^|\n)" + re.escape(name.encode("ascii")) + rb"[ \t]*:"
+        return re.search(pattern, self._header_bytes, re.IGNORECASE) is not None
+
     def parse(self, data: bytes) -> None:
         """Split a whole message into its header block (with the blank line) and its body."""
         data = bytes(data)

@@ -100,10 +100,9 @@ class AddMissingHeaders(QueuePolicy):
 
     def apply(self, envelope: Envelope) -> list[Envelope] | None:
         """Append the missing fields at the end of the header block."""
-        headers = envelope.headers
-        if "Date" not in headers:
+        if not envelope.has_header("Date"):
             envelope.append_header("Date", _date(envelope.timestamp))
-        if "Message-ID" not in headers:
+        if not envelope.has_header("Message-ID"):
             host = self.hostname or envelope.receiver or socket.getfqdn()
             envelope.append_header("Message-ID", f"<{uuid.uuid4().hex}@{host}>")
         return None

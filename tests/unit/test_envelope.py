@@ -185,3 +185,12 @@ def test_round_trip_any_bytes(data: bytes, rcpts: list[str], sender: str) -> Non
 def test_random_bytes_never_crash_from_bytes(data: bytes) -> None:
     with pytest.raises(EnvelopeFormatError):
         Envelope.from_bytes(data)
+
+
+def test_has_header_matches_field_names_only() -> None:
+    env = Envelope()
+    env.parse(b"Subject: about Date: and more\r\nmessage-id :<x@y>\r\n\r\nDate: in the body\r\n")
+    assert env.has_header("Message-ID")
+    assert env.has_header("subject")
+    assert not env.has_header("Date")
+    assert not env.has_header("ID")

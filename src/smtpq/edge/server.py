@@ -17,6 +17,7 @@ import base64
 import binascii
 import contextlib
 import logging
+import re
 import socket
 import ssl
 from dataclasses import dataclass
@@ -157,8 +158,45 @@ class _EdgeEnvelope(SmtpEnvelope):
         self.rcpt_params: dict[str, dict[str, str]] = {}
 
 
+def _hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
+    """The attribute names of ``cls`` that aiosmtpd looks up by prefix."""
+    return sorted(
+        {name for base in cls.__mro__ for name in vars(base) if name.startswith(prefixes)}
+    )
+
+
+# A plain ``<local@domain>`` path: what nearly every client sends. Anything else (quoted local
+# parts, source routes, address literals, odd dots, the null path) goes to aiosmtpd's parser.
+_PLAIN_PATH = re.compile(
+    r'\s*<([^\s<>()\[\]\\,;:@".]+(?:\.[^\s<>()\[\]\\,;:@".]+)*)@([^\s<>()\[\]\\,;:@"]+)>'
+)
+
+
 class _EdgeProtocol(SMTP):
-    """aiosmtpd's SMTP with the extensions the edge needs (overrides, not hooks)."""
+    """aiosmtpd's SMTP with the extensions the edge needs (overrides, not hooks).
+
+    aiosmtpd builds its command and AUTH tables per connection with ``inspect.getmembers`` and
+    ``dir`` over the protocol and the handler: :meth:`__dir__` gives it only the names it looks
+    for, computed once per class, which takes a tenth of the CPU of a connection off.
+    """
+
+    _dir_names: list[str] | None = None
+
+    def __dir__(self) -> list[str]:
+        cls = type(self)
+        if cls._dir_names is None:
+            cls._dir_names = _hook_names(cls, ("smtp_", "auth_"))
+        return cls._dir_names
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """Parse a MAIL/RCPT path; plain ``<a@b>`` paths without the email header parser."""
+        match = _PLAIN_PATH.match(arg)
+        if match is None:
+            return super()._getaddr(arg)
+        local, domain = match.groups()
+        if self.local_part_limit and len(local) > self.local_part_limit:
+            return None, None
+        return f"{local}@{domain}", arg[match.end() :].lstrip()
 
     def __init__(self, edge: SmtpEdge, handler: _EdgeHandler) -> None:
         config = edge.config
@@ -373,6 +411,15 @@ class _EdgeProtocol(SMTP):
 
 class _EdgeHandler:
     """The aiosmtpd hooks: EHLO keywords, the relay rule, the recipient limit, DATA -> queue."""
+
+    _dir_names: list[str] | None = None
+
+    def __dir__(self) -> list[str]:
+        """Only the hook names aiosmtpd looks for (see :class:`_EdgeProtocol`)."""
+        cls = type(self)
+        if cls._dir_names is None:
+            cls._dir_names = _hook_names(cls, ("handle_", "auth_"))
+        return cls._dir_names
 
     def __init__(self, edge: SmtpEdge) -> None:
         self.edge = edge

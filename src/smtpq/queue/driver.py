@@ -34,6 +34,9 @@ __all__ = ["Queue", "QueueEvent"]
 log = logging.getLogger("smtpq.queue")
 T = TypeVar("T")
 
+#: Events logged at DEBUG only.
+_DETAIL_EVENTS = frozenset({"attempted", "removed"})
+
 #: Seconds before a message whose bounce could not be enqueued is tried again.
 BOUNCE_RETRY_DELAY = 60.0
 
@@ -539,7 +542,13 @@ class Queue:
         return True
 
     def _emit(self, event: QueueEvent) -> None:
-        log.info("%s", event)
+        # One INFO line per message outcome; the attempt itself and the removal that follows
+        # every final outcome are detail (metrics still count them).
+        if event.kind in _DETAIL_EVENTS:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s", event)
+        else:
+            log.info("%s", event)
         for observer in self.observers:
             try:
                 observer(event)
