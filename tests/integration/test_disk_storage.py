@@ -235,11 +235,8 @@ async def test_load_resolves_orphans_by_the_existence_rule(store: DiskStorage, d
 
 async def test_load_removes_only_its_own_scratch_leftovers(store: DiskStorage, dirs: Dirs) -> None:
     await store.write(make_envelope(), NOW)
-    leftovers = [
-        "0123456789abcdef0123456789abcdef.env.deadbeef1.tmp",
-        "0123456789abcdef0123456789abcdef.meta.deadbeef2a.tmp",
-    ]
-    foreign = ["notes.txt", "0123456789abcdef0123456789abcdef.env", "x.meta.1.tmp"]
+    leftovers = ["deadbeef.1.tmp", "deadbeef.2a.tmp"]  # a dead storage object's scratch files
+    foreign = ["notes.txt", "0123456789abcdef0123456789abcdef.env", "x.1.tmp", "deadbeef.tmp"]
     for name in leftovers + foreign:
         (dirs.tmp / name).write_bytes(b"half")
     # Files that are not the storage's own are left alone in the queue directories too.
@@ -466,6 +463,43 @@ async def test_meta_update_failure_keeps_the_old_meta(
     assert dirs.names(dirs.tmp) == set()
 
 
+async def test_removed_files_are_emptied_and_their_inodes_reused(
+    store: DiskStorage, dirs: Dirs
+) -> None:
+    secret = make_envelope(1)
+    secret.parse(b"Subject: secret\r\n\r\nthe launch codes\r\n")
+    old = await store.write(secret, NOW)
+    inodes = {(dirs.env / f"{old}.env").stat().st_ino, (dirs.meta / f"{old}.meta").stat().st_ino}
+    await store.remove(old)
+    for path in dirs.tmp.iterdir():
+        assert b"launch codes" not in path.read_bytes()
+    new = await store.write(make_envelope(2), NOW)
+    reused = {(dirs.env / f"{new}.env").stat().st_ino, (dirs.meta / f"{new}.meta").stat().st_ino}
+    assert reused == inodes  # no inode freed and allocated again
+    assert (await store.get(new))[0].sender == "s2@example.org"
+    await store.close()
+    assert dirs.names(dirs.tmp) == set()  # a clean shutdown leaves no scratch files
+
+
+async def test_meta_updates_replace_atomically_and_keep_inodes(
+    store: DiskStorage, dirs: Dirs
+) -> None:
+    id = await store.write(make_envelope(), NOW)
+    files = {p.stat().st_ino for p in (dirs.env / f"{id}.env", dirs.meta / f"{id}.meta")}
+    for n in range(1, 6):
+        assert await store.increment_attempts(id) == n
+        files.add((dirs.meta / f"{id}.meta").stat().st_ino)
+    # Each update went to a new inode, the replaced one was kept for the next update.
+    assert len(files) <= 4
+    assert (await store.get(id))[1] == 5
+
+
+def test_sync_auto_picks_syncfs_on_this_kernel(dirs: Dirs) -> None:
+    release = tuple(int(x) for x in os.uname().release.split(".")[:2])
+    expected = "syncfs" if sys.platform == "linux" and release >= (5, 8) else "fsync"
+    assert DiskStorage(dirs.env, dirs.meta).sync == expected
+
+
 # -- concurrency: group commit, off the loop -----------------------------------------------------
 
 
@@ -535,7 +569,7 @@ async def test_cancelled_write_leaves_a_whole_message_or_none(
         await again.close()
 
 
-@pytest.mark.parametrize("sync", ["syncfs", "none"])
+@pytest.mark.parametrize("sync", ["fsync", "syncfs", "none"])
 async def test_other_sync_modes_store_the_same(dirs: Dirs, sync: Any) -> None:
     store = dirs.open(sync=sync)
     try:

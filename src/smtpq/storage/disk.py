@@ -55,8 +55,10 @@ import json
 import logging
 import math
 import os
+import platform
 import re
 import secrets
+import sys
 import threading
 import time
 import zlib
@@ -77,19 +79,22 @@ __all__ = ["DiskStorage", "SyncMode"]
 log = logging.getLogger(__name__)
 
 #: How a DiskStorage makes its files durable; see the module documentation.
-SyncMode = Literal["fsync", "syncfs", "none"]
+SyncMode = Literal["auto", "fsync", "syncfs", "none"]
 
 _ENV_SUFFIX = ".env"
 _META_SUFFIX = ".meta"
-# Scratch files: <id>.<env|meta>.<token><counter>.tmp, where the token is random per storage
-# object, so that load() can tell its own in-flight files from a dead process's leftovers.
-_SCRATCH = re.compile(r"[0-9a-f]{32}\.(?:env|meta)\.[0-9a-f]+\.tmp")
+# Scratch files: <token>.<counter>.tmp, where the token is random per storage object, so that
+# load() can tell its own files from a dead process's leftovers.
+_SCRATCH = re.compile(r"[0-9a-f]{8}\.[0-9a-f]+\.tmp")
+_POOL_SIZE = 1024  # emptied files kept for reuse (their inodes)
+_RENAME_EXCHANGE = 2
 _META_MAGIC = b"smtpq-meta"
 _META_VERSION = 1
 _META_HEADER = re.compile(rb"smtpq-meta (\d+) ([0-9a-f]{8})")
 _MAX_BATCH = 512
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_REUSE_FILE = os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _READ_FILE = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -165,9 +170,22 @@ def _check_id(id: object) -> str:
     return id
 
 
-def _syncfs_function() -> Callable[[int], None]:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    func = libc.syncfs  # AttributeError where the C library has none
+def _libc_function(name: str) -> Any:
+    """A function of the C library (called without the GIL), or None where there is none."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+
+
+def _syncfs_function() -> Callable[[int], None] | None:
+    """syncfs(2) where it reports writeback errors (Linux 5.8 and later), else None."""
+    release = re.match(r"(\d+)\.(\d+)", platform.release())
+    if sys.platform != "linux" or not release or (int(release[1]), int(release[2])) < (5, 8):
+        return None
+    func = _libc_function("syncfs")
+    if func is None:
+        return None
 
     def syncfs(fd: int) -> None:
         if func(fd) != 0:
@@ -228,8 +246,8 @@ class _Unit:
     __slots__ = (
         "env_scratch",
         "id",
-        "meta_bytes",
         "meta_scratch",
+        "old_meta",
         "ops",
         "quarantine",
         "remove",
@@ -242,9 +260,9 @@ class _Unit:
         self.write = False
         self.remove = False
         self.quarantine = False
-        self.meta_bytes: bytes | None = None
         self.env_scratch: str | None = None
         self.meta_scratch: str | None = None
+        self.old_meta: str | None = None  # a replaced or removed meta, moved to tmp_dir
 
     def fail(self, exc: BaseException) -> None:
         for op in self.ops:
@@ -270,8 +288,9 @@ class DiskStorage(QueueStorage):
     :param tmp_dir: scratch directory; default ``meta_dir/tmp``. It must be on the same
         filesystem as the other directories, so that renames are atomic.
     :param corrupt_dir: where bad entries are moved; default ``meta_dir/corrupt``.
-    :param sync: ``"fsync"`` (default), ``"syncfs"``, or ``"none"`` (unsafe: no durability
-        against power loss; for tests and benchmarks).
+    :param sync: ``"auto"`` (default: ``"syncfs"`` where the kernel reports its errors, Linux
+        5.8 and later, else ``"fsync"``), ``"fsync"``, ``"syncfs"``, or ``"none"`` (unsafe: no
+        durability against power loss; for tests and benchmarks). :attr:`sync` tells which.
     :param lease_timeout: seconds a claim lasts unless renewed.
     :param threads: worker threads that write and fsync the files of a batch in parallel.
     """
@@ -283,19 +302,26 @@ class DiskStorage(QueueStorage):
         tmp_dir: str | os.PathLike[str] | None = None,
         *,
         corrupt_dir: str | os.PathLike[str] | None = None,
-        sync: SyncMode = "fsync",
+        sync: SyncMode = "auto",
         lease_timeout: float = 60.0,
         threads: int = 8,
     ) -> None:
-        if sync not in ("fsync", "syncfs", "none"):
-            raise ValueError(f"sync must be 'fsync', 'syncfs' or 'none', not {sync!r}")
+        if sync not in ("auto", "fsync", "syncfs", "none"):
+            raise ValueError(f"sync must be 'auto', 'fsync', 'syncfs' or 'none', not {sync!r}")
+        syncfs = _syncfs_function() if sync in ("auto", "syncfs") else None
+        if sync == "syncfs" and syncfs is None:
+            raise ValueError("sync='syncfs' needs Linux 5.8 or later")
+        if sync == "auto":
+            sync = "fsync" if syncfs is None else "syncfs"
         self.env_dir = os.path.abspath(env_dir)
         self.meta_dir = os.path.abspath(meta_dir)
         self.tmp_dir = os.path.abspath(tmp_dir or os.path.join(self.meta_dir, "tmp"))
         self.corrupt_dir = os.path.abspath(corrupt_dir or os.path.join(self.meta_dir, "corrupt"))
+        #: The durability in force: ``"fsync"``, ``"syncfs"`` or ``"none"``.
         self.sync: SyncMode = sync
         self.lease_timeout = lease_timeout
-        self._syncfs = _syncfs_function() if sync == "syncfs" else None
+        self._syncfs = syncfs
+        self._renameat2 = _libc_function("renameat2")
         self._schedule = LocalSchedule()
         self._loaded = False
         self._load_lock = asyncio.Lock()
@@ -315,6 +341,8 @@ class DiskStorage(QueueStorage):
         self._token = secrets.token_hex(4)
         self._scratch_seq = 0
         self._scratch_lock = threading.Lock()
+        self._pool: list[str] = []
+        self._pool_lock = threading.Lock()
         self._dirs_lock = threading.Lock()
         self._dfd: dict[str, int] = {}
         self._stats_lock = threading.Lock()
@@ -363,26 +391,83 @@ class DiskStorage(QueueStorage):
         if self.sync != "none":
             os.fsync(self._dfd[role])
 
-    def _scratch_name(self, id: str, kind: str) -> str:
+    def _scratch_name(self) -> str:
         with self._scratch_lock:
             self._scratch_seq += 1
-            return f"{id}.{kind}.{self._token}{self._scratch_seq:x}.tmp"
+            return f"{self._token}.{self._scratch_seq:x}.tmp"
 
-    def _create(self, name: str, data: bytes, *, fsync: bool) -> None:
-        """Write a new scratch file; it is removed again if anything fails."""
+    def _scratch(self, data: bytes) -> str:
+        """A scratch file holding ``data`` (fsynced in ``fsync`` mode); its name in tmp_dir.
+
+        A recycled inode is used when there is one: on ext4 without a journal, creating files
+        where many were deleted recently is slow (the allocator skips recently freed inodes).
+        """
         tmp = self._dfd["tmp"]
-        fd = os.open(name, _NEW_FILE, 0o600, dir_fd=tmp)
+        fd = -1
+        with self._pool_lock:
+            name = self._pool.pop() if self._pool else None
+        if name is not None:
+            try:
+                fd = os.open(name, _REUSE_FILE, dir_fd=tmp)
+            except OSError:
+                self._unlink(name, "tmp")
+        if fd < 0:
+            name = self._scratch_name()
+            fd = os.open(name, _NEW_FILE, 0o600, dir_fd=tmp)
+        assert name is not None
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            if fsync:
+            if self.sync == "fsync":
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
             self._unlink(name, "tmp")
             raise
         os.close(fd)
+        return name
+
+    def _recycle(self, names: list[str]) -> None:
+        """Empty files moved out of the queue and keep their inodes for new scratch files."""
+        for name in names:
+            try:
+                os.truncate(os.path.join(self.tmp_dir, name), 0)  # deleted mail is gone
+            except OSError:
+                self._unlink(name, "tmp")
+                continue
+            with self._pool_lock:
+                if len(self._pool) < _POOL_SIZE:
+                    self._pool.append(name)
+                    continue
+            self._unlink(name, "tmp")
+
+    def _move_out(self, name: str, role: str) -> str | None:
+        """Move a queue file into tmp_dir (to be recycled); its new name, None if it was gone."""
+        target = self._scratch_name()
+        try:
+            os.rename(name, target, src_dir_fd=self._dfd[role], dst_dir_fd=self._dfd["tmp"])
+        except FileNotFoundError:
+            return None
+        return target
+
+    def _replace_meta(self, scratch: str, id: str) -> bool:
+        """Atomically put a scratch file in place of a meta file.
+
+        True when the two were exchanged (RENAME_EXCHANGE), so that ``scratch`` now names the
+        old meta's inode, for recycling; False when it was a plain rename.
+        """
+        tmp, meta = self._dfd["tmp"], self._dfd["meta"]
+        name = id + _META_SUFFIX
+        if self._renameat2 is not None:
+            if self._renameat2(tmp, scratch.encode(), meta, name.encode(), _RENAME_EXCHANGE) == 0:
+                return True
+            err = ctypes.get_errno()
+            if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise OSError(err, os.strerror(err))
+            self._renameat2 = None  # this filesystem cannot exchange: plain renames from now on
+        os.rename(scratch, name, src_dir_fd=tmp, dst_dir_fd=meta)
+        return False
 
     def _unlink(self, name: str, role: str) -> bool:
         """Unlink if present; True when something was removed."""
@@ -443,16 +528,13 @@ class DiskStorage(QueueStorage):
 
     def _prepare(self, unit: _Unit) -> None:
         """Phase 1, in parallel: write (and fsync) the scratch files of one message."""
-        fsync = self.sync == "fsync"
         try:
             if unit.write:
                 op = unit.ops[0]
                 assert op.env is not None
                 assert op.meta is not None
-                unit.env_scratch = self._scratch_name(unit.id, "env")
-                self._create(unit.env_scratch, op.env, fsync=fsync)
-                unit.meta_scratch = self._scratch_name(unit.id, "meta")
-                self._create(unit.meta_scratch, _encode_meta(op.meta), fsync=fsync)
+                unit.env_scratch = self._scratch(op.env)
+                unit.meta_scratch = self._scratch(_encode_meta(op.meta))
                 return
             if unit.quarantine:
                 for op in unit.ops:
@@ -477,8 +559,7 @@ class DiskStorage(QueueStorage):
                 return
             data = _encode_meta(meta)
             if data != original:  # an idempotent change needs no write
-                unit.meta_scratch = self._scratch_name(unit.id, "meta")
-                self._create(unit.meta_scratch, data, fsync=fsync)
+                unit.meta_scratch = self._scratch(data)
         except KeyError as exc:
             unit.fail(exc)
         except _CorruptError as exc:
@@ -541,17 +622,49 @@ class DiskStorage(QueueStorage):
                     unit.fail(_queue_error("cannot flush queue files", exc))
                     self._drop_scratch(unit)
                 return
+        meta_changed = self._envelopes_in_metas_out(live)
+        meta_changed = self._metas_in(live) or meta_changed
+        if meta_changed:
+            try:
+                self._fsync_dir("meta")
+                if any(u.quarantine for u in live):
+                    self._fsync_dir("corrupt")
+            except OSError as exc:
+                for unit in live:
+                    if not unit.ok:
+                        continue
+                    if unit.write:
+                        self._undo_write(unit, exc)
+                    else:
+                        unit.fail(_queue_error("cannot flush queue files", exc))
+        # Last, the envelopes of removed messages. Not fsynced: after a crash an envelope
+        # without its meta is an orphan, which load() deletes.
+        old: list[str] = []
+        for unit in live:
+            if unit.remove and unit.ok:
+                name = self._move_out(unit.id + _ENV_SUFFIX, "env")
+                if name is not None:
+                    old.append(name)
+            if unit.old_meta is not None and unit.ok:
+                old.append(unit.old_meta)
+        self._recycle(old)
+        failed = [op for op in ops if isinstance(op.error, QueueError)]
+        if failed:
+            log.error("%d queue operation(s) failed: %s", len(failed), failed[0].error)
 
-        # Phase 2: new envelopes into place (made durable before their metas appear), metas
-        # of removed messages out (made durable before their envelopes go).
+    def _envelopes_in_metas_out(self, live: list[_Unit]) -> bool:
+        """Phase 2: new envelopes into place, made durable before their metas appear; metas of
+        removed messages out (durable with the next phase's fsync, before their envelopes go).
+
+        True when meta_dir changed.
+        """
         writes: list[_Unit] = []
         meta_changed = False
         for unit in live:
             if unit.quarantine:
-                if not any(op.kind == _QUARANTINE for op in unit.ops):
-                    continue
-                self._quarantine(unit.id, "envelope unreadable")
-                meta_changed = True
+                if any(op.kind == _QUARANTINE for op in unit.ops):
+                    self._quarantine(unit.id, "envelope unreadable")
+                    meta_changed = True
             elif unit.write:
                 assert unit.env_scratch is not None
                 try:
@@ -568,10 +681,8 @@ class DiskStorage(QueueStorage):
                 writes.append(unit)
             elif unit.remove:
                 try:
-                    os.unlink(unit.id + _META_SUFFIX, dir_fd=self._dfd["meta"])
-                    meta_changed = True
-                except FileNotFoundError:
-                    pass  # already gone: remove is idempotent
+                    unit.old_meta = self._move_out(unit.id + _META_SUFFIX, "meta")
+                    meta_changed = meta_changed or unit.old_meta is not None
                 except OSError as exc:
                     unit.fail(_queue_error("cannot remove message", exc))
         if writes:
@@ -580,17 +691,24 @@ class DiskStorage(QueueStorage):
             except OSError as exc:
                 for unit in writes:
                     self._undo_write(unit, exc)
-        # Phase 3: metas into place; one fsync of meta_dir makes the batch durable.
+        return meta_changed
+
+    def _metas_in(self, live: list[_Unit]) -> bool:
+        """Phase 3: new and updated metas into place; True when meta_dir changed."""
+        changed = False
         for unit in live:
             if unit.meta_scratch is None or not unit.ok:
                 continue
             try:
-                os.rename(
-                    unit.meta_scratch,
-                    unit.id + _META_SUFFIX,
-                    src_dir_fd=self._dfd["tmp"],
-                    dst_dir_fd=self._dfd["meta"],
-                )
+                if unit.write:
+                    os.rename(
+                        unit.meta_scratch,
+                        unit.id + _META_SUFFIX,
+                        src_dir_fd=self._dfd["tmp"],
+                        dst_dir_fd=self._dfd["meta"],
+                    )
+                elif self._replace_meta(unit.meta_scratch, unit.id):
+                    unit.old_meta = unit.meta_scratch
             except OSError as exc:
                 if unit.write:
                     self._undo_write(unit, exc)
@@ -599,28 +717,8 @@ class DiskStorage(QueueStorage):
                     self._drop_scratch(unit)
                 continue
             unit.meta_scratch = None
-            meta_changed = True
-        if meta_changed:
-            try:
-                self._fsync_dir("meta")
-                if any(u.quarantine for u in live):
-                    self._fsync_dir("corrupt")
-            except OSError as exc:
-                for unit in live:
-                    if not unit.ok:
-                        continue
-                    if unit.write:
-                        self._undo_write(unit, exc)
-                    else:
-                        unit.fail(_queue_error("cannot flush queue files", exc))
-        # Phase 4: envelopes of removed messages. Not fsynced: after a crash an envelope
-        # without its meta is an orphan, which load() deletes.
-        for unit in live:
-            if unit.remove and unit.ok:
-                self._unlink(unit.id + _ENV_SUFFIX, "env")
-        failed = [op for op in ops if isinstance(op.error, QueueError)]
-        if failed:
-            log.error("%d queue operation(s) failed: %s", len(failed), failed[0].error)
+            changed = True
+        return changed
 
     # -- the commit batch (event loop) ---------------------------------------------------------
 
@@ -813,11 +911,15 @@ class DiskStorage(QueueStorage):
             raise _queue_error("queue directories unusable", exc) from exc
         started = time.monotonic()
         scratch = orphans = 0
-        own = f".{self._token}"
+        own = f"{self._token}."
         with os.scandir(self.tmp_dir) as it:
             for entry in it:
                 name = entry.name
-                if _SCRATCH.fullmatch(name) and own not in name and self._unlink(name, "tmp"):
+                if (
+                    _SCRATCH.fullmatch(name)
+                    and not name.startswith(own)
+                    and self._unlink(name, "tmp")
+                ):
                     scratch += 1
 
         corrupt_before = self._corrupt
@@ -1001,6 +1103,9 @@ class DiskStorage(QueueStorage):
         # Waits for reads still running before their directory fds are closed.
         for pool in (self._commit_pool, self._sync_pool, self._io_pool):
             pool.shutdown(wait=True)
+        names, self._pool = self._pool, []
+        for name in names:
+            self._unlink(name, "tmp")
         fds, self._dfd = self._dfd, {}
         for fd in fds.values():
             os.close(fd)
