@@ -1,4 +1,4 @@
-"""DiskStorage: the durable default — two small files per message, fsynced, renamed into place.
+"""DiskStorage: the durable default — two small files per message, synced, renamed into place.
 
 Layout (every file ``0600``, directories this storage creates ``0700``)::
 
@@ -8,9 +8,11 @@ Layout (every file ``0600``, directories this storage creates ``0700``)::
     corrupt_dir/          quarantined entries (default meta_dir/corrupt); load() never reads it
 
 A message exists iff both of its files exist: ``write`` renames the ``.env`` then the ``.meta``
-into place, ``remove`` unlinks the ``.meta`` then the ``.env``. A crash in between leaves an
+into place, ``remove`` takes the ``.meta`` then the ``.env`` away. A crash in between leaves an
 *orphan* that :meth:`DiskStorage.load` resolves by that rule (an ``.env`` alone is deleted, a
-``.meta`` alone is quarantined: its envelope is gone).
+``.meta`` alone is quarantined: its envelope is gone). A meta update writes a new file and
+swaps it in atomically (``renameat2(RENAME_EXCHANGE)``, or a plain rename where the filesystem
+has no exchange).
 
 Ids are those of :func:`~smtpq.storage.base.new_id` (32 lowercase hex digits, time-ordered).
 Only that form is accepted from callers (anything else is a :class:`KeyError`), so an id typed
@@ -26,19 +28,26 @@ Meta file format, version 1 — one header line, then a JSON object (UTF-8), the
 (the entry is quarantined), so a later format can never be misread as this one. Nothing here is
 pickled: a copied queue directory cannot run code.
 
-Durability (``sync``):
+Durability (``sync``). Every operation goes through *group commit*: while one batch is being
+committed the next one gathers (no timer: a lone write is committed at once). A batch writes its
+new files in tmp_dir in parallel worker threads, makes them durable, renames the envelopes into
+place and fsyncs env_dir, then renames the metas into place (and takes those of removed
+messages away) and fsyncs meta_dir: two directory fsyncs per batch, whatever its size.
 
-* ``"fsync"`` (default): each new file is written and fsynced in a scratch directory, renamed
-  into place, and the target directory fsynced before ``write`` returns. Concurrent operations
-  share their flushes (group commit): while one batch is being committed the next one gathers,
-  its files are written and fsynced in parallel worker threads, then renamed, and each directory
-  is fsynced once per batch. Meta updates and removals ride the same batches.
-* ``"syncfs"``: like ``"fsync"``, but one ``syncfs(2)`` per batch replaces the per-file fsyncs
-  (Linux only). Faster under load, but it flushes everything dirty on that filesystem, other
-  programs' data included: use it for a spool on its own filesystem.
+* ``"auto"`` (default): ``"syncfs"`` on Linux 5.8 and later, else ``"fsync"``.
+* ``"syncfs"``: one ``syncfs(2)`` per batch makes its new files durable. This flushes everything
+  dirty on the filesystem, other programs' data included, so a spool that shares its
+  filesystem with a heavy writer waits for that writer's data too; choose ``"fsync"`` there.
+  Only since Linux 5.8 does syncfs report write-back errors, hence the version check.
+* ``"fsync"``: each new file is fsynced (in parallel threads) before it is renamed.
 * ``"none"``: **unsafe** — no fsync at all. Renames stay atomic, so a killed process loses
   nothing, but a power failure or kernel crash can lose or empty messages that were
   acknowledged. For tests and benchmarks only.
+
+Files taken out of the queue (removed messages, replaced metas) are emptied at once and their
+inodes kept for the next scratch files (up to :data:`_POOL_SIZE`), so that a busy queue neither
+frees nor allocates inodes: on ext4 without a journal, creating files where many were deleted in
+the last minutes is many times slower.
 
 Every blocking call runs in worker threads, never on the event loop. One process owns a queue
 directory: its schedule (:class:`~smtpq.storage.schedule.LocalSchedule`) lives in memory.
@@ -645,6 +654,8 @@ class DiskStorage(QueueStorage):
                 name = self._move_out(unit.id + _ENV_SUFFIX, "env")
                 if name is not None:
                     old.append(name)
+            # After a failed flush, the old meta may be what a crash brings back: keep it
+            # as it is (a later load deletes it).
             if unit.old_meta is not None and unit.ok:
                 old.append(unit.old_meta)
         self._recycle(old)
