@@ -441,8 +441,9 @@ class DiskStorage(QueueStorage):
         """Empty files moved out of the queue and keep their inodes for new scratch files."""
         for name in names:
             try:
-                os.truncate(os.path.join(self.tmp_dir, name), 0)  # deleted mail is gone
-            except OSError:
+                fd = os.open(name, _REUSE_FILE, dir_fd=self._dfd["tmp"])  # empties it:
+                os.close(fd)  # deleted mail is gone at once
+            except OSError:  # a symlink planted in the queue is never followed
                 self._unlink(name, "tmp")
                 continue
             with self._pool_lock:
