@@ -30,7 +30,7 @@ pickled: a copied queue directory cannot run code.
 
 Durability (``sync``). Every operation goes through *group commit*: while one batch is being
 committed the next one gathers (no timer: a lone write is committed at once). A batch writes its
-new files in tmp_dir in parallel worker threads, makes them durable, renames the envelopes into
+new files in tmp_dir (in a worker thread), makes them durable, renames the envelopes into
 place and fsyncs env_dir, then renames the metas into place (and takes those of removed
 messages away) and fsyncs meta_dir: two directory fsyncs per batch, whatever its size.
 
@@ -254,6 +254,7 @@ class _Unit:
 
     __slots__ = (
         "env_scratch",
+        "fds",
         "id",
         "meta_scratch",
         "old_meta",
@@ -272,6 +273,7 @@ class _Unit:
         self.env_scratch: str | None = None
         self.meta_scratch: str | None = None
         self.old_meta: str | None = None  # a replaced or removed meta, moved to tmp_dir
+        self.fds: list[int] = []  # scratch files still open, to be fsynced
 
     def fail(self, exc: BaseException) -> None:
         for op in self.ops:
@@ -301,7 +303,7 @@ class DiskStorage(QueueStorage):
         5.8 and later, else ``"fsync"``), ``"fsync"``, ``"syncfs"``, or ``"none"`` (unsafe: no
         durability against power loss; for tests and benchmarks). :attr:`sync` tells which.
     :param lease_timeout: seconds a claim lasts unless renewed.
-    :param threads: worker threads that write and fsync the files of a batch in parallel.
+    :param threads: worker threads that fsync the files of a batch in parallel (``fsync``).
     """
 
     def __init__(
@@ -342,8 +344,8 @@ class DiskStorage(QueueStorage):
         self._pending: list[_Op] = []
         self._committer: asyncio.Task[None] | None = None
         self._closed = False
-        # The commit thread runs batches one at a time; the sync pool writes and fsyncs the
-        # files of one batch in parallel; the I/O pool serves reads and load().
+        # The commit thread runs batches one at a time; the sync pool fsyncs the files of one
+        # batch in parallel; the I/O pool serves reads and load().
         self._commit_pool = ThreadPoolExecutor(1, thread_name_prefix="smtpq-disk-commit")
         self._sync_pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="smtpq-disk-sync")
         self._io_pool = ThreadPoolExecutor(4, thread_name_prefix="smtpq-disk-io")
@@ -405,8 +407,11 @@ class DiskStorage(QueueStorage):
             self._scratch_seq += 1
             return f"{self._token}.{self._scratch_seq:x}.tmp"
 
-    def _scratch(self, data: bytes) -> str:
-        """A scratch file holding ``data`` (fsynced in ``fsync`` mode); its name in tmp_dir.
+    def _scratch(self, data: bytes, unit: _Unit) -> str:
+        """A scratch file holding ``data``; its name in tmp_dir.
+
+        In ``fsync`` mode its fd is left open in ``unit.fds``, to be fsynced with the rest of
+        the batch in parallel.
 
         A recycled inode is used when there is one: on ext4 without a journal, creating files
         where many were deleted recently is slow (the allocator skips recently freed inodes).
@@ -428,14 +433,45 @@ class DiskStorage(QueueStorage):
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            if self.sync == "fsync":
-                os.fsync(fd)
         except BaseException:
             os.close(fd)
             self._unlink(name, "tmp")
             raise
-        os.close(fd)
+        if self.sync == "fsync":
+            unit.fds.append(fd)
+        else:
+            os.close(fd)
         return name
+
+    def _fsync_files(self, units: list[_Unit]) -> None:
+        """fsync the scratch files of a batch, in parallel threads so that the device can
+        merge their flushes; close them; fail the units whose files could not be synced."""
+        fds = [(unit, fd) for unit in units for fd in unit.fds]
+
+        def sync(fd: int) -> OSError | None:
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                return exc
+            return None
+
+        if len(fds) > 1:
+            errors = list(self._sync_pool.map(sync, [fd for _, fd in fds]))
+        else:
+            errors = [sync(fd) for _, fd in fds]
+        for (unit, _), exc in zip(fds, errors, strict=True):
+            if exc is not None and unit.ok:
+                what = "cannot store message" if unit.write else "cannot update message"
+                unit.fail(_queue_error(what, exc))
+        for unit in units:
+            if not unit.ok:
+                self._drop_scratch(unit)
+            self._close_files(unit)
+
+    def _close_files(self, unit: _Unit) -> None:
+        for fd in unit.fds:
+            os.close(fd)
+        unit.fds.clear()
 
     def _recycle(self, names: list[str]) -> None:
         """Empty files moved out of the queue and keep their inodes for new scratch files."""
@@ -543,8 +579,8 @@ class DiskStorage(QueueStorage):
                 op = unit.ops[0]
                 assert op.env is not None
                 assert op.meta is not None
-                unit.env_scratch = self._scratch(op.env)
-                unit.meta_scratch = self._scratch(_encode_meta(op.meta))
+                unit.env_scratch = self._scratch(op.env, unit)
+                unit.meta_scratch = self._scratch(_encode_meta(op.meta), unit)
                 return
             if unit.quarantine:
                 for op in unit.ops:
@@ -569,7 +605,7 @@ class DiskStorage(QueueStorage):
                 return
             data = _encode_meta(meta)
             if data != original:  # an idempotent change needs no write
-                unit.meta_scratch = self._scratch(data)
+                unit.meta_scratch = self._scratch(data, unit)
         except KeyError as exc:
             unit.fail(exc)
         except _CorruptError as exc:
@@ -586,6 +622,7 @@ class DiskStorage(QueueStorage):
             self._drop_scratch(unit)
 
     def _drop_scratch(self, unit: _Unit) -> None:
+        self._close_files(unit)
         for name in (unit.env_scratch, unit.meta_scratch):
             if name is not None:
                 self._unlink(name, "tmp")
@@ -618,13 +655,16 @@ class DiskStorage(QueueStorage):
             unit.ops.append(op)
             unit.write = unit.write or op.kind == _WRITE
             unit.quarantine = unit.quarantine or op.kind == _QUARANTINE
+        # The Python work of a batch runs here, in one thread: spread over threads it would
+        # only contend for the GIL. Only the fsyncs, which wait on the device, run in parallel.
         todo = list(units.values())
-        if len(todo) == 1:
-            self._prepare(todo[0])
-        else:
-            list(self._sync_pool.map(self._prepare, todo))
+        for unit in todo:
+            self._prepare(unit)
         live = [u for u in todo if u.ok]
-        if self._syncfs is not None and any(u.meta_scratch for u in live):
+        if self.sync == "fsync":
+            self._fsync_files([u for u in live if u.fds])
+            live = [u for u in live if u.ok]
+        elif self._syncfs is not None and any(u.meta_scratch for u in live):
             try:
                 self._syncfs(self._dfd["tmp"])
             except OSError as exc:
