@@ -463,20 +463,20 @@ async def test_meta_update_failure_keeps_the_old_meta(
     assert dirs.names(dirs.tmp) == set()
 
 
-async def test_removed_files_are_emptied_and_their_inodes_reused(
-    store: DiskStorage, dirs: Dirs
-) -> None:
-    secret = make_envelope(1)
-    secret.parse(b"Subject: secret\r\n\r\nthe launch codes\r\n")
+async def test_removed_files_are_reused_and_overwritten(store: DiskStorage, dirs: Dirs) -> None:
+    secret = make_envelope(1, size=5000)
+    secret.parse(b"Subject: secret\r\n\r\nthe launch codes\r\n" + b"x" * 5000)
     old = await store.write(secret, NOW)
     inodes = {(dirs.env / f"{old}.env").stat().st_ino, (dirs.meta / f"{old}.meta").stat().st_ino}
     await store.remove(old)
-    for path in dirs.tmp.iterdir():
-        assert b"launch codes" not in path.read_bytes()
+    assert dirs.ids(dirs.env, ".env") == dirs.ids(dirs.meta, ".meta") == set()
     new = await store.write(make_envelope(2), NOW)
     reused = {(dirs.env / f"{new}.env").stat().st_ino, (dirs.meta / f"{new}.meta").stat().st_ino}
     assert reused == inodes  # no inode freed and allocated again
-    assert (await store.get(new))[0].sender == "s2@example.org"
+    env, _ = await store.get(new)
+    assert env.to_bytes() == make_envelope(2).to_bytes()  # cut to size, nothing old after it
+    for path in (*dirs.env.iterdir(), *dirs.meta.glob("*.meta"), *dirs.tmp.iterdir()):
+        assert b"launch codes" not in path.read_bytes()
     await store.close()
     assert dirs.names(dirs.tmp) == set()  # a clean shutdown leaves no scratch files
 

@@ -44,10 +44,13 @@ messages away) and fsyncs meta_dir: two directory fsyncs per batch, whatever its
   nothing, but a power failure or kernel crash can lose or empty messages that were
   acknowledged. For tests and benchmarks only.
 
-Files taken out of the queue (removed messages, replaced metas) are emptied at once and their
-inodes kept for the next scratch files (up to :data:`_POOL_SIZE`), so that a busy queue neither
-frees nor allocates inodes: on ext4 without a journal, creating files where many were deleted in
-the last minutes is many times slower.
+Files taken out of the queue (removed messages, replaced metas) are moved to tmp_dir and reused,
+inode and blocks, for the next scratch files (up to :data:`_POOL_SIZE`; the rest are unlinked,
+and so are all of them when the storage closes), so that a busy queue neither frees nor
+allocates inodes and blocks: on ext4 without a journal, creating files where many were deleted
+in the last minutes is many times slower, and on a filesystem mounted with ``discard`` every
+freed block costs a TRIM. A removed message's bytes thus stay in tmp_dir (owner-only) until its
+file is overwritten by a new message, as the blocks of an unlinked file stay on the disk.
 
 Every blocking call runs in worker threads, never on the event loop. One process owns a queue
 directory: its schedule (:class:`~smtpq.storage.schedule.LocalSchedule`) lives in memory.
@@ -103,7 +106,7 @@ _META_HEADER = re.compile(rb"smtpq-meta (\d+) ([0-9a-f]{8})")
 _MAX_BATCH = 512
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-_REUSE_FILE = os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_REUSE_FILE = os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _READ_FILE = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -382,9 +385,7 @@ class DiskStorage(QueueStorage):
             fds: dict[str, int] = {}
             try:
                 for role, path in paths.items():
-                    if not os.path.isdir(path):
-                        os.makedirs(path, exist_ok=True)
-                        os.chmod(path, 0o700)
+                    self._make_dir(path)
                     fds[role] = os.open(path, _DIR_FLAGS)
                 devices = {os.fstat(fd).st_dev for fd in fds.values()}
                 if len(devices) != 1:
@@ -397,6 +398,23 @@ class DiskStorage(QueueStorage):
                 raise
             self._dfd = fds
             return fds
+
+    def _make_dir(self, path: str) -> None:
+        """Create a missing directory (and parents) ``0700``, durably: a queue directory that
+        a crash could take away would take acknowledged mail with it."""
+        if os.path.isdir(path):
+            return
+        parent = os.path.dirname(path)
+        self._make_dir(parent)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+            os.chmod(path, 0o700)  # whatever the umask
+        if self.sync != "none":
+            fd = os.open(parent, _DIR_FLAGS)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _fsync_dir(self, role: str) -> None:
         if self.sync != "none":
@@ -422,7 +440,7 @@ class DiskStorage(QueueStorage):
             name = self._pool.pop() if self._pool else None
         if name is not None:
             try:
-                fd = os.open(name, _REUSE_FILE, dir_fd=tmp)
+                fd = os.open(name, _REUSE_FILE, dir_fd=tmp)  # a planted symlink: ELOOP
             except OSError:
                 self._unlink(name, "tmp")
         if fd < 0:
@@ -433,6 +451,9 @@ class DiskStorage(QueueStorage):
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            # Overwritten in place, cut to size: shrinking within a block frees nothing (on a
+            # filesystem mounted with "discard", every freed block costs a TRIM).
+            os.ftruncate(fd, len(data))
         except BaseException:
             os.close(fd)
             self._unlink(name, "tmp")
@@ -443,30 +464,53 @@ class DiskStorage(QueueStorage):
             os.close(fd)
         return name
 
-    def _fsync_files(self, units: list[_Unit]) -> None:
-        """fsync the scratch files of a batch, in parallel threads so that the device can
-        merge their flushes; close them; fail the units whose files could not be synced."""
-        fds = [(unit, fd) for unit in units for fd in unit.fds]
+    def _flush_new_files(self, live: list[_Unit], writes: list[_Unit]) -> None:
+        """Flush wave 1: every new file, and the new envelopes' names in env_dir, durable.
+
+        In ``fsync`` mode the files and env_dir are fsynced in parallel threads (the device
+        merges their flushes); in ``syncfs`` mode one syncfs does it all. Units whose files
+        could not be made durable fail, and nothing of them is left behind.
+        """
+        if self.sync == "none":
+            return
+        jobs: list[tuple[_Unit | None, int]] = [(u, fd) for u in live for fd in u.fds]
+        if writes:
+            jobs.append((None, self._dfd["env"]))
+        if not jobs and not any(u.meta_scratch for u in live):
+            return
 
         def sync(fd: int) -> OSError | None:
             try:
-                os.fsync(fd)
+                if self._syncfs is not None:
+                    self._syncfs(fd)
+                else:
+                    os.fsync(fd)
             except OSError as exc:
                 return exc
             return None
 
-        if len(fds) > 1:
-            errors = list(self._sync_pool.map(sync, [fd for _, fd in fds]))
+        if self._syncfs is not None:
+            errors = [sync(self._dfd["tmp"])]
+            jobs = [(None, -1)]  # one error, if any, is everyone's
+        elif len(jobs) > 1:
+            errors = list(self._sync_pool.map(sync, [fd for _, fd in jobs]))
         else:
-            errors = [sync(fd) for _, fd in fds]
-        for (unit, _), exc in zip(fds, errors, strict=True):
-            if exc is not None and unit.ok:
-                what = "cannot store message" if unit.write else "cannot update message"
-                unit.fail(_queue_error(what, exc))
-        for unit in units:
-            if not unit.ok:
-                self._drop_scratch(unit)
+            errors = [sync(fd) for _, fd in jobs]
+        for unit in live:
             self._close_files(unit)
+        # A failed syncfs fails every new file; a failed fsync of env_dir, every new envelope.
+        shared = live if self._syncfs is not None else writes
+        for (owner, _), exc in zip(jobs, errors, strict=True):
+            if exc is None:
+                continue
+            for unit in shared if owner is None else [owner]:
+                if not unit.ok:
+                    continue
+                if unit.write:
+                    self._undo_write(unit, exc)
+                elif unit.meta_scratch is not None:
+                    unit.fail(_queue_error("cannot update message", exc))
+                    self._drop_scratch(unit)
 
     def _close_files(self, unit: _Unit) -> None:
         for fd in unit.fds:
@@ -474,18 +518,11 @@ class DiskStorage(QueueStorage):
         unit.fds.clear()
 
     def _recycle(self, names: list[str]) -> None:
-        """Empty files moved out of the queue and keep their inodes for new scratch files."""
-        for name in names:
-            try:
-                fd = os.open(name, _REUSE_FILE, dir_fd=self._dfd["tmp"])  # empties it:
-                os.close(fd)  # deleted mail is gone at once
-            except OSError:  # a symlink planted in the queue is never followed
-                self._unlink(name, "tmp")
-                continue
-            with self._pool_lock:
-                if len(self._pool) < _POOL_SIZE:
-                    self._pool.append(name)
-                    continue
+        """Keep files moved out of the queue (inodes and blocks) for new scratch files."""
+        with self._pool_lock:
+            room = max(0, _POOL_SIZE - len(self._pool))
+            self._pool.extend(names[:room])
+        for name in names[room:]:
             self._unlink(name, "tmp")
 
     def _move_out(self, name: str, role: str) -> str | None:
@@ -661,19 +698,13 @@ class DiskStorage(QueueStorage):
         for unit in todo:
             self._prepare(unit)
         live = [u for u in todo if u.ok]
-        if self.sync == "fsync":
-            self._fsync_files([u for u in live if u.fds])
-            live = [u for u in live if u.ok]
-        elif self._syncfs is not None and any(u.meta_scratch for u in live):
-            try:
-                self._syncfs(self._dfd["tmp"])
-            except OSError as exc:
-                for unit in live:
-                    unit.fail(_queue_error("cannot flush queue files", exc))
-                    self._drop_scratch(unit)
-                return
-        meta_changed = self._envelopes_in_metas_out(live)
+        # New envelopes go into place before they are durable: until its meta appears an
+        # envelope is not a message, and the meta appears only after the first flush wave.
+        writes, meta_changed = self._envelopes_in_metas_out(live)
+        self._flush_new_files(live, writes)
+        live = [u for u in live if u.ok]
         meta_changed = self._metas_in(live) or meta_changed
+        # Flush wave 2: the batch is durable.
         if meta_changed:
             try:
                 self._fsync_dir("meta")
@@ -704,11 +735,9 @@ class DiskStorage(QueueStorage):
         if failed:
             log.error("%d queue operation(s) failed: %s", len(failed), failed[0].error)
 
-    def _envelopes_in_metas_out(self, live: list[_Unit]) -> bool:
-        """Phase 2: new envelopes into place, made durable before their metas appear; metas of
-        removed messages out (durable with the next phase's fsync, before their envelopes go).
-
-        True when meta_dir changed.
+    def _envelopes_in_metas_out(self, live: list[_Unit]) -> tuple[list[_Unit], bool]:
+        """New envelopes into place; metas of removed messages out (durable with the last
+        flush, before their envelopes go). The units that wrote, and whether meta_dir changed.
         """
         writes: list[_Unit] = []
         meta_changed = False
@@ -737,16 +766,10 @@ class DiskStorage(QueueStorage):
                     meta_changed = meta_changed or unit.old_meta is not None
                 except OSError as exc:
                     unit.fail(_queue_error("cannot remove message", exc))
-        if writes:
-            try:
-                self._fsync_dir("env")
-            except OSError as exc:
-                for unit in writes:
-                    self._undo_write(unit, exc)
-        return meta_changed
+        return writes, meta_changed
 
     def _metas_in(self, live: list[_Unit]) -> bool:
-        """Phase 3: new and updated metas into place; True when meta_dir changed."""
+        """New and updated metas into place; True when meta_dir changed."""
         changed = False
         for unit in live:
             if unit.meta_scratch is None or not unit.ok:
