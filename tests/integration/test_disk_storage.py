@@ -494,10 +494,35 @@ async def test_meta_updates_replace_atomically_and_keep_inodes(
     assert (await store.get(id))[1] == 5
 
 
-def test_sync_auto_picks_syncfs_on_this_kernel(dirs: Dirs) -> None:
+def test_sync_auto_needs_a_syncfs_that_reports_errors(dirs: Dirs) -> None:
     release = tuple(int(x) for x in os.uname().release.split(".")[:2])
-    expected = "syncfs" if sys.platform == "linux" and release >= (5, 8) else "fsync"
+    expected = "auto" if sys.platform == "linux" and release >= (5, 8) else "fsync"
     assert DiskStorage(dirs.env, dirs.meta).sync == expected
+
+
+async def test_auto_flushes_big_batches_with_syncfs_and_small_ones_with_fsync(
+    dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = dirs.open()
+    if store.sync != "auto":
+        pytest.skip("no syncfs that reports errors here")
+    fsynced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        fsynced.append(fd)
+        real_fsync(fd)
+
+    await store.write(make_envelope(), NOW)  # creates the directories
+    monkeypatch.setattr(os, "fsync", fsync)
+    try:
+        await store.write(make_envelope(), NOW)
+        assert len(fsynced) == 4  # the two files, env_dir, meta_dir
+        fsynced.clear()
+        await asyncio.gather(*(store.write(make_envelope(i), NOW) for i in range(50)))
+        assert len(fsynced) == 1  # one syncfs (files and env_dir), then meta_dir
+    finally:
+        await store.close()
 
 
 # -- concurrency: group commit, off the loop -----------------------------------------------------

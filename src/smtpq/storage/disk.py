@@ -34,12 +34,15 @@ new files in tmp_dir (in a worker thread), makes them durable, renames the envel
 place and fsyncs env_dir, then renames the metas into place (and takes those of removed
 messages away) and fsyncs meta_dir: two directory fsyncs per batch, whatever its size.
 
-* ``"auto"`` (default): ``"syncfs"`` on Linux 5.8 and later, else ``"fsync"``.
+* ``"fsync"``: each new file is fsynced, in parallel threads (the device merges the flushes
+  of concurrent fsyncs), before a meta names it.
 * ``"syncfs"``: one ``syncfs(2)`` per batch makes its new files durable. This flushes everything
   dirty on the filesystem, other programs' data included, so a spool that shares its
-  filesystem with a heavy writer waits for that writer's data too; choose ``"fsync"`` there.
-  Only since Linux 5.8 does syncfs report write-back errors, hence the version check.
-* ``"fsync"``: each new file is fsynced (in parallel threads) before it is renamed.
+  filesystem with a heavy writer waits for that writer's data too. Only since Linux 5.8 does
+  syncfs report write-back errors, hence the version check.
+* ``"auto"`` (default): per batch, ``"fsync"`` for a few new files (a lone write does not wait
+  for other programs' data), one syncfs for more than :data:`_SYNCFS_FROM` (one flush for a
+  hundred messages); ``"fsync"`` where syncfs is not usable.
 * ``"none"``: **unsafe** — no fsync at all. Renames stay atomic, so a killed process loses
   nothing, but a power failure or kernel crash can lose or empty messages that were
   acknowledged. For tests and benchmarks only.
@@ -103,7 +106,8 @@ _RENAME_EXCHANGE = 2
 _META_MAGIC = b"smtpq-meta"
 _META_VERSION = 1
 _META_HEADER = re.compile(rb"smtpq-meta (\d+) ([0-9a-f]{8})")
-_MAX_BATCH = 512
+# In "auto" mode, a batch with more new files than this is flushed by one syncfs.
+_SYNCFS_FROM = 16
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _REUSE_FILE = os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
@@ -302,11 +306,11 @@ class DiskStorage(QueueStorage):
     :param tmp_dir: scratch directory; default ``meta_dir/tmp``. It must be on the same
         filesystem as the other directories, so that renames are atomic.
     :param corrupt_dir: where bad entries are moved; default ``meta_dir/corrupt``.
-    :param sync: ``"auto"`` (default: ``"syncfs"`` where the kernel reports its errors, Linux
-        5.8 and later, else ``"fsync"``), ``"fsync"``, ``"syncfs"``, or ``"none"`` (unsafe: no
-        durability against power loss; for tests and benchmarks). :attr:`sync` tells which.
+    :param sync: ``"auto"`` (default: fsync for small batches, syncfs for large ones where the
+        kernel reports syncfs errors, Linux 5.8 and later), ``"fsync"``, ``"syncfs"``, or
+        ``"none"`` (unsafe: no durability against power loss; for tests and benchmarks).
     :param lease_timeout: seconds a claim lasts unless renewed.
-    :param threads: worker threads that fsync the files of a batch in parallel (``fsync``).
+    :param threads: worker threads that fsync the files of a batch in parallel.
     """
 
     def __init__(
@@ -325,14 +329,17 @@ class DiskStorage(QueueStorage):
         syncfs = _syncfs_function() if sync in ("auto", "syncfs") else None
         if sync == "syncfs" and syncfs is None:
             raise ValueError("sync='syncfs' needs Linux 5.8 or later")
-        if sync == "auto":
-            sync = "fsync" if syncfs is None else "syncfs"
+        if sync == "auto" and syncfs is None:
+            sync = "fsync"
         self.env_dir = os.path.abspath(env_dir)
         self.meta_dir = os.path.abspath(meta_dir)
         self.tmp_dir = os.path.abspath(tmp_dir or os.path.join(self.meta_dir, "tmp"))
         self.corrupt_dir = os.path.abspath(corrupt_dir or os.path.join(self.meta_dir, "corrupt"))
-        #: The durability in force: ``"fsync"``, ``"syncfs"`` or ``"none"``.
+        #: The durability in force (``"auto"`` only where syncfs is usable).
         self.sync: SyncMode = sync
+        # At most this many operations in a batch: in fsync mode each new file is an open fd.
+        self._max_batch = 128 if sync == "fsync" else 512
+        self._batch_syncfs = False  # how the current batch is flushed (commit thread only)
         self.lease_timeout = lease_timeout
         self._syncfs = syncfs
         self._renameat2 = _libc_function("renameat2")
@@ -428,8 +435,8 @@ class DiskStorage(QueueStorage):
     def _scratch(self, data: bytes, unit: _Unit) -> str:
         """A scratch file holding ``data``; its name in tmp_dir.
 
-        In ``fsync`` mode its fd is left open in ``unit.fds``, to be fsynced with the rest of
-        the batch in parallel.
+        Unless the batch is flushed by syncfs, its fd is left open in ``unit.fds``, to be
+        fsynced with the rest of the batch in parallel.
 
         A recycled inode is used when there is one: on ext4 without a journal, creating files
         where many were deleted recently is slow (the allocator skips recently freed inodes).
@@ -458,58 +465,59 @@ class DiskStorage(QueueStorage):
             os.close(fd)
             self._unlink(name, "tmp")
             raise
-        if self.sync == "fsync":
-            unit.fds.append(fd)
-        else:
+        if self.sync == "none" or self._batch_syncfs:
             os.close(fd)
+        else:
+            unit.fds.append(fd)
         return name
 
     def _flush_new_files(self, live: list[_Unit], writes: list[_Unit]) -> None:
         """Flush wave 1: every new file, and the new envelopes' names in env_dir, durable.
 
-        In ``fsync`` mode the files and env_dir are fsynced in parallel threads (the device
-        merges their flushes); in ``syncfs`` mode one syncfs does it all. Units whose files
-        could not be made durable fail, and nothing of them is left behind.
+        Either one syncfs, or the files and env_dir fsynced in parallel threads (the device
+        merges their flushes). Units whose files could not be made durable fail, and nothing
+        of them is left behind.
         """
         if self.sync == "none":
             return
-        jobs: list[tuple[_Unit | None, int]] = [(u, fd) for u in live for fd in u.fds]
-        if writes:
-            jobs.append((None, self._dfd["env"]))
-        if not jobs and not any(u.meta_scratch for u in live):
-            return
-
-        def sync(fd: int) -> OSError | None:
+        failed: list[tuple[list[_Unit], OSError]] = []
+        if self._batch_syncfs:
+            assert self._syncfs is not None
+            if not writes and not any(u.meta_scratch for u in live):
+                return
             try:
-                if self._syncfs is not None:
-                    self._syncfs(fd)
-                else:
-                    os.fsync(fd)
+                self._syncfs(self._dfd["tmp"])
             except OSError as exc:
-                return exc
-            return None
-
-        if self._syncfs is not None:
-            errors = [sync(self._dfd["tmp"])]
-            jobs = [(None, -1)]  # one error, if any, is everyone's
-        elif len(jobs) > 1:
-            errors = list(self._sync_pool.map(sync, [fd for _, fd in jobs]))
+                failed.append((live, exc))
         else:
-            errors = [sync(fd) for _, fd in jobs]
-        for unit in live:
-            self._close_files(unit)
-        # A failed syncfs fails every new file; a failed fsync of env_dir, every new envelope.
-        shared = live if self._syncfs is not None else writes
-        for (owner, _), exc in zip(jobs, errors, strict=True):
-            if exc is None:
-                continue
-            for unit in shared if owner is None else [owner]:
+            jobs: list[tuple[_Unit | None, int]] = [(u, fd) for u in live for fd in u.fds]
+            if writes:
+                jobs.append((None, self._dfd["env"]))
+
+            def sync(fd: int) -> OSError | None:
+                try:
+                    os.fsync(fd)
+                except OSError as exc:
+                    return exc
+                return None
+
+            if len(jobs) > 1:
+                errors = list(self._sync_pool.map(sync, [fd for _, fd in jobs]))
+            else:
+                errors = [sync(fd) for _, fd in jobs]
+            for unit in live:
+                self._close_files(unit)
+            for (owner, _), error in zip(jobs, errors, strict=True):
+                if error is not None:  # env_dir's failure is every new envelope's
+                    failed.append((writes if owner is None else [owner], error))
+        for units, problem in failed:
+            for unit in units:
                 if not unit.ok:
                     continue
                 if unit.write:
-                    self._undo_write(unit, exc)
+                    self._undo_write(unit, problem)
                 elif unit.meta_scratch is not None:
-                    unit.fail(_queue_error("cannot update message", exc))
+                    unit.fail(_queue_error("cannot update message", problem))
                     self._drop_scratch(unit)
 
     def _close_files(self, unit: _Unit) -> None:
@@ -694,6 +702,10 @@ class DiskStorage(QueueStorage):
             unit.quarantine = unit.quarantine or op.kind == _QUARANTINE
         # The Python work of a batch runs here, in one thread: spread over threads it would
         # only contend for the GIL. Only the fsyncs, which wait on the device, run in parallel.
+        new_files = sum(2 if op.kind == _WRITE else op.kind == _UPDATE for op in ops)
+        self._batch_syncfs = self._syncfs is not None and (
+            self.sync == "syncfs" or (self.sync == "auto" and new_files > _SYNCFS_FROM)
+        )
         todo = list(units.values())
         for unit in todo:
             self._prepare(unit)
@@ -812,8 +824,8 @@ class DiskStorage(QueueStorage):
         loop = asyncio.get_running_loop()
         try:
             while self._pending:
-                batch = self._pending[:_MAX_BATCH]
-                del self._pending[:_MAX_BATCH]
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
                 try:
                     await loop.run_in_executor(self._commit_pool, self._commit, batch)
                 except Exception as exc:  # the batch is lost, the committer goes on
