@@ -65,8 +65,14 @@ def envelope_bytes(i: int, size: int) -> tuple[bytes, bytes]:
 # -- children: one measurement each ----------------------------------------------------------
 
 
-def run_raw(root: Path, n: int, size: int, batch: int) -> float:
+def run_raw(root: Path, n: int, size: int, batch: int, syncfs: bool) -> float:
     """The plain durable loop; returns seconds."""
+    flush_fs = None
+    if syncfs:
+        from smtpq.storage.disk import _syncfs_function
+
+        flush_fs = _syncfs_function()
+        assert flush_fs is not None, "no usable syncfs here"
     header, body = envelope_bytes(0, size)
     env_data = b"e" * (len(header) + len(body) + ENVELOPE_OVERHEAD)
     meta_data = b"m" * 100
@@ -82,8 +88,11 @@ def run_raw(root: Path, n: int, size: int, batch: int) -> float:
             for suffix, data in ((".env", env_data), (".meta", meta_data)):
                 fd = os.open(dirs["tmp"] / (name + suffix), os.O_WRONLY | os.O_CREAT, 0o600)
                 os.write(fd, data)
-                os.fsync(fd)
+                if flush_fs is None:
+                    os.fsync(fd)
                 os.close(fd)
+        if flush_fs is not None:
+            flush_fs(env_fd)
         for name in names:
             os.rename(dirs["tmp"] / f"{name}.env", dirs["env"] / f"{name}.env")
         os.fsync(env_fd)
@@ -158,7 +167,7 @@ def child(args: argparse.Namespace) -> None:
     root = Path(args.dir)
     cpu = time.process_time()
     if args.child == "raw":
-        elapsed = run_raw(root, args.n, args.size, args.batch)
+        elapsed = run_raw(root, args.n, args.size, args.batch, args.sync == "syncfs")
     else:
         conc = int(args.concurrency)
         elapsed = asyncio.run(run_smtpq(root, args.child, args.n, args.size, conc, args.sync))
@@ -211,9 +220,10 @@ class Bench:
         rate = 300 / (time.perf_counter() - started)
         print(f"  create probe: {rate:.0f} files/s  (load {os.getloadavg()[0]:.1f})", flush=True)
 
-    def raw(self, batch: int) -> None:
-        cmd = [sys.executable, __file__, "--child", "raw", "--batch", str(batch)]
-        self.measure(f"raw batch={batch}", cmd)
+    def raw(self, batch: int, sync: str = "fsync") -> None:
+        cmd = [sys.executable, __file__, "--child", "raw", "--batch", str(batch), "--sync", sync]
+        suffix = "" if sync == "fsync" else f" {sync}"
+        self.measure(f"raw batch={batch}{suffix}", cmd)
 
     def slimta(self, mode: str, conc: int) -> None:
         if self.args.slimta_python is None:
@@ -246,7 +256,7 @@ def report(bench: Bench, concurrency: list[int]) -> list[str]:
     """The summary table: medians and the ratios the targets are stated in."""
 
     def fmt(value: float | None) -> str:
-        return f"{value:8.0f}" if value is not None else "       -"
+        return f"{value:7.0f}" if value is not None else "      -"
 
     def ratio(a: float | None, b: float | None) -> str:
         return f"{a / b:5.2f}x" if a and b else "    -"
@@ -254,25 +264,27 @@ def report(bench: Bench, concurrency: list[int]) -> list[str]:
     lines = [
         "",
         "medians, msgs/s (2 KB messages); ratios are smtpq / peer",
-        "smtpq: default sync (auto); fsync: sync='fsync'; raw: the plain loop, batch = writers",
-        f"{'writers':>7} {'smtpq':>8} {'fsync':>8} {'raw':>8} {'slimta':>8}"
-        f" {'vs raw':>7} {'vs slimta':>9} {'fsync vs raw':>12} {'fsync vs slimta':>15}",
+        "smtpq: default sync (auto); fsync: sync='fsync'; raw: the plain loop, batch = writers,",
+        "each file fsynced (raw) or one syncfs per batch (raw-fs); slimta never fsyncs",
+        f"{'writers':>7} {'smtpq':>7} {'fsync':>7} {'raw':>7} {'raw-fs':>7} {'slimta':>7}"
+        f" {'/raw':>6} {'/raw-fs':>7} {'/slimta':>7} {'fsync/raw':>9} {'fsync/slimta':>12}",
     ]
     for c in concurrency:
         ours = bench.median(f"smtpq-write c={c}")
         fsync = bench.median(f"smtpq-write c={c} fsync")
         raw = bench.median(f"raw batch={c}")
+        raw_fs = bench.median(f"raw batch={c} syncfs")
         slimta = bench.median(f"slimta-write c={c}")
         lines.append(
-            f"{c:7d} {fmt(ours)} {fmt(fsync)} {fmt(raw)} {fmt(slimta)}"
-            f" {ratio(ours, raw):>7} {ratio(ours, slimta):>9}"
-            f" {ratio(fsync, raw):>12} {ratio(fsync, slimta):>15}"
+            f"{c:7d} {fmt(ours)} {fmt(fsync)} {fmt(raw)} {fmt(raw_fs)} {fmt(slimta)}"
+            f" {ratio(ours, raw):>6} {ratio(ours, raw_fs):>7} {ratio(ours, slimta):>7}"
+            f" {ratio(fsync, raw):>9} {ratio(fsync, slimta):>12}"
         )
-    lines += ["", f"{'cycle':>7} {'smtpq':>8} {'slimta':>8} {'vs slimta':>9}"]
+    lines += ["", f"{'cycle':>7} {'smtpq':>7} {'slimta':>7} {'/slimta':>7}"]
     for c in concurrency:
         ours = bench.median(f"smtpq-cycle c={c}")
         slimta = bench.median(f"slimta-cycle c={c}")
-        lines.append(f"{c:7d} {fmt(ours)} {fmt(slimta)} {ratio(ours, slimta):>9}")
+        lines.append(f"{c:7d} {fmt(ours)} {fmt(slimta)} {ratio(ours, slimta):>7}")
     return lines
 
 
@@ -299,6 +311,7 @@ def parent(args: argparse.Namespace) -> None:
                 bench.ours("write", c)
                 bench.slimta("write", c)
                 bench.ours("write", c, "fsync")
+                bench.raw(c, "syncfs")
         for run in range(args.runs):
             print(f"round {run + 1}/{args.runs}: enqueue -> relay -> remove", flush=True)
             bench.probe()
