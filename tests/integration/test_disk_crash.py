@@ -59,7 +59,8 @@ class Acknowledged:
 async def run_and_kill(root: Path, first: int, rng: random.Random, *, early: bool) -> list[str]:
     """Start a writer, SIGKILL it at a random moment; its complete output lines.
 
-    An early kill may land while it is still starting up or loading the queue.
+    An early kill lands at a random time after the start, maybe while the writer is still
+    starting up or loading the queue; any other at a random time after its first write.
     """
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -70,12 +71,14 @@ async def run_and_kill(root: Path, first: int, rng: random.Random, *, early: boo
         stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
+    seen = b""
     if not early:
-        ready = await asyncio.wait_for(proc.stdout.readline(), 30)
-        assert ready == b"ready\n"
+        assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"ready\n"
+        seen = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert seen.startswith(b"w "), seen
     await asyncio.sleep(rng.uniform(0.0, 0.3))
     proc.send_signal(signal.SIGKILL)
-    out = await proc.stdout.read()
+    out = seen + await proc.stdout.read()
     assert await proc.wait() == -signal.SIGKILL
     lines = out.decode().split("\n")
     complete = lines[:-1]  # the last one is empty or was cut by the kill
@@ -133,7 +136,7 @@ async def test_sigkill_loses_nothing_acknowledged(tmp_path: Path) -> None:
             await store.close()
 
     assert kills >= 20
-    assert killed_while_writing >= ROUNDS // 2, f"seed {seed}: the writer was rarely writing"
+    assert killed_while_writing >= ROUNDS - ROUNDS // 5
     assert len(acked.written) > 200
     assert leftovers > 0, "no kill ever interrupted an operation: recovery went untested"
     # In the end, every survivor once more, in a last restart.

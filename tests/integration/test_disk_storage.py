@@ -235,11 +235,8 @@ async def test_load_resolves_orphans_by_the_existence_rule(store: DiskStorage, d
 
 async def test_load_removes_only_its_own_scratch_leftovers(store: DiskStorage, dirs: Dirs) -> None:
     await store.write(make_envelope(), NOW)
-    leftovers = [
-        "0123456789abcdef0123456789abcdef.env.deadbeef1.tmp",
-        "0123456789abcdef0123456789abcdef.meta.deadbeef2a.tmp",
-    ]
-    foreign = ["notes.txt", "0123456789abcdef0123456789abcdef.env", "x.meta.1.tmp"]
+    leftovers = ["deadbeef.1.tmp", "deadbeef.2a.tmp"]  # a dead storage object's scratch files
+    foreign = ["notes.txt", "0123456789abcdef0123456789abcdef.env", "x.1.tmp", "deadbeef.tmp"]
     for name in leftovers + foreign:
         (dirs.tmp / name).write_bytes(b"half")
     # Files that are not the storage's own are left alone in the queue directories too.
@@ -466,6 +463,68 @@ async def test_meta_update_failure_keeps_the_old_meta(
     assert dirs.names(dirs.tmp) == set()
 
 
+async def test_removed_files_are_reused_and_overwritten(store: DiskStorage, dirs: Dirs) -> None:
+    secret = make_envelope(1, size=5000)
+    secret.parse(b"Subject: secret\r\n\r\nthe launch codes\r\n" + b"x" * 5000)
+    old = await store.write(secret, NOW)
+    inodes = {(dirs.env / f"{old}.env").stat().st_ino, (dirs.meta / f"{old}.meta").stat().st_ino}
+    await store.remove(old)
+    assert dirs.ids(dirs.env, ".env") == dirs.ids(dirs.meta, ".meta") == set()
+    new = await store.write(make_envelope(2), NOW)
+    reused = {(dirs.env / f"{new}.env").stat().st_ino, (dirs.meta / f"{new}.meta").stat().st_ino}
+    assert reused == inodes  # no inode freed and allocated again
+    env, _ = await store.get(new)
+    assert env.to_bytes() == make_envelope(2).to_bytes()  # cut to size, nothing old after it
+    for path in (*dirs.env.iterdir(), *dirs.meta.glob("*.meta"), *dirs.tmp.iterdir()):
+        assert b"launch codes" not in path.read_bytes()
+    await store.close()
+    assert dirs.names(dirs.tmp) == set()  # a clean shutdown leaves no scratch files
+
+
+async def test_meta_updates_replace_atomically_and_keep_inodes(
+    store: DiskStorage, dirs: Dirs
+) -> None:
+    id = await store.write(make_envelope(), NOW)
+    files = {p.stat().st_ino for p in (dirs.env / f"{id}.env", dirs.meta / f"{id}.meta")}
+    for n in range(1, 6):
+        assert await store.increment_attempts(id) == n
+        files.add((dirs.meta / f"{id}.meta").stat().st_ino)
+    # Each update went to a new inode, the replaced one was kept for the next update.
+    assert len(files) <= 4
+    assert (await store.get(id))[1] == 5
+
+
+def test_sync_auto_needs_a_syncfs_that_reports_errors(dirs: Dirs) -> None:
+    release = tuple(int(x) for x in os.uname().release.split(".")[:2])
+    expected = "auto" if sys.platform == "linux" and release >= (5, 8) else "fsync"
+    assert DiskStorage(dirs.env, dirs.meta).sync == expected
+
+
+async def test_auto_flushes_big_batches_with_syncfs_and_small_ones_with_fsync(
+    dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = dirs.open()
+    if store.sync != "auto":
+        pytest.skip("no syncfs that reports errors here")
+    fsynced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        fsynced.append(fd)
+        real_fsync(fd)
+
+    await store.write(make_envelope(), NOW)  # creates the directories
+    monkeypatch.setattr(os, "fsync", fsync)
+    try:
+        await store.write(make_envelope(), NOW)
+        assert len(fsynced) == 4  # the two files, env_dir, meta_dir
+        fsynced.clear()
+        await asyncio.gather(*(store.write(make_envelope(i), NOW) for i in range(50)))
+        assert len(fsynced) == 1  # one syncfs (files and env_dir), then meta_dir
+    finally:
+        await store.close()
+
+
 # -- concurrency: group commit, off the loop -----------------------------------------------------
 
 
@@ -535,7 +594,7 @@ async def test_cancelled_write_leaves_a_whole_message_or_none(
         await again.close()
 
 
-@pytest.mark.parametrize("sync", ["syncfs", "none"])
+@pytest.mark.parametrize("sync", ["fsync", "syncfs", "none"])
 async def test_other_sync_modes_store_the_same(dirs: Dirs, sync: Any) -> None:
     store = dirs.open(sync=sync)
     try:

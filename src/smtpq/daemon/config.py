@@ -105,8 +105,9 @@ def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
 class StorageConfig:
     """Which storage holds the queue.
 
-    :ivar sync: disk durability: ``fsync`` (default), ``syncfs``, or ``none`` — unsafe: a crash
-        may lose mail that was acknowledged with 250; for benchmarks and tests only.
+    :ivar sync: disk durability: ``auto`` (default: ``syncfs`` on Linux 5.8+, else ``fsync``),
+        ``fsync``, ``syncfs``, or ``none`` — unsafe: a crash may lose mail that was acknowledged
+        with 250; for benchmarks and tests only. See :mod:`smtpq.storage.disk`.
     """
 
     type: str = "disk"
@@ -114,7 +115,7 @@ class StorageConfig:
     url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "smtpq:"
     lease_timeout: float = 60.0
-    sync: str = "fsync"
+    sync: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ _RESERVED = {"edge": {"host", "port", "hostname"}, "mx": {"routes"}}
 _TOP = ("hostname", "workers", "relay_pool", "grace_period", "log_level")
 _CHOICES = {
     "storage.type": ("disk", "redis", "memory"),
-    "storage.sync": ("fsync", "syncfs", "none"),
+    "storage.sync": ("auto", "fsync", "syncfs", "none"),
     "relay.type": ("mx", "smarthost"),
     "log_level": ("debug", "info", "warning", "error"),
 }

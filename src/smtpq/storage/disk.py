@@ -1,4 +1,4 @@
-"""DiskStorage: the durable default — two small files per message, fsynced, renamed into place.
+"""DiskStorage: the durable default — two small files per message, synced, renamed into place.
 
 Layout (every file ``0600``, directories this storage creates ``0700``)::
 
@@ -8,9 +8,11 @@ Layout (every file ``0600``, directories this storage creates ``0700``)::
     corrupt_dir/          quarantined entries (default meta_dir/corrupt); load() never reads it
 
 A message exists iff both of its files exist: ``write`` renames the ``.env`` then the ``.meta``
-into place, ``remove`` unlinks the ``.meta`` then the ``.env``. A crash in between leaves an
+into place, ``remove`` takes the ``.meta`` then the ``.env`` away. A crash in between leaves an
 *orphan* that :meth:`DiskStorage.load` resolves by that rule (an ``.env`` alone is deleted, a
-``.meta`` alone is quarantined: its envelope is gone).
+``.meta`` alone is quarantined: its envelope is gone). A meta update writes a new file and
+swaps it in atomically (``renameat2(RENAME_EXCHANGE)``, or a plain rename where the filesystem
+has no exchange).
 
 Ids are those of :func:`~smtpq.storage.base.new_id` (32 lowercase hex digits, time-ordered).
 Only that form is accepted from callers (anything else is a :class:`KeyError`), so an id typed
@@ -26,19 +28,32 @@ Meta file format, version 1 — one header line, then a JSON object (UTF-8), the
 (the entry is quarantined), so a later format can never be misread as this one. Nothing here is
 pickled: a copied queue directory cannot run code.
 
-Durability (``sync``):
+Durability (``sync``). Every operation goes through *group commit*: while one batch is being
+committed the next one gathers (no timer: a lone write is committed at once). A batch writes its
+new files in tmp_dir (in a worker thread), makes them durable, renames the envelopes into
+place and fsyncs env_dir, then renames the metas into place (and takes those of removed
+messages away) and fsyncs meta_dir: two directory fsyncs per batch, whatever its size.
 
-* ``"fsync"`` (default): each new file is written and fsynced in a scratch directory, renamed
-  into place, and the target directory fsynced before ``write`` returns. Concurrent operations
-  share their flushes (group commit): while one batch is being committed the next one gathers,
-  its files are written and fsynced in parallel worker threads, then renamed, and each directory
-  is fsynced once per batch. Meta updates and removals ride the same batches.
-* ``"syncfs"``: like ``"fsync"``, but one ``syncfs(2)`` per batch replaces the per-file fsyncs
-  (Linux only). Faster under load, but it flushes everything dirty on that filesystem, other
-  programs' data included: use it for a spool on its own filesystem.
+* ``"fsync"``: each new file is fsynced, in parallel threads (the device merges the flushes
+  of concurrent fsyncs), before a meta names it.
+* ``"syncfs"``: one ``syncfs(2)`` per batch makes its new files durable. This flushes everything
+  dirty on the filesystem, other programs' data included, so a spool that shares its
+  filesystem with a heavy writer waits for that writer's data too. Only since Linux 5.8 does
+  syncfs report write-back errors, hence the version check.
+* ``"auto"`` (default): per batch, ``"fsync"`` for a few new files (a lone write does not wait
+  for other programs' data), one syncfs for more than :data:`_SYNCFS_FROM` (one flush for a
+  hundred messages); ``"fsync"`` where syncfs is not usable.
 * ``"none"``: **unsafe** — no fsync at all. Renames stay atomic, so a killed process loses
   nothing, but a power failure or kernel crash can lose or empty messages that were
   acknowledged. For tests and benchmarks only.
+
+Files taken out of the queue (removed messages, replaced metas) are moved to tmp_dir and reused,
+inode and blocks, for the next scratch files (up to :data:`_POOL_SIZE`; the rest are unlinked,
+and so are all of them when the storage closes), so that a busy queue neither frees nor
+allocates inodes and blocks: on ext4 without a journal, creating files where many were deleted
+in the last minutes is many times slower, and on a filesystem mounted with ``discard`` every
+freed block costs a TRIM. A removed message's bytes thus stay in tmp_dir (owner-only) until its
+file is overwritten by a new message, as the blocks of an unlinked file stay on the disk.
 
 Every blocking call runs in worker threads, never on the event loop. One process owns a queue
 directory: its schedule (:class:`~smtpq.storage.schedule.LocalSchedule`) lives in memory.
@@ -55,8 +70,10 @@ import json
 import logging
 import math
 import os
+import platform
 import re
 import secrets
+import sys
 import threading
 import time
 import zlib
@@ -77,19 +94,23 @@ __all__ = ["DiskStorage", "SyncMode"]
 log = logging.getLogger(__name__)
 
 #: How a DiskStorage makes its files durable; see the module documentation.
-SyncMode = Literal["fsync", "syncfs", "none"]
+SyncMode = Literal["auto", "fsync", "syncfs", "none"]
 
 _ENV_SUFFIX = ".env"
 _META_SUFFIX = ".meta"
-# Scratch files: <id>.<env|meta>.<token><counter>.tmp, where the token is random per storage
-# object, so that load() can tell its own in-flight files from a dead process's leftovers.
-_SCRATCH = re.compile(r"[0-9a-f]{32}\.(?:env|meta)\.[0-9a-f]+\.tmp")
+# Scratch files: <token>.<counter>.tmp, where the token is random per storage object, so that
+# load() can tell its own files from a dead process's leftovers.
+_SCRATCH = re.compile(r"[0-9a-f]{8}\.[0-9a-f]+\.tmp")
+_POOL_SIZE = 1024  # emptied files kept for reuse (their inodes)
+_RENAME_EXCHANGE = 2
 _META_MAGIC = b"smtpq-meta"
 _META_VERSION = 1
 _META_HEADER = re.compile(rb"smtpq-meta (\d+) ([0-9a-f]{8})")
-_MAX_BATCH = 512
+# In "auto" mode, a batch with more new files than this is flushed by one syncfs.
+_SYNCFS_FROM = 16
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_REUSE_FILE = os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _READ_FILE = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -165,9 +186,22 @@ def _check_id(id: object) -> str:
     return id
 
 
-def _syncfs_function() -> Callable[[int], None]:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    func = libc.syncfs  # AttributeError where the C library has none
+def _libc_function(name: str) -> Any:
+    """A function of the C library (called without the GIL), or None where there is none."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+
+
+def _syncfs_function() -> Callable[[int], None] | None:
+    """syncfs(2) where it reports writeback errors (Linux 5.8 and later), else None."""
+    release = re.match(r"(\d+)\.(\d+)", platform.release())
+    if sys.platform != "linux" or not release or (int(release[1]), int(release[2])) < (5, 8):
+        return None
+    func = _libc_function("syncfs")
+    if func is None:
+        return None
 
     def syncfs(fd: int) -> None:
         if func(fd) != 0:
@@ -227,9 +261,10 @@ class _Unit:
 
     __slots__ = (
         "env_scratch",
+        "fds",
         "id",
-        "meta_bytes",
         "meta_scratch",
+        "old_meta",
         "ops",
         "quarantine",
         "remove",
@@ -242,9 +277,10 @@ class _Unit:
         self.write = False
         self.remove = False
         self.quarantine = False
-        self.meta_bytes: bytes | None = None
         self.env_scratch: str | None = None
         self.meta_scratch: str | None = None
+        self.old_meta: str | None = None  # a replaced or removed meta, moved to tmp_dir
+        self.fds: list[int] = []  # scratch files still open, to be fsynced
 
     def fail(self, exc: BaseException) -> None:
         for op in self.ops:
@@ -270,10 +306,11 @@ class DiskStorage(QueueStorage):
     :param tmp_dir: scratch directory; default ``meta_dir/tmp``. It must be on the same
         filesystem as the other directories, so that renames are atomic.
     :param corrupt_dir: where bad entries are moved; default ``meta_dir/corrupt``.
-    :param sync: ``"fsync"`` (default), ``"syncfs"``, or ``"none"`` (unsafe: no durability
-        against power loss; for tests and benchmarks).
+    :param sync: ``"auto"`` (default: fsync for small batches, syncfs for large ones where the
+        kernel reports syncfs errors, Linux 5.8 and later), ``"fsync"``, ``"syncfs"``, or
+        ``"none"`` (unsafe: no durability against power loss; for tests and benchmarks).
     :param lease_timeout: seconds a claim lasts unless renewed.
-    :param threads: worker threads that write and fsync the files of a batch in parallel.
+    :param threads: worker threads that fsync the files of a batch in parallel.
     """
 
     def __init__(
@@ -283,19 +320,29 @@ class DiskStorage(QueueStorage):
         tmp_dir: str | os.PathLike[str] | None = None,
         *,
         corrupt_dir: str | os.PathLike[str] | None = None,
-        sync: SyncMode = "fsync",
+        sync: SyncMode = "auto",
         lease_timeout: float = 60.0,
         threads: int = 8,
     ) -> None:
-        if sync not in ("fsync", "syncfs", "none"):
-            raise ValueError(f"sync must be 'fsync', 'syncfs' or 'none', not {sync!r}")
+        if sync not in ("auto", "fsync", "syncfs", "none"):
+            raise ValueError(f"sync must be 'auto', 'fsync', 'syncfs' or 'none', not {sync!r}")
+        syncfs = _syncfs_function() if sync in ("auto", "syncfs") else None
+        if sync == "syncfs" and syncfs is None:
+            raise ValueError("sync='syncfs' needs Linux 5.8 or later")
+        if sync == "auto" and syncfs is None:
+            sync = "fsync"
         self.env_dir = os.path.abspath(env_dir)
         self.meta_dir = os.path.abspath(meta_dir)
         self.tmp_dir = os.path.abspath(tmp_dir or os.path.join(self.meta_dir, "tmp"))
         self.corrupt_dir = os.path.abspath(corrupt_dir or os.path.join(self.meta_dir, "corrupt"))
+        #: The durability in force (``"auto"`` only where syncfs is usable).
         self.sync: SyncMode = sync
+        # At most this many operations in a batch: in fsync mode each new file is an open fd.
+        self._max_batch = 128 if sync == "fsync" else 512
+        self._batch_syncfs = False  # how the current batch is flushed (commit thread only)
         self.lease_timeout = lease_timeout
-        self._syncfs = _syncfs_function() if sync == "syncfs" else None
+        self._syncfs = syncfs
+        self._renameat2 = _libc_function("renameat2")
         self._schedule = LocalSchedule()
         self._loaded = False
         self._load_lock = asyncio.Lock()
@@ -307,14 +354,16 @@ class DiskStorage(QueueStorage):
         self._pending: list[_Op] = []
         self._committer: asyncio.Task[None] | None = None
         self._closed = False
-        # The commit thread runs batches one at a time; the sync pool writes and fsyncs the
-        # files of one batch in parallel; the I/O pool serves reads and load().
+        # The commit thread runs batches one at a time; the sync pool fsyncs the files of one
+        # batch in parallel; the I/O pool serves reads and load().
         self._commit_pool = ThreadPoolExecutor(1, thread_name_prefix="smtpq-disk-commit")
         self._sync_pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="smtpq-disk-sync")
         self._io_pool = ThreadPoolExecutor(4, thread_name_prefix="smtpq-disk-io")
         self._token = secrets.token_hex(4)
         self._scratch_seq = 0
         self._scratch_lock = threading.Lock()
+        self._pool: list[str] = []
+        self._pool_lock = threading.Lock()
         self._dirs_lock = threading.Lock()
         self._dfd: dict[str, int] = {}
         self._stats_lock = threading.Lock()
@@ -343,9 +392,7 @@ class DiskStorage(QueueStorage):
             fds: dict[str, int] = {}
             try:
                 for role, path in paths.items():
-                    if not os.path.isdir(path):
-                        os.makedirs(path, exist_ok=True)
-                        os.chmod(path, 0o700)
+                    self._make_dir(path)
                     fds[role] = os.open(path, _DIR_FLAGS)
                 devices = {os.fstat(fd).st_dev for fd in fds.values()}
                 if len(devices) != 1:
@@ -359,30 +406,159 @@ class DiskStorage(QueueStorage):
             self._dfd = fds
             return fds
 
+    def _make_dir(self, path: str) -> None:
+        """Create a missing directory (and parents) ``0700``, durably: a queue directory that
+        a crash could take away would take acknowledged mail with it."""
+        if os.path.isdir(path):
+            return
+        parent = os.path.dirname(path)
+        self._make_dir(parent)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+            os.chmod(path, 0o700)  # whatever the umask
+        if self.sync != "none":
+            fd = os.open(parent, _DIR_FLAGS)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
     def _fsync_dir(self, role: str) -> None:
         if self.sync != "none":
             os.fsync(self._dfd[role])
 
-    def _scratch_name(self, id: str, kind: str) -> str:
+    def _scratch_name(self) -> str:
         with self._scratch_lock:
             self._scratch_seq += 1
-            return f"{id}.{kind}.{self._token}{self._scratch_seq:x}.tmp"
+            return f"{self._token}.{self._scratch_seq:x}.tmp"
 
-    def _create(self, name: str, data: bytes, *, fsync: bool) -> None:
-        """Write a new scratch file; it is removed again if anything fails."""
+    def _scratch(self, data: bytes, unit: _Unit) -> str:
+        """A scratch file holding ``data``; its name in tmp_dir.
+
+        Unless the batch is flushed by syncfs, its fd is left open in ``unit.fds``, to be
+        fsynced with the rest of the batch in parallel.
+
+        A recycled inode is used when there is one: on ext4 without a journal, creating files
+        where many were deleted recently is slow (the allocator skips recently freed inodes).
+        """
         tmp = self._dfd["tmp"]
-        fd = os.open(name, _NEW_FILE, 0o600, dir_fd=tmp)
+        fd = -1
+        with self._pool_lock:
+            name = self._pool.pop() if self._pool else None
+        if name is not None:
+            try:
+                fd = os.open(name, _REUSE_FILE, dir_fd=tmp)  # a planted symlink: ELOOP
+            except OSError:
+                self._unlink(name, "tmp")
+        if fd < 0:
+            name = self._scratch_name()
+            fd = os.open(name, _NEW_FILE, 0o600, dir_fd=tmp)
+        assert name is not None
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            if fsync:
-                os.fsync(fd)
+            # Overwritten in place, cut to size: shrinking within a block frees nothing (on a
+            # filesystem mounted with "discard", every freed block costs a TRIM).
+            os.ftruncate(fd, len(data))
         except BaseException:
             os.close(fd)
             self._unlink(name, "tmp")
             raise
-        os.close(fd)
+        if self.sync == "none" or self._batch_syncfs:
+            os.close(fd)
+        else:
+            unit.fds.append(fd)
+        return name
+
+    def _flush_new_files(self, live: list[_Unit], writes: list[_Unit]) -> None:
+        """Flush wave 1: every new file, and the new envelopes' names in env_dir, durable.
+
+        Either one syncfs, or the files and env_dir fsynced in parallel threads (the device
+        merges their flushes). Units whose files could not be made durable fail, and nothing
+        of them is left behind.
+        """
+        if self.sync == "none":
+            return
+        failed: list[tuple[list[_Unit], OSError]] = []
+        if self._batch_syncfs:
+            assert self._syncfs is not None
+            if not writes and not any(u.meta_scratch for u in live):
+                return
+            try:
+                self._syncfs(self._dfd["tmp"])
+            except OSError as exc:
+                failed.append((live, exc))
+        else:
+            jobs: list[tuple[_Unit | None, int]] = [(u, fd) for u in live for fd in u.fds]
+            if writes:
+                jobs.append((None, self._dfd["env"]))
+
+            def sync(fd: int) -> OSError | None:
+                try:
+                    os.fsync(fd)
+                except OSError as exc:
+                    return exc
+                return None
+
+            if len(jobs) > 1:
+                errors = list(self._sync_pool.map(sync, [fd for _, fd in jobs]))
+            else:
+                errors = [sync(fd) for _, fd in jobs]
+            for unit in live:
+                self._close_files(unit)
+            for (owner, _), error in zip(jobs, errors, strict=True):
+                if error is not None:  # env_dir's failure is every new envelope's
+                    failed.append((writes if owner is None else [owner], error))
+        for units, problem in failed:
+            for unit in units:
+                if not unit.ok:
+                    continue
+                if unit.write:
+                    self._undo_write(unit, problem)
+                elif unit.meta_scratch is not None:
+                    unit.fail(_queue_error("cannot update message", problem))
+                    self._drop_scratch(unit)
+
+    def _close_files(self, unit: _Unit) -> None:
+        for fd in unit.fds:
+            os.close(fd)
+        unit.fds.clear()
+
+    def _recycle(self, names: list[str]) -> None:
+        """Keep files moved out of the queue (inodes and blocks) for new scratch files."""
+        with self._pool_lock:
+            room = max(0, _POOL_SIZE - len(self._pool))
+            self._pool.extend(names[:room])
+        for name in names[room:]:
+            self._unlink(name, "tmp")
+
+    def _move_out(self, name: str, role: str) -> str | None:
+        """Move a queue file into tmp_dir (to be recycled); its new name, None if it was gone."""
+        target = self._scratch_name()
+        try:
+            os.rename(name, target, src_dir_fd=self._dfd[role], dst_dir_fd=self._dfd["tmp"])
+        except FileNotFoundError:
+            return None
+        return target
+
+    def _replace_meta(self, scratch: str, id: str) -> bool:
+        """Atomically put a scratch file in place of a meta file.
+
+        True when the two were exchanged (RENAME_EXCHANGE), so that ``scratch`` now names the
+        old meta's inode, for recycling; False when it was a plain rename.
+        """
+        tmp, meta = self._dfd["tmp"], self._dfd["meta"]
+        name = id + _META_SUFFIX
+        if self._renameat2 is not None:
+            if self._renameat2(tmp, scratch.encode(), meta, name.encode(), _RENAME_EXCHANGE) == 0:
+                return True
+            err = ctypes.get_errno()
+            if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise OSError(err, os.strerror(err))
+            self._renameat2 = None  # this filesystem cannot exchange: plain renames from now on
+        os.rename(scratch, name, src_dir_fd=tmp, dst_dir_fd=meta)
+        return False
 
     def _unlink(self, name: str, role: str) -> bool:
         """Unlink if present; True when something was removed."""
@@ -443,16 +619,13 @@ class DiskStorage(QueueStorage):
 
     def _prepare(self, unit: _Unit) -> None:
         """Phase 1, in parallel: write (and fsync) the scratch files of one message."""
-        fsync = self.sync == "fsync"
         try:
             if unit.write:
                 op = unit.ops[0]
                 assert op.env is not None
                 assert op.meta is not None
-                unit.env_scratch = self._scratch_name(unit.id, "env")
-                self._create(unit.env_scratch, op.env, fsync=fsync)
-                unit.meta_scratch = self._scratch_name(unit.id, "meta")
-                self._create(unit.meta_scratch, _encode_meta(op.meta), fsync=fsync)
+                unit.env_scratch = self._scratch(op.env, unit)
+                unit.meta_scratch = self._scratch(_encode_meta(op.meta), unit)
                 return
             if unit.quarantine:
                 for op in unit.ops:
@@ -477,8 +650,7 @@ class DiskStorage(QueueStorage):
                 return
             data = _encode_meta(meta)
             if data != original:  # an idempotent change needs no write
-                unit.meta_scratch = self._scratch_name(unit.id, "meta")
-                self._create(unit.meta_scratch, data, fsync=fsync)
+                unit.meta_scratch = self._scratch(data, unit)
         except KeyError as exc:
             unit.fail(exc)
         except _CorruptError as exc:
@@ -495,6 +667,7 @@ class DiskStorage(QueueStorage):
             self._drop_scratch(unit)
 
     def _drop_scratch(self, unit: _Unit) -> None:
+        self._close_files(unit)
         for name in (unit.env_scratch, unit.meta_scratch):
             if name is not None:
                 self._unlink(name, "tmp")
@@ -527,31 +700,64 @@ class DiskStorage(QueueStorage):
             unit.ops.append(op)
             unit.write = unit.write or op.kind == _WRITE
             unit.quarantine = unit.quarantine or op.kind == _QUARANTINE
+        # The Python work of a batch runs here, in one thread: spread over threads it would
+        # only contend for the GIL. Only the fsyncs, which wait on the device, run in parallel.
+        new_files = sum(2 if op.kind == _WRITE else op.kind == _UPDATE for op in ops)
+        self._batch_syncfs = self._syncfs is not None and (
+            self.sync == "syncfs" or (self.sync == "auto" and new_files > _SYNCFS_FROM)
+        )
         todo = list(units.values())
-        if len(todo) == 1:
-            self._prepare(todo[0])
-        else:
-            list(self._sync_pool.map(self._prepare, todo))
+        for unit in todo:
+            self._prepare(unit)
         live = [u for u in todo if u.ok]
-        if self._syncfs is not None and any(u.meta_scratch for u in live):
+        # New envelopes go into place before they are durable: until its meta appears an
+        # envelope is not a message, and the meta appears only after the first flush wave.
+        writes, meta_changed = self._envelopes_in_metas_out(live)
+        self._flush_new_files(live, writes)
+        live = [u for u in live if u.ok]
+        meta_changed = self._metas_in(live) or meta_changed
+        # Flush wave 2: the batch is durable.
+        if meta_changed:
             try:
-                self._syncfs(self._dfd["tmp"])
+                self._fsync_dir("meta")
+                if any(u.quarantine for u in live):
+                    self._fsync_dir("corrupt")
             except OSError as exc:
                 for unit in live:
-                    unit.fail(_queue_error("cannot flush queue files", exc))
-                    self._drop_scratch(unit)
-                return
+                    if not unit.ok:
+                        continue
+                    if unit.write:
+                        self._undo_write(unit, exc)
+                    else:
+                        unit.fail(_queue_error("cannot flush queue files", exc))
+        # Last, the envelopes of removed messages. Not fsynced: after a crash an envelope
+        # without its meta is an orphan, which load() deletes.
+        old: list[str] = []
+        for unit in live:
+            if unit.remove and unit.ok:
+                name = self._move_out(unit.id + _ENV_SUFFIX, "env")
+                if name is not None:
+                    old.append(name)
+            # After a failed flush, the old meta may be what a crash brings back: keep it
+            # as it is (a later load deletes it).
+            if unit.old_meta is not None and unit.ok:
+                old.append(unit.old_meta)
+        self._recycle(old)
+        failed = [op for op in ops if isinstance(op.error, QueueError)]
+        if failed:
+            log.error("%d queue operation(s) failed: %s", len(failed), failed[0].error)
 
-        # Phase 2: new envelopes into place (made durable before their metas appear), metas
-        # of removed messages out (made durable before their envelopes go).
+    def _envelopes_in_metas_out(self, live: list[_Unit]) -> tuple[list[_Unit], bool]:
+        """New envelopes into place; metas of removed messages out (durable with the last
+        flush, before their envelopes go). The units that wrote, and whether meta_dir changed.
+        """
         writes: list[_Unit] = []
         meta_changed = False
         for unit in live:
             if unit.quarantine:
-                if not any(op.kind == _QUARANTINE for op in unit.ops):
-                    continue
-                self._quarantine(unit.id, "envelope unreadable")
-                meta_changed = True
+                if any(op.kind == _QUARANTINE for op in unit.ops):
+                    self._quarantine(unit.id, "envelope unreadable")
+                    meta_changed = True
             elif unit.write:
                 assert unit.env_scratch is not None
                 try:
@@ -568,29 +774,28 @@ class DiskStorage(QueueStorage):
                 writes.append(unit)
             elif unit.remove:
                 try:
-                    os.unlink(unit.id + _META_SUFFIX, dir_fd=self._dfd["meta"])
-                    meta_changed = True
-                except FileNotFoundError:
-                    pass  # already gone: remove is idempotent
+                    unit.old_meta = self._move_out(unit.id + _META_SUFFIX, "meta")
+                    meta_changed = meta_changed or unit.old_meta is not None
                 except OSError as exc:
                     unit.fail(_queue_error("cannot remove message", exc))
-        if writes:
-            try:
-                self._fsync_dir("env")
-            except OSError as exc:
-                for unit in writes:
-                    self._undo_write(unit, exc)
-        # Phase 3: metas into place; one fsync of meta_dir makes the batch durable.
+        return writes, meta_changed
+
+    def _metas_in(self, live: list[_Unit]) -> bool:
+        """New and updated metas into place; True when meta_dir changed."""
+        changed = False
         for unit in live:
             if unit.meta_scratch is None or not unit.ok:
                 continue
             try:
-                os.rename(
-                    unit.meta_scratch,
-                    unit.id + _META_SUFFIX,
-                    src_dir_fd=self._dfd["tmp"],
-                    dst_dir_fd=self._dfd["meta"],
-                )
+                if unit.write:
+                    os.rename(
+                        unit.meta_scratch,
+                        unit.id + _META_SUFFIX,
+                        src_dir_fd=self._dfd["tmp"],
+                        dst_dir_fd=self._dfd["meta"],
+                    )
+                elif self._replace_meta(unit.meta_scratch, unit.id):
+                    unit.old_meta = unit.meta_scratch
             except OSError as exc:
                 if unit.write:
                     self._undo_write(unit, exc)
@@ -599,28 +804,8 @@ class DiskStorage(QueueStorage):
                     self._drop_scratch(unit)
                 continue
             unit.meta_scratch = None
-            meta_changed = True
-        if meta_changed:
-            try:
-                self._fsync_dir("meta")
-                if any(u.quarantine for u in live):
-                    self._fsync_dir("corrupt")
-            except OSError as exc:
-                for unit in live:
-                    if not unit.ok:
-                        continue
-                    if unit.write:
-                        self._undo_write(unit, exc)
-                    else:
-                        unit.fail(_queue_error("cannot flush queue files", exc))
-        # Phase 4: envelopes of removed messages. Not fsynced: after a crash an envelope
-        # without its meta is an orphan, which load() deletes.
-        for unit in live:
-            if unit.remove and unit.ok:
-                self._unlink(unit.id + _ENV_SUFFIX, "env")
-        failed = [op for op in ops if isinstance(op.error, QueueError)]
-        if failed:
-            log.error("%d queue operation(s) failed: %s", len(failed), failed[0].error)
+            changed = True
+        return changed
 
     # -- the commit batch (event loop) ---------------------------------------------------------
 
@@ -639,8 +824,8 @@ class DiskStorage(QueueStorage):
         loop = asyncio.get_running_loop()
         try:
             while self._pending:
-                batch = self._pending[:_MAX_BATCH]
-                del self._pending[:_MAX_BATCH]
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
                 try:
                     await loop.run_in_executor(self._commit_pool, self._commit, batch)
                 except Exception as exc:  # the batch is lost, the committer goes on
@@ -813,11 +998,15 @@ class DiskStorage(QueueStorage):
             raise _queue_error("queue directories unusable", exc) from exc
         started = time.monotonic()
         scratch = orphans = 0
-        own = f".{self._token}"
+        own = f"{self._token}."
         with os.scandir(self.tmp_dir) as it:
             for entry in it:
                 name = entry.name
-                if _SCRATCH.fullmatch(name) and own not in name and self._unlink(name, "tmp"):
+                if (
+                    _SCRATCH.fullmatch(name)
+                    and not name.startswith(own)
+                    and self._unlink(name, "tmp")
+                ):
                     scratch += 1
 
         corrupt_before = self._corrupt
@@ -1001,6 +1190,9 @@ class DiskStorage(QueueStorage):
         # Waits for reads still running before their directory fds are closed.
         for pool in (self._commit_pool, self._sync_pool, self._io_pool):
             pool.shutdown(wait=True)
+        names, self._pool = self._pool, []
+        for name in names:
+            self._unlink(name, "tmp")
         fds, self._dfd = self._dfd, {}
         for fd in fds.values():
             os.close(fd)
