@@ -191,6 +191,7 @@ async def test_load_lists_many_messages_once_while_others_are_removed(
     assert set(ids) - removed <= set(listed) <= set(ids)
     assert dict((i, t) for t, i in loaded)[ids[43]] == NOW + 43
     assert listed == sorted(listed)  # oldest first
+    assert await b.message_ids() == sorted(set(ids) - removed)
 
 
 async def test_missing_message_raises_key_error(workers: list[RedisStorage]) -> None:

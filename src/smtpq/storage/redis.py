@@ -40,7 +40,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -572,21 +572,31 @@ class RedisStorage(QueueStorage):
         message removed meanwhile is left out.
         """
         found: list[tuple[float, str]] = []
-        start = "-"
-        with _redis_errors("load"):
-            while True:
-                page = await self._client.zrangebylex(self._index, start, "+", 0, _BATCH)
-                ids = [cast(bytes, member).decode() for member in page]
-                if ids:
-                    async with self._client.pipeline(transaction=False) as pipe:
-                        for id in ids:
-                            pipe.hget(self._key(id), "ts")
-                        times = await pipe.execute()
-                    found += [(float(t), id) for id, t in zip(ids, times, strict=True) if t]
-                if len(ids) < _BATCH:
-                    break
-                start = "(" + ids[-1]
+        async for ids in self._pages():
+            with _redis_errors("load"):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for id in ids:
+                        pipe.hget(self._key(id), "ts")
+                    times = await pipe.execute()
+            found += [(float(t), id) for id, t in zip(ids, times, strict=True) if t]
         return found
+
+    async def message_ids(self) -> list[str]:
+        """Every message id, oldest first: the index alone, a page per round trip."""
+        return [id async for ids in self._pages() for id in ids]
+
+    async def _pages(self) -> AsyncIterator[list[str]]:
+        """The ids in the index, in order, ``_BATCH`` at a time."""
+        start = "-"
+        while True:
+            with _redis_errors("load"):
+                page = await self._client.zrangebylex(self._index, start, "+", 0, _BATCH)
+            ids = [cast(bytes, member).decode() for member in page]
+            if ids:
+                yield ids
+            if len(ids) < _BATCH:
+                return
+            start = "(" + ids[-1]
 
     async def get_entry(self, id: str) -> StoredMessage:
         """See :meth:`QueueStorage.get_entry`."""
