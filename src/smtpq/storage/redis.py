@@ -73,22 +73,18 @@ class _Script:
         self.sha = hashlib.sha1(text.encode()).hexdigest()
 
 
-# KEYS: msg, index, schedule, leases. ARGV: id, env, timestamp, score, owner ("" = unclaimed),
-# channel. A retried call (after a lost reply) writes the same values again: idempotent.
+# KEYS: msg, index, schedule, leases. ARGV: id, env, timestamp, score, owner ("" = unclaimed).
+# A retried call (after a lost reply) writes the same values again: idempotent.
 _WRITE = _Script("""
 redis.call('HSET', KEYS[1], 'v', '1', 'env', ARGV[2], 'ts', ARGV[3], 'attempts', '0',
            'delivered', '')
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
-if ARGV[5] ~= '' then
-  redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
-else
-  redis.call('PUBLISH', ARGV[6], 'w')
-end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[4], ARGV[1], ARGV[5]) end
 return 1
 """)
 
-# KEYS: msg, schedule, leases, held. ARGV: id, timestamp, reply JSON or "", owner, channel.
+# KEYS: msg, schedule, leases, held. ARGV: id, timestamp, reply JSON or "", owner.
 # Another owner's lease is left alone: its attempt is running, and the new time applies when
 # that attempt ends.
 _SET_TIMESTAMP = _Script("""
@@ -102,7 +98,6 @@ if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then
   redis.call('ZREM', KEYS[2], ARGV[1])
 else
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-  redis.call('PUBLISH', ARGV[5], 't')
 end
 return 1
 """)
@@ -173,7 +168,7 @@ end
 return 1
 """)
 
-# KEYS: msg, schedule, leases, held. ARGV: id, owner, channel.
+# KEYS: msg, schedule, leases, held. ARGV: id, owner.
 _RELEASE = _Script("""
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[1])
@@ -182,14 +177,11 @@ if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then
   return 1
 end
 local ts = redis.call('HGET', KEYS[1], 'ts')
-if ts then
-  redis.call('ZADD', KEYS[2], ts, ARGV[1])
-  redis.call('PUBLISH', ARGV[3], 'r')
-end
+if ts then redis.call('ZADD', KEYS[2], ts, ARGV[1]) end
 return 1
 """)
 
-# KEYS: msg, schedule, leases, held. ARGV: id, 1 to hold / 0 to release, channel.
+# KEYS: msg, schedule, leases, held. ARGV: id, 1 to hold / 0 to release.
 # Returns -1 when the message is gone. A leased message stays leased until its attempt ends.
 _SET_HELD = _Script("""
 local ts = redis.call('HGET', KEYS[1], 'ts')
@@ -200,17 +192,16 @@ if ARGV[2] == '1' then
   if not leased then redis.call('ZREM', KEYS[2], ARGV[1]) end
 elseif redis.call('SREM', KEYS[4], ARGV[1]) == 1 and not leased then
   redis.call('ZADD', KEYS[2], ts, ARGV[1])
-  redis.call('PUBLISH', ARGV[3], 'h')
 end
 return 1
 """)
 
-# KEYS: schedule, leases, held, then one msg key per id. ARGV: now, channel, ids (in the same
-# order as their msg keys). Returns how many were made due.
+# KEYS: schedule, leases, held, then one msg key per id. ARGV: now, ids (in the same order as
+# their msg keys). Returns how many were made due.
 _FLUSH = _Script("""
 local n = 0
-for i = 3, #ARGV do
-  local id, msg = ARGV[i], KEYS[i + 1]
+for i = 2, #ARGV do
+  local id, msg = ARGV[i], KEYS[i + 2]
   if redis.call('EXISTS', msg) == 1 and redis.call('HEXISTS', KEYS[2], id) == 0
       and redis.call('SISMEMBER', KEYS[3], id) == 0 then
     redis.call('HSET', msg, 'ts', ARGV[1])
@@ -218,7 +209,6 @@ for i = 3, #ARGV do
     n = n + 1
   end
 end
-if n > 0 then redis.call('PUBLISH', ARGV[2], 'f') end
 return n
 """)
 
@@ -247,6 +237,7 @@ class _Call:
     args: list[EncodableT]  # the keys, then the arguments
     numkeys: int
     replicate: bool
+    wake: bool
     future: asyncio.Future[Any]
 
 
@@ -256,13 +247,21 @@ class _Pipeliner:
     A Queue runs many attempts and enqueues at once; sending each call alone would cost a round
     trip and a pool checkout apiece. Calls wait while a batch is on the wire and go with the next
     one; another batch is sent alongside only when a full one is waiting. With
-    ``wait_replicas``, a batch holding a write ends with one ``WAIT``: a group commit.
+    ``wait_replicas``, a batch holding a write ends with one ``WAIT``: a group commit. Changes
+    that may make a message due are announced by one ``PUBLISH`` per batch, not one per
+    message: every worker parses each announcement, so this is what lets workers scale.
     """
 
     def __init__(
-        self, client: aioredis.Redis, wait_replicas: int, wait_timeout: float, max_batch: int = 256
+        self,
+        client: aioredis.Redis,
+        channel: str,
+        wait_replicas: int,
+        wait_timeout: float,
+        max_batch: int = 256,
     ) -> None:
         self._client = client
+        self._channel = channel
         self._wait = (wait_replicas, int(wait_timeout * 1000))
         self._max_batch = max_batch
         self._queue: list[_Call] = []
@@ -270,14 +269,21 @@ class _Pipeliner:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def call(
-        self, script: _Script, keys: Sequence[str], args: Sequence[EncodableT], replicate: bool
+        self,
+        script: _Script,
+        keys: Sequence[str],
+        args: Sequence[EncodableT],
+        replicate: bool,
+        wake: bool,
     ) -> Any:
         """Run ``script``; its reply, or ``(reply, replicas that acknowledged)`` to replicate.
 
+        With ``wake``, waiting workers are told (once per batch) that the schedule changed.
         Raises QueueError when Redis fails or the script raises.
         """
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Call(script, [*keys, *args], len(keys), replicate, future))
+        call = _Call(script, [*keys, *args], len(keys), replicate, wake, future)
+        self._queue.append(call)
         if not self._sending or (len(self._queue) >= self._max_batch and self._sending < 4):
             self._sending += 1
             task = asyncio.get_running_loop().create_task(self._drain())
@@ -332,6 +338,11 @@ class _Pipeliner:
         if replicate:
             # WAIT counts the replicas that have this connection's writes: the whole batch.
             commands.append(_pack(b"WAIT", replicas, wait_ms))
+        wake = any(c.wake for c in batch)
+        if wake:
+            # One announcement for the whole batch, after its changes (same connection, in
+            # order): a worker woken by it sees them all.
+            commands.append(_pack(b"PUBLISH", self._channel, b"w"))
         pool = self._client.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
@@ -340,6 +351,8 @@ class _Pipeliner:
             )
         finally:
             await pool.release(conn)
+        if wake:
+            results.pop()
         if replicate:
             acked = results.pop()
             results = [
@@ -449,7 +462,7 @@ class RedisStorage(QueueStorage):
         self._held = base + "held"
         #: The pub/sub channel on which changes to the schedule are announced.
         self.channel = base + "wake"
-        self._pipeliner = _Pipeliner(client, wait_replicas, wait_timeout)
+        self._pipeliner = _Pipeliner(client, self.channel, wait_replicas, wait_timeout)
         self._wake = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
@@ -510,8 +523,9 @@ class RedisStorage(QueueStorage):
         args: Sequence[EncodableT],
         *,
         replicate: bool = False,
+        wake: bool = False,
     ) -> Awaitable[Any]:
-        return self._pipeliner.call(script, keys, args, replicate)
+        return self._pipeliner.call(script, keys, args, replicate, wake)
 
     # -- records -------------------------------------------------------------------------------
 
@@ -521,11 +535,11 @@ class RedisStorage(QueueStorage):
         score = timestamp + self.lease_timeout if claimed else timestamp
         keys = [self._key(id), self._index, self._schedule, self._leases]
         owner = self.owner if claimed else ""
-        args: list[EncodableT] = [id, envelope.to_bytes(), timestamp, score, owner, self.channel]
+        args: list[EncodableT] = [id, envelope.to_bytes(), timestamp, score, owner]
         if not self.wait_replicas:
-            await self._run(_WRITE, keys, args)
+            await self._run(_WRITE, keys, args, wake=not claimed)
             return id
-        _, acked = await self._run(_WRITE, keys, args, replicate=True)
+        _, acked = await self._run(_WRITE, keys, args, replicate=True, wake=not claimed)
         if acked < self.wait_replicas:
             # Not acknowledged: the client will be told 451 and send it again. Withdraw this
             # copy if we still can, so that the retry does not deliver it twice.
@@ -544,9 +558,7 @@ class RedisStorage(QueueStorage):
         """
         reply = json.dumps(last_reply.to_dict()) if last_reply is not None else ""
         keys = [self._key(id), self._schedule, self._leases, self._held]
-        found = await self._run(
-            _SET_TIMESTAMP, keys, [id, timestamp, reply, self.owner, self.channel]
-        )
+        found = await self._run(_SET_TIMESTAMP, keys, [id, timestamp, reply, self.owner], wake=True)
         if not found:
             raise KeyError(id)
 
@@ -689,7 +701,7 @@ class RedisStorage(QueueStorage):
     async def release(self, id: str) -> None:
         """See :meth:`QueueStorage.release`; only this object's own lease is released."""
         keys = [self._key(id), self._schedule, self._leases, self._held]
-        await self._run(_RELEASE, keys, [id, self.owner, self.channel])
+        await self._run(_RELEASE, keys, [id, self.owner], wake=True)
 
     async def next_due(self) -> float | None:
         """See :meth:`QueueStorage.next_due`: the lowest score of the schedule."""
@@ -720,13 +732,13 @@ class RedisStorage(QueueStorage):
         for start in range(0, len(ids), _BATCH):
             batch = ids[start : start + _BATCH]
             keys = [self._schedule, self._leases, self._held, *map(self._key, batch)]
-            count += int(await self._run(_FLUSH, keys, [now, self.channel, *batch]))
+            count += int(await self._run(_FLUSH, keys, [now, *batch], wake=True))
         return count
 
     async def set_held(self, id: str, held: bool) -> None:
         """See :meth:`QueueStorage.set_held`."""
         keys = [self._key(id), self._schedule, self._leases, self._held]
-        found = await self._run(_SET_HELD, keys, [id, 1 if held else 0, self.channel])
+        found = await self._run(_SET_HELD, keys, [id, 1 if held else 0], wake=not held)
         if found < 0:
             raise KeyError(id)
 
