@@ -155,6 +155,12 @@ def _report(proc: Any) -> dict[str, Any]:
     return result
 
 
+def _redis_cpu(client: Any) -> float:
+    """CPU seconds redis-server has used (its main thread does the work)."""
+    info = client.info("cpu")
+    return float(info["used_cpu_user_main_thread"]) + float(info["used_cpu_sys_main_thread"])
+
+
 def _queue_size(client: Any) -> int:
     return int(client.zcard(PREFIX + "{q}:index"))
 
@@ -166,6 +172,7 @@ def run_smtpq(args: argparse.Namespace, url: str, mode: str, procs: int) -> dict
     n = args.n
     client = redis.Redis.from_url(url)
     client.flushall()
+    redis_cpu0 = _redis_cpu(client)
     if mode == "relay":
         workers = [_spawn(args, url, "worker", 0, 0) for _ in range(procs)]
         edge = _spawn(args, url, "enqueue", n, 0)
@@ -193,6 +200,7 @@ def run_smtpq(args: argparse.Namespace, url: str, mode: str, procs: int) -> dict
         end = max(r["end"] for r in results)
         enqueue_seconds = max(r["enqueued"] for r in results) - start
         errors = sum(r["errors"] for r in results)
+    redis_cpu = _redis_cpu(client) - redis_cpu0
     attempts = sum(r["attempts"] for r in results)
     attempted = sum(r["attempted_ids"] for r in results)
     left = _queue_size(client)
@@ -211,6 +219,8 @@ def run_smtpq(args: argparse.Namespace, url: str, mode: str, procs: int) -> dict
         "msgs_per_s": round(n / seconds, 1),
         "enqueue_msgs_per_s": round(n / enqueue_seconds, 1),
         "cpu_s": round(sum(r["cpu_s"] for r in results), 3),
+        # Share of one core that redis-server used during the run: 1.0 is saturation.
+        "redis_busy": round(redis_cpu / seconds, 2),
         "duplicate_attempts": attempts - n if mode != "enqueue" else 0,
     }
 
@@ -292,16 +302,26 @@ def main() -> None:
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Medians per (implementation, mode, processes)."""
-    groups: dict[tuple[str, str, int], list[float]] = {}
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for run in runs:
         key = (run["impl"], run["mode"], int(run.get("processes", 0)))
-        value = run.get("rps") or run.get("msgs_per_s")
-        if value:
-            groups.setdefault(key, []).append(float(value))
-    return [
-        {"impl": k[0], "mode": k[1], "processes": k[2], "median": statistics.median(v), "runs": v}
-        for k, v in groups.items()
-    ]
+        if run.get("rps") or run.get("msgs_per_s"):
+            groups.setdefault(key, []).append(run)
+    summary = []
+    for (impl, mode, procs), group in groups.items():
+        values = [float(r.get("rps") or r["msgs_per_s"]) for r in group]
+        busy = [r["redis_busy"] for r in group if "redis_busy" in r]
+        summary.append(
+            {
+                "impl": impl,
+                "mode": mode,
+                "processes": procs,
+                "median": statistics.median(values),
+                "runs": values,
+                "redis_busy": statistics.median(busy) if busy else None,
+            }
+        )
+    return summary
 
 
 def print_summary(args: argparse.Namespace, summary: list[dict[str, Any]]) -> None:
@@ -315,7 +335,8 @@ def print_summary(args: argparse.Namespace, summary: list[dict[str, Any]]) -> No
         base = slimta.get("e2e" if s["mode"] == "relay" else s["mode"])
         ratio = f"  x{s['median'] / base:.2f} slimta" if s["impl"] == "smtpq" and base else ""
         procs = f" P={s['processes']}" if s["processes"] else ""
-        print(f"  {s['impl']:15s} {s['mode']:8s}{procs:5s} {s['median']:10.0f}{ratio}")
+        busy = f"  redis {s['redis_busy']:.0%} busy" if s["redis_busy"] is not None else ""
+        print(f"  {s['impl']:15s} {s['mode']:8s}{procs:5s} {s['median']:10.0f}{ratio}{busy}")
 
 
 if __name__ == "__main__":

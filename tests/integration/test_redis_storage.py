@@ -211,6 +211,33 @@ async def test_missing_message_raises_key_error(workers: list[RedisStorage]) -> 
     assert await store.get_info() == {"size": 0, "held": 0, "active": 0, "oldest": None}
 
 
+async def test_scripts_are_loaded_again_when_redis_forgot_them(
+    workers: list[RedisStorage], raw: aioredis.Redis
+) -> None:
+    a, b, _ = workers
+    first = await a.write(make_envelope(), NOW)
+    await raw.script_flush()  # as after a restart of Redis
+    second = await a.write(make_envelope(), NOW)
+    assert sorted(await b.claim(NOW, 10)) == sorted([first, second])
+
+
+async def test_concurrent_changes_are_announced_once_per_batch(
+    workers: list[RedisStorage], raw: aioredis.Redis
+) -> None:
+    store = workers[0]
+    async with raw.pubsub() as pubsub:
+        await pubsub.subscribe(store.channel)
+        assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"
+        await asyncio.gather(*(store.write(make_envelope(), NOW) for _ in range(50)))
+        announced = []
+        while (message := await pubsub.get_message(timeout=0.3)) is not None:
+            announced.append(message)
+    # 50 writes made in one turn of the event loop go to Redis together, with one PUBLISH.
+    assert 1 <= len(announced) < 50
+    claimed = await workers[1].claim(NOW, 100)
+    assert len(claimed) == 50
+
+
 # -- the stored format -------------------------------------------------------------------------
 
 

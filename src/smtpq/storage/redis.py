@@ -319,10 +319,16 @@ class _Pipeliner:
                 for i, result in zip(missing, again, strict=True):
                     results[i] = result
         except (RedisError, OSError) as exc:
-            for call in batch:
-                if not call.future.done():
-                    call.future.set_exception(QueueError(f"redis failed: {exc}"))
+            self._fail(batch, f"redis failed: {exc}")
             return
+        except Exception as exc:  # a bug here must not leave callers waiting for ever
+            log.exception("a batch of redis calls failed unexpectedly")
+            self._fail(batch, f"redis batch failed: {exc!r}")
+            return
+        except BaseException:
+            for call in batch:
+                call.future.cancel()
+            raise
         for call, result in zip(batch, results, strict=True):
             if call.future.done():
                 continue  # its caller was cancelled
@@ -330,6 +336,12 @@ class _Pipeliner:
                 call.future.set_exception(QueueError(f"redis script failed: {result}"))
             else:
                 call.future.set_result(result)
+
+    @staticmethod
+    def _fail(batch: list[_Call], why: str) -> None:
+        for call in batch:
+            if not call.future.done():
+                call.future.set_exception(QueueError(why))
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
         replicas, wait_ms = self._wait
