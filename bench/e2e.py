@@ -774,29 +774,34 @@ def profile(settings: Settings, py_spy: str, out: Path, sessions: int) -> None:
 
 
 def print_profile(path: Path, top: int = 30) -> None:
-    """Self and inclusive sample shares of the hottest frames of a speedscope profile."""
+    """Self and inclusive shares of the hottest functions of a py-spy speedscope profile.
+
+    py-spy makes one frame per (function, line); they are merged per function here, which is
+    the granularity a cost is fixed at. Shares are of the samples py-spy took, and py-spy skips
+    idle threads by default, so they are shares of the time the process was busy.
+    """
     data = json.loads(path.read_text())
-    frames = data["shared"]["frames"]
-    self_count: dict[int, int] = {}
-    total_count: dict[int, int] = {}
-    samples = 0
+    names = [_frame_name(frame) for frame in data["shared"]["frames"]]
+    self_count: dict[str, float] = {}
+    total_count: dict[str, float] = {}
+    samples = 0.0
     for prof in data["profiles"]:
         for stack, weight in zip(prof["samples"], prof["weights"], strict=True):
             samples += weight
-            if stack:
-                self_count[stack[-1]] = self_count.get(stack[-1], 0) + weight
-            for frame in set(stack):
-                total_count[frame] = total_count.get(frame, 0) + weight
-
-    def label(i: int) -> str:
-        frame = frames[i]
-        where = f"{Path(frame.get('file', '?')).name}:{frame.get('line', '?')}"
-        return f"{frame['name']} ({where})"
-
+            functions = [names[i] for i in stack if not names[i].startswith("process ")]
+            if functions:
+                self_count[functions[-1]] = self_count.get(functions[-1], 0) + weight
+            for function in set(functions):
+                total_count[function] = total_count.get(function, 0) + weight
     for title, counts in (("self", self_count), ("inclusive", total_count)):
         print(f"\n| {title} % | function |\n|---:|---|")
-        for i, count in sorted(counts.items(), key=lambda kv: -kv[1])[:top]:
-            print(f"| {100 * count / max(samples, 1):.1f} | {label(i)} |")
+        for function, count in sorted(counts.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"| {100 * count / max(samples, 1):.1f} | {function} |")
+
+
+def _frame_name(frame: dict[str, Any]) -> str:
+    parts = Path(frame.get("file") or "?").parts
+    return f"{frame['name']} ({'/'.join(parts[-2:])})"
 
 
 # ---------------------------------------------------------------- summary
