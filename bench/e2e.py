@@ -260,6 +260,19 @@ class MemorySampler:
 # ---------------------------------------------------------------- the sink
 
 
+def sink_counter(data: bytes) -> tuple[int | None, bytes]:
+    """The last ``mesg=`` count in smtp-sink's ``-c`` output, and the unfinished rest.
+
+    Each counter line ends in ``\\r``; the bytes after the last one may be half a line.
+    """
+    *records, rest = data.split(b"\r")
+    for record in reversed(records):
+        match = re.search(rb"mesg=(\d+)", record)
+        if match:
+            return int(match.group(1)), rest
+    return None, rest
+
+
 class Sink:
     """smtp-sink on 127.0.0.1:port, with its running message counter read from its stdout.
 
@@ -311,13 +324,9 @@ class Sink:
         fd = self._proc.stdout.fileno()
         pending = b""
         while chunk := os.read(fd, 65536):
-            records = (pending + chunk).split(b"\r")
-            pending = records.pop()
-            for record in reversed(records):
-                match = re.search(rb"mesg=(\d+)", record)
-                if match:
-                    self._update(int(match.group(1)))
-                    break
+            count, pending = sink_counter(pending + chunk)
+            if count is not None:
+                self._update(count)
 
     def _update(self, count: int) -> None:
         now = time.monotonic()
