@@ -398,8 +398,9 @@ class Mta(Protocol):
 def smtpq_config(*, listen_port: int, sink_port: int, queue_dir: Path, workers: int) -> str:
     """The TOML configuration of ``smtpq serve`` under test (format: smtpq.daemon.config).
 
-    Durable disk storage (fsync, the default) and the product's defaults otherwise; only what
-    is needed to listen on the bench port and relay everything to the sink is set.
+    Durable disk storage (``sync = "fsync"``, the default) and the product's defaults otherwise
+    (opportunistic TLS: smtp-sink offers none); only what is needed to listen on the bench
+    port and relay everything to the sink is set.
     """
     return f"""\
 hostname = "smtpq.bench.localdomain"
@@ -417,7 +418,6 @@ path = "{queue_dir}"
 type = "smarthost"
 host = "{HOST}"
 port = {sink_port}
-starttls = "off"
 """
 
 

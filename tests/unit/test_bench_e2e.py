@@ -23,16 +23,15 @@ from smtpq.daemon.config import build_config
 def test_smtpq_config_is_accepted_by_the_daemon(tmp_path: Path) -> None:
     text = e2e.smtpq_config(listen_port=2600, sink_port=2601, queue_dir=tmp_path, workers=2)
     config = build_config(tomllib.loads(text))
-    assert config.edge.listen == ("127.0.0.1:2600",)
+    assert config.listen == ("127.0.0.1:2600",)
     assert config.storage.type == "disk"
     assert config.storage.path == str(tmp_path)
-    assert not config.storage.unsafe_no_fsync
+    assert config.storage.sync == "fsync"
     assert (config.relay.type, config.relay.host, config.relay.port) == (
         "smarthost",
         "127.0.0.1",
         2601,
     )
-    assert config.relay.starttls == "off"
     assert config.workers == 2
 
 
