@@ -400,7 +400,8 @@ def smtpq_config(*, listen_port: int, sink_port: int, queue_dir: Path, workers: 
 
     Durable disk storage (``sync = "fsync"``, the default) and the product's defaults otherwise
     (opportunistic TLS: smtp-sink offers none); only what is needed to listen on the bench
-    port and relay everything to the sink is set.
+    port and relay everything to the sink is set, and the client's reverse DNS lookup is off,
+    as Postfix runs here with ``smtpd_peername_lookup = no``.
     """
     return f"""\
 hostname = "smtpq.bench.localdomain"
@@ -409,6 +410,7 @@ grace_period = 5.0
 
 [edge]
 listen = ["{HOST}:{listen_port}"]
+reverse_lookup = false
 
 [storage]
 type = "disk"

@@ -24,6 +24,7 @@ def test_smtpq_config_is_accepted_by_the_daemon(tmp_path: Path) -> None:
     text = e2e.smtpq_config(listen_port=2600, sink_port=2601, queue_dir=tmp_path, workers=2)
     config = build_config(tomllib.loads(text))
     assert config.listen == ("127.0.0.1:2600",)
+    assert not config.edge.reverse_lookup  # as Postfix here: smtpd_peername_lookup = no
     assert config.storage.type == "disk"
     assert config.storage.path == str(tmp_path)
     assert config.storage.sync == "fsync"
