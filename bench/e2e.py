@@ -764,7 +764,7 @@ def profile(settings: Settings, py_spy: str, out: Path, sessions: int) -> None:
     try:
         root = mta.start(rundir)
         assert root is not None
-        spy_cmd = [py_spy, "record", "--pid", str(root), "--subprocesses", "--rate", "250"]
+        spy_cmd = [py_spy, "record", "--pid", str(root), "--subprocesses", "--rate", "100"]
         spy_cmd += ["--format", "speedscope", "--output", str(out)]
         with open(rundir / "py-spy.log", "wb") as spy_log:
             spy = subprocess.Popen(spy_cmd, stdout=spy_log, stderr=subprocess.STDOUT)
@@ -785,29 +785,39 @@ def profile(settings: Settings, py_spy: str, out: Path, sessions: int) -> None:
 
 
 def print_profile(path: Path, top: int = 30) -> None:
-    """Self and inclusive shares of the hottest functions of a py-spy speedscope profile.
+    """The hottest functions of a py-spy speedscope profile: event loop thread, then the rest.
 
     py-spy makes one frame per (function, line); they are merged per function here, which is
-    the granularity a cost is fixed at. Shares are of the samples py-spy took, and py-spy skips
-    idle threads by default, so they are shares of the time the process was busy.
+    the granularity a cost is fixed at. A sample's weight is the time it stands for; py-spy
+    skips idle threads by default, so the shares are of a thread's busy time (a worker thread
+    blocked in fsync() counts as busy). Time in C code, uvloop's included, shows as the self
+    time of the Python frame that called it.
     """
     data = json.loads(path.read_text())
     names = [_frame_name(frame) for frame in data["shared"]["frames"]]
-    self_count: dict[str, float] = {}
-    total_count: dict[str, float] = {}
-    samples = 0.0
+    groups: dict[str, tuple[dict[str, float], dict[str, float]]] = {}
+    busy: dict[str, float] = {}
     for prof in data["profiles"]:
+        group = "event loop (MainThread)" if "MainThread" in prof["name"] else "other threads"
+        self_count, total_count = groups.setdefault(group, ({}, {}))
+        thread_busy = 0.0
         for stack, weight in zip(prof["samples"], prof["weights"], strict=True):
-            samples += weight
+            thread_busy += weight
             functions = [names[i] for i in stack if not names[i].startswith("process ")]
             if functions:
                 self_count[functions[-1]] = self_count.get(functions[-1], 0) + weight
             for function in set(functions):
                 total_count[function] = total_count.get(function, 0) + weight
-    for title, counts in (("self", self_count), ("inclusive", total_count)):
-        print(f"\n| {title} % | function |\n|---:|---|")
-        for function, count in sorted(counts.items(), key=lambda kv: -kv[1])[:top]:
-            print(f"| {100 * count / max(samples, 1):.1f} | {function} |")
+        busy[prof["name"]] = busy.get(prof["name"], 0) + thread_busy
+    print("\n| thread | busy s |\n|---|---:|")
+    for thread, seconds in sorted(busy.items(), key=lambda kv: -kv[1]):
+        print(f"| {thread} | {seconds:.1f} |")
+    for group, (self_count, total_count) in sorted(groups.items()):
+        whole = sum(self_count.values()) or 1.0
+        for title, counts in (("self", self_count), ("inclusive", total_count)):
+            print(f"\n| {group}: {title} % | function |\n|---:|---|")
+            for function, count in sorted(counts.items(), key=lambda kv: -kv[1])[:top]:
+                print(f"| {100 * count / whole:.1f} | {function} |")
 
 
 def _frame_name(frame: dict[str, Any]) -> str:

@@ -122,11 +122,21 @@ def test_profile_summary_merges_lines_per_function(
     ]
     profile = {
         "shared": {"frames": frames},
-        "profiles": [{"samples": [[0, 1], [0, 2], [0]], "weights": [1, 1, 2]}],
+        "profiles": [
+            {
+                "name": 'Process 1 Thread 1 "MainThread"',
+                "samples": [[0, 1], [0, 2], [0]],
+                "weights": [1, 1, 2],
+            },
+            {"name": 'Process 1 Thread 2 "io_0"', "samples": [[1]], "weights": [3]},
+        ],
     }
     path = tmp_path / "p.json"
     path.write_text(json.dumps(profile))
     e2e.print_profile(path)
     out = capsys.readouterr().out
-    assert "| 50.0 | commit (app/disk.py) |" in out  # self: two one-sample lines merged
-    assert "| 100.0 | main (app/server.py) |" in out  # inclusive
+    loop, rest = out.split("other threads", 1)
+    assert "| 50.0 | commit (app/disk.py) |" in loop  # self: two one-sample lines merged
+    assert "| 100.0 | main (app/server.py) |" in loop  # inclusive
+    assert "| 100.0 | commit (app/disk.py) |" in rest
+    assert '| Process 1 Thread 1 "MainThread" | 4.0 |' in out
