@@ -662,27 +662,26 @@ class RunResult:
 
 def one_run(mta: Mta, sessions: int, index: int, settings: Settings) -> RunResult:
     """Fresh sink, fresh MTA, N messages through; measure, stop everything, report."""
-    n = settings.n
     rundir = settings.workdir / f"{mta.name}-s{sessions}-r{index}"
     rundir.mkdir(parents=True)
     sink = Sink(settings.sink_port, rundir)
-    sink.start(n)
+    sink.start(settings.n)
     target = settings.sink_port if mta.name == "direct" else settings.mta_port
     try:
         root = mta.start(rundir)
         try:
-            with contextlib.ExitStack() as stack:
-                sampler = stack.enter_context(MemorySampler(root)) if root else None
+            if root is None:
+                return _measure(mta.name, sessions, index, settings, sink, None, target, rundir)
+            with MemorySampler(root) as sampler:
                 result = _measure(mta.name, sessions, index, settings, sink, root, target, rundir)
-            if sampler is not None:
-                result.peak_hwm_mb = round(sampler.peak_hwm_kb / 1024, 1)
-                result.peak_pss_mb = round(sampler.peak_pss_kb / 1024, 1)
+            result.peak_hwm_mb = round(sampler.peak_hwm_kb / 1024, 1)
+            result.peak_pss_mb = round(sampler.peak_pss_kb / 1024, 1)
         finally:
             mta.stop()
         result.leftover = mta.leftover()
+        return result
     finally:
         sink.stop()
-    return result
 
 
 def _measure(
