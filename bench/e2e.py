@@ -24,7 +24,8 @@ counters) or --timeout passes. Per run it records:
   reaped children's, from /proc/<pid>/stat), its peak memory (the largest sum over its live
   processes of VmHWM, and of Pss, sampled every 0.2 s), and the CPU the rest of the machine
   used meanwhile (/proc/stat busy time minus MTA, smtp-source, smtp-sink and this harness):
-  the machine is shared, so that says how noisy the run was,
+  the machine is shared, so that says how noisy the run was; likewise the share of the run
+  the disk was busy (/proc/diskstats), since the MTAs that fsync wait for the shared disk,
 * failures: smtp-source errors, fewer than N delivered, more than N (duplicates).
 
 Runs are interleaved (for each session count, run 1 of every MTA, then run 2, ...) so that a
@@ -214,6 +215,20 @@ def system_busy() -> float:
     """CPU seconds all cores have spent busy since boot (/proc/stat, minus idle and iowait)."""
     values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     return (sum(values) - values[3] - values[4]) / TICK
+
+
+def disk_busy_ms(path: Path) -> int | None:
+    """Milliseconds the disk holding path has had I/O in flight (/proc/diskstats io_ticks).
+
+    Over a run, divided by its duration, that says how busy the disk was, whoever used it:
+    on a shared machine another program's fsyncs slow every MTA that fsyncs.
+    """
+    dev = path.stat().st_dev
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        fields = line.split()
+        if (int(fields[0]), int(fields[1])) == (os.major(dev), os.minor(dev)):
+            return int(fields[12])
+    return None
 
 
 def own_cpu() -> float:
@@ -650,6 +665,7 @@ class RunResult:
     sink_cpu_s: float
     harness_cpu_s: float
     other_cpu_s: float
+    disk_busy_pct: float | None
     loadavg_start: float
     leftover: int
     failure: str | None
@@ -703,6 +719,7 @@ def _measure(
     ]
     mta_cpu0 = tree_cpu(root) if root else 0.0
     sink_cpu0, busy0, own0 = process_cpu(sink.pid), system_busy(), own_cpu()
+    disk0 = disk_busy_ms(rundir)
     t0 = time.monotonic()
     with open(rundir / "source.out", "wb") as out:
         source = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -713,6 +730,8 @@ def _measure(
     mta_cpu = tree_cpu(root) - mta_cpu0 if root else None
     sink_cpu = process_cpu(sink.pid) - sink_cpu0
     busy, own = system_busy() - busy0, own_cpu() - own0
+    disk1 = disk_busy_ms(rundir)
+    window = (t2 or time.monotonic()) - t0
     # Duplicates show up after the N-th message: give them a moment before the final count.
     time.sleep(0.5)
     source_cpu = usage.ru_utime + usage.ru_stime
@@ -742,6 +761,9 @@ def _measure(
         sink_cpu_s=round(sink_cpu, 2),
         harness_cpu_s=round(own, 2),
         other_cpu_s=round(busy - (mta_cpu or 0) - source_cpu - sink_cpu - own, 2),
+        disk_busy_pct=(
+            round((disk1 - disk0) / 10 / window, 1) if disk0 is not None and disk1 else None
+        ),
         loadavg_start=load,
         leftover=0,
         failure="; ".join(failures) or None,
@@ -866,6 +888,7 @@ def summarize(results: Sequence[RunResult], settings: Settings) -> list[dict[str
                     "peak_hwm_mb": med("peak_hwm_mb"),
                     "peak_pss_mb": med("peak_pss_mb"),
                     "other_cpu_s": med("other_cpu_s", runs),
+                    "disk_busy_pct": med("disk_busy_pct", runs),
                     "failures": [f"run {r.run}: {r.failure}" for r in runs if not r.ok],
                 }
             )
@@ -908,9 +931,10 @@ def print_tables(summary: Sequence[dict[str, Any]], ratio_rows: Sequence[dict[st
     """Markdown tables on stdout."""
     print(
         "\n| MTA | sessions | complete | accepted msgs/s (min-max) | delivered msgs/s (min-max)"
-        " | MTA CPU s | CPU ms/msg | peak RSS MB (sum VmHWM) | peak PSS MB | other CPU s |"
+        " | MTA CPU s | CPU ms/msg | peak RSS MB (sum VmHWM) | peak PSS MB | other CPU s"
+        " | disk busy % |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in summary:
         print(
             f"| {s['mta']} | {s['sessions']} | {s['complete']}/{s['runs']}"
@@ -918,7 +942,7 @@ def print_tables(summary: Sequence[dict[str, Any]], ratio_rows: Sequence[dict[st
             f" | {_fmt(s['delivered'])} ({s['delivered_range']})"
             f" | {_fmt(s['mta_cpu_s'], 2)} | {_fmt(s['cpu_ms_per_msg'], 2)}"
             f" | {_fmt(s['peak_hwm_mb'], 1)} | {_fmt(s['peak_pss_mb'], 1)}"
-            f" | {_fmt(s['other_cpu_s'], 1)} |"
+            f" | {_fmt(s['other_cpu_s'], 1)} | {_fmt(s['disk_busy_pct'])} |"
         )
     if ratio_rows:
         print(
@@ -1087,6 +1111,7 @@ def bench(settings: Settings, json_out: Path | None) -> int:
                     f" accepted {result.accepted_rate:8.1f}/s,"
                     f" delivered {_fmt(result.delivered_rate, 1):>8s}/s,"
                     f" cpu {_fmt(result.mta_cpu_s, 2)} s, other {result.other_cpu_s:.1f} s,"
+                    f" disk busy {_fmt(result.disk_busy_pct)} %,"
                     f" load {result.loadavg_start:.2f}"
                     + (f"  FAILED: {result.failure}" if result.failure else "")
                 )

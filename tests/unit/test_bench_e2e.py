@@ -55,6 +55,7 @@ def test_tree_accounting_sees_children_and_their_cpu() -> None:
     assert child.pid not in e2e.tree_pids(os.getpid())
     assert e2e.process_cpu(os.getpid()) > 0
     assert e2e.tree_cpu(os.getpid()) >= e2e.process_cpu(os.getpid())
+    assert (e2e.disk_busy_ms(Path(__file__)) or 0) >= 0
 
 
 def _result(
@@ -78,6 +79,7 @@ def _result(
         sink_cpu_s=0.1,
         harness_cpu_s=0.1,
         other_cpu_s=0.0,
+        disk_busy_pct=10.0,
         loadavg_start=1.0,
         leftover=0,
         failure=None if delivered else "sink had 990/1000 after 600 s",
