@@ -5,8 +5,8 @@
 
 MTAs (``--mta``):
 
-* ``smtpq``: ``smtpq serve`` with disk storage (fsync per commit, the default), relay type
-  smarthost to the sink; config from :func:`smtpq_config`.
+* ``smtpq``: ``smtpq serve`` with durable disk storage (the default sync: syncfs or fsync per
+  commit), relay type smarthost to the sink; config from :func:`smtpq_config`.
 * ``postfix``: Postfix from the distribution with stock performance settings, listening on the
   MTA port and relaying everything to the sink (``relayhost``); queue on disk, fsync.
 * ``slimta``: python-slimta 5.0.5 (SmtpEdge + Queue + DiskStorage + StaticSmtpRelay) in its own
@@ -413,10 +413,10 @@ class Mta(Protocol):
 def smtpq_config(*, listen_port: int, sink_port: int, queue_dir: Path, workers: int) -> str:
     """The TOML configuration of ``smtpq serve`` under test (format: smtpq.daemon.config).
 
-    Durable disk storage (``sync = "fsync"``, the default) and the product's defaults otherwise
-    (opportunistic TLS: smtp-sink offers none); only what is needed to listen on the bench
-    port and relay everything to the sink is set, and the client's reverse DNS lookup is off,
-    as Postfix runs here with ``smtpd_peername_lookup = no``.
+    Durable disk storage (the default ``sync = "auto"``: syncfs or fsync) and the product's
+    defaults otherwise (opportunistic TLS: smtp-sink offers none); only what is needed to listen
+    on the bench port and relay everything to the sink is set, and the client's reverse DNS
+    lookup is off, as Postfix runs here with ``smtpd_peername_lookup = no``.
     """
     return f"""\
 hostname = "smtpq.bench.localdomain"

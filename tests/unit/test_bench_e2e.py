@@ -27,7 +27,7 @@ def test_smtpq_config_is_accepted_by_the_daemon(tmp_path: Path) -> None:
     assert not config.edge.reverse_lookup  # as Postfix here: smtpd_peername_lookup = no
     assert config.storage.type == "disk"
     assert config.storage.path == str(tmp_path)
-    assert config.storage.sync == "fsync"
+    assert config.storage.sync == "auto"  # the durable default
     assert (config.relay.type, config.relay.host, config.relay.port) == (
         "smarthost",
         "127.0.0.1",
