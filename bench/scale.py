@@ -116,9 +116,15 @@ def proc_status(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
-def loadavg() -> float:
-    """The one-minute load average."""
-    return round(os.getloadavg()[0], 2)
+def loadavg() -> str:
+    """The one-minute load average, and the share of the last minute in which some task
+    waited for I/O (/proc/pressure/io): the machine is shared, its disk too."""
+    try:
+        with open("/proc/pressure/io") as f:
+            io = f.readline().split()[2].partition("=")[2]
+    except OSError:
+        io = "?"
+    return f"{os.getloadavg()[0]:.1f} (io {io}%)"
 
 
 def free_port() -> int:
@@ -358,29 +364,25 @@ def _storage_from(spec: dict[str, Any]) -> QueueStorage:
     return RedisStorage.from_url(spec["url"], prefix=spec["prefix"])
 
 
-async def child_load(args: dict[str, Any]) -> dict[str, Any]:
-    """``load()`` of a stored queue: time and RSS (the daemon's work at start-up)."""
+async def open_storage(spec: dict[str, Any]) -> tuple[QueueStorage, dict[str, Any]]:
+    """Open a stored queue as the daemon does at start-up (its first ``get_info()`` loads a
+    disk queue's schedule): the storage, and the time and RSS that took."""
     gc.collect()
     before = proc_status()
-    store = _storage_from(args["storage"])
+    store = _storage_from(spec)
     started = time.perf_counter()
-    loaded = await store.load()
+    info = await store.get_info()
     took = time.perf_counter() - started
-    count = len(loaded)
-    del loaded
     gc.collect()
     after = proc_status()
-    info = await store.get_info()
-    await store.close()
-    grown = after["VmRSS"] - before["VmRSS"]
-    return {
+    count = info["size"]
+    return store, {
         "messages": count,
-        "size": info["size"],
         "load_s": round(took, 2),
         "rss_before_mb": round(before["VmRSS"] / 2**20, 1),
         "rss_after_mb": round(after["VmRSS"] / 2**20, 1),
         "peak_rss_mb": round(after["VmHWM"] / 2**20, 1),
-        "bytes_per_msg": round(grown / max(1, count), 1),
+        "bytes_per_msg": round((after["VmRSS"] - before["VmRSS"]) / max(1, count), 1),
         "peak_bytes_per_msg": round((after["VmHWM"] - before["VmRSS"]) / max(1, count), 1),
     }
 
@@ -426,10 +428,11 @@ async def child_queue(args: dict[str, Any]) -> dict[str, Any]:
     from smtpq.relay.base import Relay
 
     Relay.register(InstantRelay)
-    store = _storage_from(args["storage"])
-    started = time.perf_counter()
-    await store.load()
-    load_s = time.perf_counter() - started
+    store, opened = await open_storage(args["storage"])
+    if args["storage"]["type"] == "redis":
+        started = time.perf_counter()
+        await store.load()  # lists every message: Redis needs no loading, this is for peers
+        opened["load_list_s"] = round(time.perf_counter() - started, 2)
     k: int = args["k"]
     removed: dict[str, float] = {}
     event = asyncio.Event()
@@ -448,7 +451,7 @@ async def child_queue(args: dict[str, Any]) -> dict[str, Any]:
 
     queue = Queue(store, InstantRelay(), hostname="mx.bench.example")  # type: ignore[arg-type]
     queue.observers.append(observe)
-    result: dict[str, Any] = {"load_s": round(load_s, 2)}
+    result: dict[str, Any] = {"load": opened}
     async with queue:
         # One at a time: the latency of a durable write (and of its first attempt).
         latencies, ids = [], []
@@ -489,7 +492,6 @@ async def child_queue(args: dict[str, Any]) -> dict[str, Any]:
 
 
 CHILD_TASKS: dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]] = {
-    "load": child_load,
     "schedule": child_schedule,
     "queue": child_queue,
 }
@@ -732,7 +734,6 @@ def disk_run(workdir: Path, n: int, k: int, sync: str, full_list: bool) -> dict[
     out["populate_s"] = info["populate_s"]
     sample = [id for _, id in info["sample"]]
     spec = {"type": "disk", "path": str(root), "sync": sync}
-    out["load"] = run_child("load", {"storage": spec})
     out["schedule"] = run_child("schedule", {"n": n})
     out["queue"] = run_child("queue", {"storage": spec, "k": k, "sample": info["sample"][:k]})
     out["daemon"] = daemon_stage(workdir, spec, sample[k:], k, full_list)
@@ -764,7 +765,6 @@ def redis_run(workdir: Path, url: str, n: int, k: int, full_list: bool) -> dict[
     out["redis_bytes_per_msg"] = round((redis_memory(url) - before) / n, 1)
     spec = {"type": "redis", "url": url, "prefix": prefix}
     sample = [id for _, id in info["sample"]]
-    out["load"] = run_child("load", {"storage": spec})
     out["queue"] = run_child("queue", {"storage": spec, "k": k, "sample": info["sample"][:k]})
     out["daemon"] = daemon_stage(workdir, spec, sample[k:], k, full_list)
     out["loadavg_end"] = loadavg()
@@ -775,9 +775,9 @@ def summary(results: list[dict[str, Any]]) -> str:
     """A Markdown table: each figure at each size, and the ratio big/empty."""
     rows: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
         ("populate s", lambda r: r["populate_s"]),
-        ("load() s", lambda r: r["load"]["load_s"]),
-        ("load() RSS growth B/msg", lambda r: r["load"]["bytes_per_msg"]),
-        ("load() peak B/msg", lambda r: r["load"]["peak_bytes_per_msg"]),
+        ("load s (first get_info)", lambda r: r["queue"]["load"]["load_s"]),
+        ("load RSS growth B/msg", lambda r: r["queue"]["load"]["bytes_per_msg"]),
+        ("load peak B/msg", lambda r: r["queue"]["load"]["peak_bytes_per_msg"]),
         ("LocalSchedule alone B/msg", lambda r: r.get("schedule", {}).get("bytes_per_msg")),
         ("serve: SMTP accepting s", lambda r: r["daemon"]["startup"]["accepting_s"]),
         ("serve: queue loaded s", lambda r: r["daemon"]["startup"]["loaded_s"]),
@@ -827,7 +827,8 @@ def summary(results: list[dict[str, Any]]) -> str:
             lambda r: r["daemon"]["list_offline"].get("json_all", {}).get("peak_rss_mb"),
         ),
         ("daemon stop s", lambda r: r["daemon"]["stop_s"]),
-        ("load average start-end", lambda r: f"{r['loadavg_start']}-{r['loadavg_end']}"),
+        ("load average start", lambda r: r["loadavg_start"]),
+        ("load average end", lambda r: r["loadavg_end"]),
     ]
     lines = []
     for kind in ("disk", "redis"):
@@ -877,29 +878,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="default: a new directory in /tmp")
     parser.add_argument("--keep", action="store_true", help="keep the workdir (reuse queues)")
     parser.add_argument("--json-out", type=Path, help="write every figure here")
+    parser.add_argument(
+        "--src",
+        type=Path,
+        help="run the daemon, the commands and the children on the smtpq "
+        "package in this src directory (e.g. an older checkout, for before/after figures)",
+    )
     opts = parser.parse_args(argv)
     if opts.quick:
         opts.n, opts.redis_n, opts.k = 20_000, 5_000, 100
     workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="smtpq-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
     kinds = set(opts.storage.split(","))
+    if opts.src:
+        os.environ["PYTHONPATH"] = str(opts.src.resolve())
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(f"smtpq scale benchmark, {stamp}, workdir {workdir}, load average {loadavg()}")
+    print(f"command: {' '.join(sys.argv)}", flush=True)
     results: list[dict[str, Any]] = []
     full = not opts.no_full_list
+
+    def done(result: dict[str, Any]) -> None:
+        results.append(result)
+        if opts.json_out:  # after every run: a long run that fails later keeps its figures
+            opts.json_out.write_text(json.dumps({"date": stamp, "results": results}, indent=1))
+        print(json.dumps(result), flush=True)
+
     try:
         if "disk" in kinds:
             for n in (2 * opts.k, opts.n):
                 print(f"disk, {n:,} messages ...", flush=True)
-                results.append(disk_run(workdir, n, opts.k, opts.sync, full))
+                done(disk_run(workdir, n, opts.k, opts.sync, full))
         if "redis" in kinds:
             with redis_server(workdir) as url:
                 for n in (2 * opts.k, opts.redis_n):
                     print(f"redis, {n:,} messages ...", flush=True)
-                    results.append(redis_run(workdir, url, n, opts.k, full))
+                    done(redis_run(workdir, url, n, opts.k, full))
     finally:
-        if opts.json_out:
-            opts.json_out.write_text(json.dumps({"date": stamp, "results": results}, indent=1))
         if not opts.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     print(summary(results))

@@ -39,7 +39,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -53,7 +53,7 @@ from redis.typing import EncodableT
 from smtpq.envelope import Envelope
 from smtpq.errors import EnvelopeFormatError, QueueError
 from smtpq.reply import Reply
-from smtpq.storage.base import QueueStorage, StoredMessage, id_time, new_id
+from smtpq.storage.base import MessageInfo, QueueStorage, StoredMessage, id_time, new_id
 
 __all__ = ["FORMAT_VERSION", "RedisStorage"]
 
@@ -211,6 +211,30 @@ if n > 0 then redis.call('PUBLISH', ARGV[2], 'f') end
 return n
 """
 
+# KEYS: held, then one msg key per id. ARGV: the ids, in the same order. For each message, {}
+# when it is gone, else {v, ts, attempts, delivered, reply, start of env, held}: the start of
+# env is the envelope frame's fixed header (29 bytes) and metadata, without the message, so
+# that a listing does not carry every message's content out of Redis.
+_INFOS = """
+local out = {}
+for i = 2, #KEYS do
+  local f = redis.call('HMGET', KEYS[i], 'v', 'ts', 'attempts', 'delivered', 'reply')
+  if f[1] then
+    local env = redis.call('HGET', KEYS[i], 'env') or ''
+    local head = env
+    if #env >= 29 then
+      local a, b, c, d = string.byte(env, 10, 13)
+      head = string.sub(env, 1, 29 + ((a * 256 + b) * 256 + c) * 256 + d)
+    end
+    out[#out + 1] = {f[1], f[2] or '', f[3] or '', f[4] or '', f[5] or '', head,
+                     redis.call('SISMEMBER', KEYS[1], ARGV[i - 1])}
+  else
+    out[#out + 1] = {}
+  end
+end
+return out
+"""
+
 # Messages listed or flushed per round trip: large enough to amortise the round trip, small
 # enough that one script call never blocks Redis for long.
 _BATCH = 1000
@@ -316,6 +340,7 @@ class RedisStorage(QueueStorage):
         self._s_release = register(_RELEASE)
         self._s_set_held = register(_SET_HELD)
         self._s_flush = register(_FLUSH)
+        self._s_infos = register(_INFOS)
         self._wake = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
@@ -453,6 +478,63 @@ class RedisStorage(QueueStorage):
                 start = "(" + ids[-1]
         return found
 
+    async def message_ids(self) -> list[str]:
+        """Every stored message id, oldest first: the index, a page per round trip."""
+        ids: list[str] = []
+        async for page in self.iter_ids(_BATCH):
+            ids += page
+        return ids
+
+    async def iter_ids(self, page: int = 500) -> AsyncIterator[list[str]]:
+        """See :meth:`QueueStorage.iter_ids`: a ZRANGEBYLEX of the index per page, so the first
+        page of a listing costs one round trip however long the queue."""
+        start = "-"
+        while True:
+            with _redis_errors("list"):
+                members = await self._client.zrangebylex(self._index, start, "+", 0, page)
+            ids = [cast(bytes, member).decode() for member in members]
+            if ids:
+                yield ids
+            if len(ids) < page:
+                return
+            start = "(" + ids[-1]
+
+    async def get_infos(self, ids: Sequence[str]) -> list[MessageInfo]:
+        """See :meth:`QueueStorage.get_infos`: one script call per 1000 messages, returning the
+        records and the envelopes' metadata but not the messages."""
+        infos: list[MessageInfo] = []
+        for start in range(0, len(ids), _BATCH):
+            batch = list(ids[start : start + _BATCH])
+            with _redis_errors("get_infos"):
+                rows = await self._s_infos([self._held, *map(self._key, batch)], batch)
+            for id, row in zip(batch, rows, strict=True):
+                info = self._info(id, row) if row else None
+                if info is not None:
+                    infos.append(info)
+        return infos
+
+    @staticmethod
+    def _info(id: str, row: list[Any]) -> MessageInfo | None:
+        version, ts, attempts, delivered, reply, head, held = row
+        if version != str(FORMAT_VERSION).encode():
+            return None  # another format: get_entry reports it when the message is attempted
+        try:
+            envelope, size = Envelope.from_head(head)
+            done = {int(i) for i in delivered.split(b",") if i}
+            return MessageInfo(
+                id=id,
+                sender=envelope.sender,
+                recipients=tuple(r for i, r in enumerate(envelope.recipients) if i not in done),
+                size=size,
+                arrival=envelope.timestamp,
+                attempts=int(attempts),
+                timestamp=float(ts),
+                held=bool(held),
+                last_reply=Reply.from_dict(json.loads(reply)) if reply else None,
+            )
+        except (EnvelopeFormatError, ValueError, TypeError, KeyError):
+            return None
+
     async def get_entry(self, id: str) -> StoredMessage:
         """See :meth:`QueueStorage.get_entry`."""
         with _redis_errors("get"):
@@ -574,7 +656,7 @@ class RedisStorage(QueueStorage):
     async def flush(self, now: float, ids: Sequence[str] | None = None) -> int:
         """See :meth:`QueueStorage.flush`; the new time is stored (it survives a restart)."""
         if ids is None:
-            ids = [id for _, id in await self.load()]
+            ids = await self.message_ids()
         count = 0
         with _redis_errors("flush"):
             for start in range(0, len(ids), _BATCH):
