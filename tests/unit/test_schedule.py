@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from smtpq.storage import schedule as schedule_module
 from smtpq.storage.base import id_time, new_id
 from smtpq.storage.schedule import LocalSchedule, id_key, key_id
 
@@ -94,7 +95,7 @@ def test_time_size_and_state_through_lease_hold_and_release() -> None:
     assert schedule.stats()["oldest"] is None
 
 
-def test_rebuild_keeps_leases_and_holds_and_lists_in_id_order() -> None:
+async def test_rebuild_keeps_leases_and_holds_and_lists_in_id_order() -> None:
     schedule = LocalSchedule()
     schedule.add(B, NOW, lease_until=NOW + 60)
     times = {id_key(A): NOW + 10, id_key(B): NOW + 20, id_key(C): NOW + 30}
@@ -105,7 +106,7 @@ def test_rebuild_keeps_leases_and_holds_and_lists_in_id_order() -> None:
     assert schedule.leases() == {B: NOW + 60}
     assert sorted(schedule.entries()) == [(NOW + 10, A), (NOW + 20, B), (NOW + 30, C)]
     assert schedule.ids() == [A, B, C]
-    assert list(schedule.pages(2)) == [[A, B], [C]]
+    assert [page async for page in schedule.pages(2)] == [[A, B], [C]]
     assert schedule.claim(NOW + 59, 10, NOW + 100) == [A]
     assert schedule.claim(NOW + 60, 10, NOW + 100) == [B]  # the kept lease ran out
 
@@ -130,3 +131,14 @@ def test_flush_all_makes_every_unleased_unheld_message_due() -> None:
     schedule.add(C, NOW + 100, lease_until=NOW + 60)
     assert schedule.flush(NOW) == [A]
     assert schedule.claim(NOW, 10, NOW + 60) == [A]
+
+
+async def test_pages_merge_sorted_slices_in_id_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(schedule_module, "_SORT_SLICE", 7)
+    schedule = LocalSchedule()
+    ids = sorted(new_id(NOW + i % 13) for i in range(100))
+    for i, id in enumerate(reversed(ids)):
+        schedule.add(id, NOW + i, held=i % 9 == 0, lease_until=NOW + 60 if i % 5 == 0 else None)
+    pages = [page async for page in schedule.pages(30)]
+    assert [len(p) for p in pages] == [30, 30, 30, 10]
+    assert [id for page in pages for id in page] == ids == schedule.ids()

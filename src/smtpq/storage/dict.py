@@ -120,7 +120,7 @@ class DictStorage(QueueStorage):
     async def iter_ids(self, page: int = 500) -> AsyncIterator[list[str]]:
         """See :meth:`QueueStorage.iter_ids`: pages of the schedule's ids."""
         await self._ensure_loaded()
-        for ids in self._schedule.pages(page):
+        async for ids in self._schedule.pages(page):
             yield ids
 
     async def get_entry(self, id: str) -> StoredMessage:

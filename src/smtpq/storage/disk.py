@@ -987,7 +987,7 @@ class DiskStorage(QueueStorage):
         """See :meth:`QueueStorage.iter_ids`: from the schedule when it is loaded, else from
         the names in the meta directory (a listing need not read a million files first)."""
         if self._loaded:
-            for ids in self._schedule.pages(page):
+            async for ids in self._schedule.pages(page):
                 yield ids
             return
         loop = asyncio.get_running_loop()

@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-from collections.abc import Iterable, Iterator
+import itertools
+from collections.abc import AsyncIterator, Iterable
 
 from smtpq.storage.base import id_time, is_valid_id
 
@@ -25,6 +26,8 @@ __all__ = ["LocalSchedule", "id_key", "key_id"]
 # Stale heap entries (rescheduled or removed messages) are dropped when they reach the top; a
 # rebuild drops them all when they outnumber the live ones, so the heap stays O(messages).
 _COMPACT_MIN = 1024
+# Keys sorted at a time for a listing: each sort blocks the event loop for about 30 ms.
+_SORT_SLICE = 50_000
 
 
 def id_key(id: str) -> int:
@@ -299,15 +302,23 @@ class LocalSchedule:
         keys.sort()
         return keys
 
-    def pages(self, size: int) -> Iterator[list[str]]:
+    async def pages(self, size: int) -> AsyncIterator[list[str]]:
         """Every scheduled message id, oldest first, ``size`` at a time.
 
-        A snapshot of the keys is taken first (8 bytes per message); the id strings are made a
-        page at a time, so that listing a million messages does not hold a million strings.
+        A snapshot of the keys (8 bytes per message) is sorted a slice at a time, yielding to
+        the event loop in between, then merged lazily: listing a million messages never stalls
+        the loop for long, and holds one id string per listed message only while it is listed.
         """
-        keys = self._sorted_keys()
-        for start in range(0, len(keys), size):
-            yield [key_id(key) for key in keys[start : start + size]]
+        keys = list(self._score)
+        keys += [key for key in self._time if key not in self._score]
+        runs: list[list[int]] = []
+        for start in range(0, len(keys), _SORT_SLICE):
+            runs.append(sorted(keys[start : start + _SORT_SLICE]))
+            await asyncio.sleep(0)
+        del keys
+        merged = heapq.merge(*runs)
+        while page := list(itertools.islice(merged, size)):
+            yield [key_id(key) for key in page]
 
 
 _NONE = 1 << 128  # greater than every key: "no message"
