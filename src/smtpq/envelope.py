@@ -30,11 +30,13 @@ from typing import Any
 
 from smtpq.errors import EnvelopeFormatError
 
-__all__ = ["Envelope"]
+__all__ = ["HEAD_MIN", "Envelope"]
 
 _MAGIC = b"SMTPQENV"
 _VERSION = 1
 _FRAME = struct.Struct(">8sBIQQ")
+#: Bytes of a frame's fixed header: :meth:`Envelope.head_size` needs at least these.
+HEAD_MIN = _FRAME.size
 _CRC = struct.Struct(">I")
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _HEADER_FIELD = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
@@ -238,8 +240,16 @@ class Envelope:
         if zlib.crc32(view[:end]) != crc:
             raise EnvelopeFormatError("envelope checksum mismatch")
         pos = _FRAME.size
+        env = cls._from_meta(view[pos : pos + meta_len])
+        pos += meta_len
+        env._header_bytes = bytes(view[pos : pos + head_len])
+        env.body = bytes(view[pos + head_len : end])
+        return env
+
+    @classmethod
+    def _from_meta(cls, data: memoryview | bytes) -> Envelope:
         try:
-            meta = json.loads(bytes(view[pos : pos + meta_len]))
+            meta = json.loads(bytes(data))
             env = cls(meta["sender"], meta["recipients"])
             env.client = dict(meta["client"])
             env.receiver = meta["receiver"]
@@ -251,10 +261,35 @@ class Envelope:
             env.smtputf8 = bool(meta["smtputf8"])
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise EnvelopeFormatError(f"envelope metadata unreadable: {exc}") from exc
-        pos += meta_len
-        env._header_bytes = bytes(view[pos : pos + head_len])
-        env.body = bytes(view[pos + head_len : end])
         return env
+
+    @staticmethod
+    def head_size(data: bytes) -> int:
+        """How many bytes from the start of a frame :meth:`from_head` needs (the frame header
+        and the metadata), given at least the frame header (:data:`HEAD_MIN` bytes)."""
+        if len(data) < _FRAME.size:
+            raise EnvelopeFormatError("envelope data truncated")
+        return _FRAME.size + int(_FRAME.unpack_from(data)[2])
+
+    @classmethod
+    def from_head(cls, data: bytes) -> tuple[Envelope, int]:
+        """The envelope without its message, from the start of a frame, and the message's size.
+
+        For listings: the addresses and metadata, without reading the message. The returned
+        envelope has an empty header block and body. The checksum covers the whole frame, so
+        it is not verified here; :meth:`from_bytes` verifies it when the message is read.
+        """
+        if len(data) < _FRAME.size:
+            raise EnvelopeFormatError("envelope data truncated")
+        magic, version, meta_len, head_len, body_len = _FRAME.unpack_from(data)
+        if magic != _MAGIC:
+            raise EnvelopeFormatError("not an smtpq envelope (bad magic)")
+        if version != _VERSION:
+            raise EnvelopeFormatError(f"unsupported envelope format version {version}")
+        if len(data) < _FRAME.size + meta_len:
+            raise EnvelopeFormatError("envelope data truncated")
+        env = cls._from_meta(memoryview(data)[_FRAME.size : _FRAME.size + meta_len])
+        return env, head_len + body_len
 
     def __repr__(self) -> str:
         return f"<Envelope from {self.sender!r} to {self.recipients!r}, {len(self)} bytes>"

@@ -122,6 +122,66 @@ async def test_message_ids_oldest_first(backend: Backend) -> None:
     assert await store.message_ids() == [ids[0], ids[1], ids[3], ids[4]]
 
 
+async def test_iter_ids_pages_oldest_first(backend: Backend) -> None:
+    store = backend.storage
+    ids = [await store.write(make_envelope(1), NOW + i) for i in range(8)]
+    await store.remove(ids[3])
+    pages = [page async for page in store.iter_ids(3)]
+    assert pages == [ids[:3], ids[4:7], ids[7:]]
+    assert [page async for page in store.iter_ids()] == [ids[:3] + ids[4:]]
+
+
+async def test_get_infos_lists_without_the_content(backend: Backend) -> None:
+    store = backend.storage
+    env = make_envelope(3)
+    id = await store.write(env, NOW)
+    other = await store.write(make_envelope(1), NOW + 1)
+    await store.set_recipients_delivered(id, [1])
+    await store.increment_attempts(id)
+    reply = Reply("451", "4.7.1 Try later", "RCPT", remote_host="mx.example.com")
+    await store.set_timestamp(id, NOW + 300, last_reply=reply)
+    await store.set_held(id, True)
+    gone = await store.write(make_envelope(1), NOW)
+    await store.remove(gone)
+    infos = await store.get_infos([other, gone, id, "not an id", "0" * 32])
+    assert [i.id for i in infos] == [other, id]
+    info = infos[1]
+    assert info.sender == "sender@example.org"
+    assert info.recipients == ("r0@example.com", "r2@example.com")
+    assert info.size == len(env)
+    assert info.arrival == NOW
+    assert (info.attempts, info.timestamp, info.held) == (1, NOW + 300, True)
+    assert info.last_reply is not None
+    assert str(info.last_reply) == str(reply)
+    assert (infos[0].recipients, infos[0].held, infos[0].last_reply) == (
+        ("r0@example.com",),
+        False,
+        None,
+    )
+    assert await store.get_infos([]) == []
+
+
+async def test_get_infos_of_a_message_with_large_metadata(backend: Backend) -> None:
+    env = make_envelope(400)  # metadata of more than 8 KB
+    id = await backend.storage.write(env, NOW)
+    [info] = await backend.storage.get_infos([id])
+    assert info.recipients == tuple(env.recipients)
+    assert info.size == len(env)
+
+
+async def test_a_reopened_storage_lists_before_it_loads(backend: Backend) -> None:
+    store = backend.storage
+    ids = [await store.write(make_envelope(2), NOW + i) for i in range(3)]
+    other = await backend.reopen()
+    try:
+        listed = [id async for page in other.iter_ids(2) for id in page]
+        assert listed == ids
+        assert [i.id for i in await other.get_infos(listed)] == ids
+    finally:
+        if other is not store:
+            await other.close()
+
+
 async def test_binary_and_utf8_content_round_trips(backend: Backend) -> None:
     store = backend.storage
     env = Envelope("jöran@exämple.org", ["ünï@example.com"])

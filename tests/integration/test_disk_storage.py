@@ -19,7 +19,7 @@ import pytest
 from smtpq.envelope import Envelope
 from smtpq.errors import QueueError
 from smtpq.reply import Reply
-from smtpq.storage import DiskStorage
+from smtpq.storage import DiskStorage, disk
 
 NOW = 1_800_000_000.0
 
@@ -374,7 +374,7 @@ _FSIZE_CHILD = """
 import asyncio, json, resource, signal, sys
 from smtpq.envelope import Envelope
 from smtpq.errors import QueueError
-from smtpq.storage import DiskStorage
+from smtpq.storage import DiskStorage, disk
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so that write(2) fails with EFBIG instead
 resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
@@ -621,3 +621,94 @@ async def test_closed_storage_refuses_writes(store: DiskStorage) -> None:
     await store.close()
     with pytest.raises(QueueError):
         await store.write(make_envelope(), NOW)
+
+
+# -- scale: load and listing ---------------------------------------------------------------------
+
+
+async def test_load_in_threads_finds_every_entry_once(
+    dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(disk, "_SCAN_PART", 2)  # a few files per reading thread
+    store = dirs.open(sync="none")
+    ids = [await store.write(make_envelope(i), NOW + i) for i in range(30)]
+    for id in ids[::7]:
+        await store.set_held(id, True)
+    (dirs.meta / f"{ids[3]}.meta").write_bytes(b"smtpq-meta 1 00000000\n{}\n")
+    (dirs.env / f"{ids[4]}.env").unlink()
+    await store.close()
+    again = dirs.open()
+    try:
+        loaded = await again.load()
+        good = [id for id in ids if id not in (ids[3], ids[4])]
+        assert sorted(loaded) == sorted((NOW + ids.index(id), id) for id in good)
+        info = await again.get_info()
+        assert (info["size"], info["held"], info["corrupt"]) == (len(good), 5, 2)
+        assert sorted(await again.claim(NOW + 100, 100)) == [i for i in good if i not in ids[::7]]
+    finally:
+        await again.close()
+
+
+async def test_first_uses_at_once_load_the_queue_once(
+    store: DiskStorage, dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = [await store.write(make_envelope(i), NOW) for i in range(3)]
+    again = dirs.open()
+    scans = 0
+    scan = again._scan
+
+    def counted() -> tuple[dict[int, float], set[int]]:
+        nonlocal scans
+        scans += 1
+        return scan()
+
+    monkeypatch.setattr(again, "_scan", counted)
+    try:
+        claimed, _, info, flushed = await asyncio.gather(
+            again.claim(NOW, 10), again.next_due(), again.get_info(), again.flush(NOW)
+        )
+        assert scans == 1
+        assert (sorted(claimed), info["size"]) == (sorted(ids), 3)
+        assert flushed in (0, 3)  # before or after the claim
+        await again.load()  # an explicit load always scans again
+        assert scans == 2
+    finally:
+        await again.close()
+
+
+async def test_listing_reads_the_envelope_metadata_not_the_message(
+    store: DiskStorage, dirs: Dirs
+) -> None:
+    many = make_envelope(1, size=300_000, rcpts=300)  # metadata larger than the first read
+    many.timestamp = NOW - 60
+    id = await store.write(many, NOW)
+    other = await store.write(make_envelope(2), NOW)
+    # Damage the end of the message: a listing never reads it, an attempt finds it out.
+    path = dirs.env / f"{id}.env"
+    data = path.read_bytes()
+    path.write_bytes(data[:-100] + b"!" + data[-99:])
+    [info, second] = await store.get_infos([id, other])
+    assert (info.id, info.size, info.arrival) == (id, len(many), NOW - 60)
+    assert info.recipients == tuple(many.recipients)
+    assert second.sender == "s2@example.org"
+    with pytest.raises(KeyError):
+        await store.get_entry(id)
+    assert await store.get_infos([id, other]) == [second]  # quarantined meanwhile
+
+
+@pytest.mark.skipif(not hasattr(os, "O_NOATIME"), reason="O_NOATIME is Linux only")
+async def test_reading_the_queue_writes_no_access_times(dirs: Dirs) -> None:
+    store = dirs.open()
+    id = await store.write(make_envelope(), NOW)
+    await store.close()
+    files = [dirs.meta / f"{id}.meta", dirs.env / f"{id}.env"]
+    for path in files:
+        os.utime(path, (1_000_000_000, path.stat().st_mtime))  # relatime would update these
+    again = dirs.open()
+    try:
+        await again.load()
+        await again.get_entry(id)
+        await again.get_infos([id])
+    finally:
+        await again.close()
+    assert [path.stat().st_atime for path in files] == [1_000_000_000] * 2

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from email.message import Message
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smtpq.envelope import Envelope
+from smtpq.envelope import HEAD_MIN, Envelope
 from smtpq.errors import EnvelopeFormatError
 
 DKIM_MSG = (
@@ -194,3 +195,33 @@ def test_has_header_matches_field_names_only() -> None:
     assert env.has_header("subject")
     assert not env.has_header("Date")
     assert not env.has_header("ID")
+
+
+def test_head_gives_the_metadata_and_size_without_the_message() -> None:
+    env = _full()
+    data = env.to_bytes()
+    need = Envelope.head_size(data[:HEAD_MIN])
+    assert need < len(data) - len(env)  # the message itself is not needed
+    head, size = Envelope.from_head(data[:need])
+    assert size == len(env)
+    for attr in ("sender", "recipients", "client", "timestamp", "rcpt_params", "smtputf8"):
+        assert getattr(head, attr) == getattr(env, attr), attr
+    assert head.flatten() == (b"", b"")
+    assert Envelope.from_head(data)[1] == size  # more than needed is fine
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda d: d[: HEAD_MIN - 1], "truncated"),
+        (lambda d: d[: HEAD_MIN + 5], "truncated"),
+        (lambda d: b"NOTSMTPQ" + d[8:], "bad magic"),
+        (lambda d: d[:8] + b"\x09" + d[9:], "version 9"),
+        (lambda d: d[:HEAD_MIN] + b"[" + d[HEAD_MIN + 1 :], "metadata unreadable"),
+    ],
+)
+def test_damaged_head_is_rejected_clearly(damage: Callable[[bytes], bytes], match: str) -> None:
+    with pytest.raises(EnvelopeFormatError, match=match):
+        Envelope.from_head(damage(_full().to_bytes()))
+    with pytest.raises(EnvelopeFormatError, match="truncated"):
+        Envelope.head_size(b"SMTPQENV")

@@ -37,12 +37,13 @@ from urllib.parse import parse_qs, urlsplit
 from smtpq.daemon import ops
 from smtpq.daemon.metrics import Metrics
 from smtpq.queue import Queue
-from smtpq.storage.base import is_valid_id
+from smtpq.storage.base import MessageInfo, is_valid_id
 
 __all__ = ["AdminServer", "describe_message", "limited", "run_action", "selector_from"]
 
 log = logging.getLogger("smtpq.admin")
 _MAX_BODY = 1 << 20
+_STREAM_BUFFER = 1 << 16
 
 
 class HttpError(Exception):
@@ -87,7 +88,7 @@ async def describe_message(queue: Queue, id: str, body: bool) -> dict[str, Any]:
         raise KeyError(id)
     entry = await queue.store.get_entry(id)
     now = queue.clock.time()
-    info = ops.message_summary(entry, now)
+    info = ops.message_summary(MessageInfo.from_entry(entry), now)
     env = entry.envelope
     pending = set(entry.pending)
     everyone = entry.original_recipients or tuple(env.recipients)
@@ -330,4 +331,7 @@ async def _respond_lines(
     )
     async for item in items:
         writer.write(json.dumps(item).encode() + b"\n")
-        await writer.drain()
+        # Waits only while the client lags behind: memory stays bounded, lines go out in bulk.
+        if writer.transport.get_write_buffer_size() > _STREAM_BUFFER:
+            await writer.drain()
+    await writer.drain()

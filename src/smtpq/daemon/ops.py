@@ -15,7 +15,7 @@ from typing import Any
 
 from smtpq.queue import Queue
 from smtpq.reply import Reply
-from smtpq.storage.base import QueueStorage, StoredMessage, id_time, is_valid_id
+from smtpq.storage.base import MessageInfo, QueueStorage, id_time, is_valid_id
 
 __all__ = [
     "MessageFilter",
@@ -33,26 +33,25 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower() if "@" in address else ""
 
 
-def message_summary(entry: StoredMessage, now: float) -> dict[str, Any]:
+def message_summary(info: MessageInfo, now: float) -> dict[str, Any]:
     """One message as plain values, the way ``smtpq queue list --json`` prints it."""
-    env = entry.envelope
-    arrival = env.timestamp if env.timestamp is not None else id_time(entry.id)
-    if entry.held:
+    arrival = info.arrival if info.arrival is not None else id_time(info.id)
+    if info.held:
         state = "held"
-    elif entry.timestamp <= now:
+    elif info.timestamp <= now:
         state = "active"
     else:
         state = "deferred"
     return {
-        "id": entry.id,
+        "id": info.id,
         "arrival": arrival,
-        "size": len(env),
-        "sender": env.sender,
-        "recipients": list(env.recipients),
-        "attempts": entry.attempts,
-        "next_attempt": entry.timestamp,
-        "last_reply": str(entry.last_reply) if entry.last_reply else None,
-        "held": entry.held,
+        "size": info.size,
+        "sender": info.sender,
+        "recipients": list(info.recipients),
+        "attempts": info.attempts,
+        "next_attempt": info.timestamp,
+        "last_reply": str(info.last_reply) if info.last_reply else None,
+        "held": info.held,
         "state": state,
     }
 
@@ -92,21 +91,24 @@ async def iter_messages(
 ) -> AsyncIterator[dict[str, Any]]:
     """Summaries of the stored messages, oldest first, read a batch at a time.
 
-    Only the ids are held in memory for the whole queue; message records are read in batches,
-    so that a queue of a million messages lists in bounded memory.
+    Ids come a page at a time (:meth:`~smtpq.storage.base.QueueStorage.iter_ids`) and their
+    records a batch per round trip, without the messages' content
+    (:meth:`~smtpq.storage.base.QueueStorage.get_infos`), so that a queue of a million messages
+    lists in bounded memory, and its first page at once. Messages delivered or deleted since
+    the listing began are left out.
     """
-    if ids is None:
-        ids = await storage.message_ids()
     selector = selector or MessageFilter()
-    for start in range(0, len(ids), batch):
-        for id in ids[start : start + batch]:
-            try:
-                entry = await storage.get_entry(id)
-            except KeyError:
-                continue  # delivered or deleted since the listing began
-            summary = message_summary(entry, now)
+    pages = storage.iter_ids(batch) if ids is None else _pages(ids, batch)
+    async for page in pages:
+        for info in await storage.get_infos(page):
+            summary = message_summary(info, now)
             if selector.matches(summary, now):
                 yield summary
+
+
+async def _pages(ids: Sequence[str], size: int) -> AsyncIterator[list[str]]:
+    for start in range(0, len(ids), size):
+        yield list(ids[start : start + size])
 
 
 async def select_ids(

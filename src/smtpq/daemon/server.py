@@ -159,10 +159,13 @@ def build_queue(config: Config, storage: QueueStorage, relay: Relay | None, cloc
 
 @contextlib.asynccontextmanager
 async def open_offline_queue(config: Config, shard: Shard) -> AsyncIterator[Queue]:
-    """A relay-less Queue on a stored queue, for operator commands when no daemon runs."""
+    """A relay-less Queue on a stored queue, for operator commands when no daemon runs.
+
+    Not loaded here: a disk queue loads its schedule when an action first needs it, and a
+    listing reads only what it lists.
+    """
     storage = build_storage(config, shard)
     try:
-        await storage.load()
         yield build_queue(config, storage, None, SystemClock())
     finally:
         await storage.close()
@@ -194,14 +197,18 @@ class Daemon:
         queues: list[Queue] = []
         admins: list[AdminServer] = []
         edges: list[SmtpEdge] = []
+        loads: list[asyncio.Task[None]] = []
         try:
             async with contextlib.AsyncExitStack() as stack:
                 stack.push_async_callback(relay.close)
                 for shard in owned:
                     storage = build_storage(config, shard)
                     stack.push_async_callback(storage.close)
-                    loaded = await storage.load()
-                    log.info("queue %d loaded: %d messages", shard.index, len(loaded))
+                    # A disk queue's schedule loads in the background (a million messages are
+                    # a million files to read): mail is accepted meanwhile, and the stored
+                    # messages are delivered once it is loaded.
+                    loads.append(asyncio.create_task(self._load(shard, storage)))
+                    stack.callback(loads[-1].cancel)
                     queue = build_queue(config, storage, relay, self.clock)
                     metrics = Metrics(storage, self.clock)
                     queue.observers.append(metrics.observe)
@@ -230,8 +237,23 @@ class Daemon:
                 log.info("shutting down: refusing new connections, finishing attempts")
                 for edge in edges:
                     await edge.stop(grace_period=min(10.0, config.grace_period))
+                for task in loads:  # a load that failed stopped the daemon: say why
+                    error = task.exception() if task.done() and not task.cancelled() else None
+                    if error is not None:
+                        raise error
         finally:
             log.info("smtpq stopped")
+
+    async def _load(self, shard: Shard, storage: QueueStorage) -> None:
+        """Load a queue's schedule (its first ``get_info``; a shared queue needs no loading,
+        and nothing lists every message as ``load()`` would); stop the daemon if that fails."""
+        try:
+            info = await storage.get_info()
+        except Exception:
+            log.exception("queue %d cannot be loaded; stopping", shard.index)
+            self.stop()
+            raise
+        log.info("queue %d loaded: %d messages", shard.index, info["size"])
 
 
 def worker_from_env() -> tuple[int, int] | None:

@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import abc
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from smtpq.envelope import Envelope
+from smtpq.errors import EnvelopeFormatError
 from smtpq.reply import Reply
 
-__all__ = ["QueueStorage", "StoredMessage", "id_time", "is_valid_id", "new_id"]
+__all__ = ["MessageInfo", "QueueStorage", "StoredMessage", "id_time", "is_valid_id", "new_id"]
 
 _ID_CHARS = frozenset("0123456789abcdef")
 
@@ -70,6 +71,43 @@ class StoredMessage:
     last_reply: Reply | None = None
     #: Every recipient as first written (delivered ones included), when the backend has them.
     original_recipients: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class MessageInfo:
+    """What a listing shows of a stored message: everything but its content.
+
+    :ivar recipients: the pending recipients.
+    :ivar size: bytes of the message (header block and body).
+    :ivar arrival: when the message was received (the envelope's timestamp), if known.
+    :ivar timestamp: the next attempt time.
+    """
+
+    id: str
+    sender: str
+    recipients: tuple[str, ...]
+    size: int
+    arrival: float | None
+    attempts: int
+    timestamp: float
+    held: bool = False
+    last_reply: Reply | None = None
+
+    @classmethod
+    def from_entry(cls, entry: StoredMessage) -> MessageInfo:
+        """The listing record of a whole stored message."""
+        env = entry.envelope
+        return cls(
+            id=entry.id,
+            sender=env.sender,
+            recipients=tuple(env.recipients),
+            size=len(env),
+            arrival=env.timestamp,
+            attempts=entry.attempts,
+            timestamp=entry.timestamp,
+            held=entry.held,
+            last_reply=entry.last_reply,
+        )
 
 
 class QueueStorage(abc.ABC):
@@ -122,6 +160,32 @@ class QueueStorage(abc.ABC):
         without touching the disk.
         """
         return sorted(id for _, id in await self.load())
+
+    async def iter_ids(self, page: int = 500) -> AsyncIterator[list[str]]:
+        """Every stored message id, oldest first, ``page`` ids at a time (for listings).
+
+        A message stored for the whole iteration is listed exactly once; one written or
+        removed meanwhile may or may not be. The default pages through :meth:`message_ids`;
+        backends override it to avoid holding every id (as strings) at once.
+        """
+        ids = await self.message_ids()
+        for start in range(0, len(ids), page):
+            yield ids[start : start + page]
+
+    async def get_infos(self, ids: Sequence[str]) -> list[MessageInfo]:
+        """Listing records of the messages ``ids``, in that order; ids that are not stored
+        (or whose record cannot be read) are left out.
+
+        The default reads each whole message with :meth:`get_entry`; backends override it to
+        read many records per round trip and no message bodies.
+        """
+        infos: list[MessageInfo] = []
+        for id in ids:
+            try:
+                infos.append(MessageInfo.from_entry(await self.get_entry(id)))
+            except (KeyError, EnvelopeFormatError):
+                continue
+        return infos
 
     @abc.abstractmethod
     async def get_entry(self, id: str) -> StoredMessage:

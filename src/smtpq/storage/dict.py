@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Iterable, MutableMapping, Sequence
 from typing import Any
 
 from smtpq.envelope import Envelope
@@ -115,7 +115,13 @@ class DictStorage(QueueStorage):
     async def message_ids(self) -> list[str]:
         """Every stored message id, oldest first, from the schedule in memory."""
         await self._ensure_loaded()
-        return sorted(self._schedule.ids())
+        return self._schedule.ids()
+
+    async def iter_ids(self, page: int = 500) -> AsyncIterator[list[str]]:
+        """See :meth:`QueueStorage.iter_ids`: pages of the schedule's ids."""
+        await self._ensure_loaded()
+        async for ids in self._schedule.pages(page):
+            yield ids
 
     async def get_entry(self, id: str) -> StoredMessage:
         """See :meth:`QueueStorage.get_entry`."""

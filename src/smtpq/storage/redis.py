@@ -55,7 +55,7 @@ from redis.typing import EncodableT
 from smtpq.envelope import Envelope
 from smtpq.errors import EnvelopeFormatError, QueueError
 from smtpq.reply import Reply
-from smtpq.storage.base import QueueStorage, StoredMessage, id_time, new_id
+from smtpq.storage.base import MessageInfo, QueueStorage, StoredMessage, id_time, new_id
 
 __all__ = ["FORMAT_VERSION", "RedisStorage"]
 
@@ -211,6 +211,30 @@ for i = 2, #ARGV do
 end
 return n
 """)
+
+# KEYS: held, then one msg key per id. ARGV: the ids, in the same order. For each message, {}
+# when it is gone, else {v, ts, attempts, delivered, reply, start of env, held}: the start of
+# env is the envelope frame's fixed header (29 bytes) and metadata, without the message, so
+# that a listing does not carry every message's content out of Redis.
+_INFOS = """
+local out = {}
+for i = 2, #KEYS do
+  local f = redis.call('HMGET', KEYS[i], 'v', 'ts', 'attempts', 'delivered', 'reply')
+  if f[1] then
+    local env = redis.call('HGET', KEYS[i], 'env') or ''
+    local head = env
+    if #env >= 29 then
+      local a, b, c, d = string.byte(env, 10, 13)
+      head = string.sub(env, 1, 29 + ((a * 256 + b) * 256 + c) * 256 + d)
+    end
+    out[#out + 1] = {f[1], f[2] or '', f[3] or '', f[4] or '', f[5] or '', head,
+                     redis.call('SISMEMBER', KEYS[1], ARGV[i - 1])}
+  else
+    out[#out + 1] = {}
+  end
+end
+return out
+"""
 
 # Messages listed or flushed per round trip: large enough to amortise the round trip, small
 # enough that one script call never blocks Redis for long.
@@ -475,6 +499,8 @@ class RedisStorage(QueueStorage):
         #: The pub/sub channel on which changes to the schedule are announced.
         self.channel = base + "wake"
         self._pipeliner = _Pipeliner(client, self.channel, wait_replicas, wait_timeout)
+        # A read for listings: run directly, not through the pipeline.
+        self._s_infos = client.register_script(_INFOS)
         self._wake = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
@@ -596,7 +622,7 @@ class RedisStorage(QueueStorage):
         message removed meanwhile is left out.
         """
         found: list[tuple[float, str]] = []
-        async for ids in self._pages():
+        async for ids in self.iter_ids(_BATCH):
             with _redis_errors("load"):
                 async with self._client.pipeline(transaction=False) as pipe:
                     for id in ids:
@@ -606,21 +632,58 @@ class RedisStorage(QueueStorage):
         return found
 
     async def message_ids(self) -> list[str]:
-        """Every message id, oldest first: the index alone, a page per round trip."""
-        return [id async for ids in self._pages() for id in ids]
+        """Every stored message id, oldest first: the index, a page per round trip."""
+        return [id async for ids in self.iter_ids(_BATCH) for id in ids]
 
-    async def _pages(self) -> AsyncIterator[list[str]]:
-        """The ids in the index, in order, ``_BATCH`` at a time."""
+    async def iter_ids(self, page: int = 500) -> AsyncIterator[list[str]]:
+        """See :meth:`QueueStorage.iter_ids`: a ZRANGEBYLEX of the index per page, so the first
+        page of a listing costs one round trip however long the queue."""
         start = "-"
         while True:
-            with _redis_errors("load"):
-                page = await self._client.zrangebylex(self._index, start, "+", 0, _BATCH)
-            ids = [cast(bytes, member).decode() for member in page]
+            with _redis_errors("list"):
+                members = await self._client.zrangebylex(self._index, start, "+", 0, page)
+            ids = [cast(bytes, member).decode() for member in members]
             if ids:
                 yield ids
-            if len(ids) < _BATCH:
+            if len(ids) < page:
                 return
             start = "(" + ids[-1]
+
+    async def get_infos(self, ids: Sequence[str]) -> list[MessageInfo]:
+        """See :meth:`QueueStorage.get_infos`: one script call per 1000 messages, returning the
+        records and the envelopes' metadata but not the messages."""
+        infos: list[MessageInfo] = []
+        for start in range(0, len(ids), _BATCH):
+            batch = list(ids[start : start + _BATCH])
+            with _redis_errors("get_infos"):
+                rows = await self._s_infos([self._held, *map(self._key, batch)], batch)
+            for id, row in zip(batch, rows, strict=True):
+                info = self._info(id, row) if row else None
+                if info is not None:
+                    infos.append(info)
+        return infos
+
+    @staticmethod
+    def _info(id: str, row: list[Any]) -> MessageInfo | None:
+        version, ts, attempts, delivered, reply, head, held = row
+        if version != str(FORMAT_VERSION).encode():
+            return None  # another format: get_entry reports it when the message is attempted
+        try:
+            envelope, size = Envelope.from_head(head)
+            done = {int(i) for i in delivered.split(b",") if i}
+            return MessageInfo(
+                id=id,
+                sender=envelope.sender,
+                recipients=tuple(r for i, r in enumerate(envelope.recipients) if i not in done),
+                size=size,
+                arrival=envelope.timestamp,
+                attempts=int(attempts),
+                timestamp=float(ts),
+                held=bool(held),
+                last_reply=Reply.from_dict(json.loads(reply)) if reply else None,
+            )
+        except (EnvelopeFormatError, ValueError, TypeError, KeyError):
+            return None
 
     async def get_entry(self, id: str) -> StoredMessage:
         """See :meth:`QueueStorage.get_entry`."""
@@ -739,7 +802,7 @@ class RedisStorage(QueueStorage):
     async def flush(self, now: float, ids: Sequence[str] | None = None) -> int:
         """See :meth:`QueueStorage.flush`; the new time is stored (it survives a restart)."""
         if ids is None:
-            ids = [id for _, id in await self.load()]
+            ids = await self.message_ids()
         count = 0
         for start in range(0, len(ids), _BATCH):
             batch = ids[start : start + _BATCH]
