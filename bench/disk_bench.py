@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -293,6 +294,8 @@ def parent(args: argparse.Namespace) -> None:
     concurrency = [int(c) for c in args.concurrency.split(",")]
     if args.slimta_python is not None:
         args.slimta_python = ensure_slimta(args.slimta_python)
+    # SIGTERM unwinds like Ctrl-C: the running child is killed, the scratch directory removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     base = Path(args.base).resolve()
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="disk-bench-", dir=base))
