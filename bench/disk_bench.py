@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -65,8 +66,8 @@ def envelope_bytes(i: int, size: int) -> tuple[bytes, bytes]:
 # -- children: one measurement each ----------------------------------------------------------
 
 
-def run_raw(root: Path, n: int, size: int, batch: int, syncfs: bool) -> float:
-    """The plain durable loop; returns seconds."""
+def run_raw(root: Path, n: int, size: int, batch: int, syncfs: bool) -> tuple[float, float]:
+    """The plain durable loop; returns seconds and CPU seconds."""
     flush_fs = None
     if syncfs:
         from smtpq.storage.disk import _syncfs_function
@@ -81,7 +82,7 @@ def run_raw(root: Path, n: int, size: int, batch: int, syncfs: bool) -> float:
         path.mkdir()
     env_fd = os.open(dirs["env"], os.O_RDONLY | os.O_DIRECTORY)
     meta_fd = os.open(dirs["meta"], os.O_RDONLY | os.O_DIRECTORY)
-    started = time.perf_counter()
+    cpu, started = time.process_time(), time.perf_counter()
     for first in range(0, n, batch):
         names = [f"{i:08d}" for i in range(first, min(n, first + batch))]
         for name in names:
@@ -99,14 +100,19 @@ def run_raw(root: Path, n: int, size: int, batch: int, syncfs: bool) -> float:
         for name in names:
             os.rename(dirs["tmp"] / f"{name}.meta", dirs["meta"] / f"{name}.meta")
         os.fsync(meta_fd)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     os.close(env_fd)
     os.close(meta_fd)
-    return elapsed
+    return elapsed, cpu
 
 
-async def run_smtpq(root: Path, mode: str, n: int, size: int, conc: int, sync: str) -> float:
-    """DiskStorage writes, or the Queue's enqueue -> relay -> remove cycle; returns seconds."""
+async def run_smtpq(
+    root: Path, mode: str, n: int, size: int, conc: int, sync: str
+) -> tuple[float, float]:
+    """DiskStorage writes, or the Queue's enqueue -> relay -> remove cycle.
+
+    Returns seconds and CPU seconds (worker threads included) of the timed part.
+    """
     from smtpq.clock import SystemClock
     from smtpq.envelope import Envelope
     from smtpq.queue import Queue, QueueEvent
@@ -149,29 +155,28 @@ async def run_smtpq(root: Path, mode: str, n: int, size: int, conc: int, sync: s
                 assert isinstance(result, str), result
 
     if mode == "write":  # the storage alone: no queue claims and delivers what is written
-        started = time.perf_counter()
+        cpu, started = time.process_time(), time.perf_counter()
         await asyncio.gather(*(writer() for _ in range(conc)))
-        elapsed = time.perf_counter() - started
     else:
-        async with queue:
-            started = time.perf_counter()
-            await asyncio.gather(*(writer() for _ in range(conc)))
-            await asyncio.wait_for(done.wait(), 600)
-            elapsed = time.perf_counter() - started
+        await queue.start()
+        cpu, started = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(writer() for _ in range(conc)))
+        await asyncio.wait_for(done.wait(), 600)
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    await queue.stop()
     await store.close()
-    return elapsed
+    return elapsed, cpu
 
 
 def child(args: argparse.Namespace) -> None:
-    """Measure once and print a JSON line (CPU time includes building the envelopes)."""
+    """Measure once and print a JSON line (CPU: the timed part only, all threads)."""
     root = Path(args.dir)
-    cpu = time.process_time()
     if args.child == "raw":
-        elapsed = run_raw(root, args.n, args.size, args.batch, args.sync == "syncfs")
+        elapsed, cpu = run_raw(root, args.n, args.size, args.batch, args.sync == "syncfs")
     else:
         conc = int(args.concurrency)
-        elapsed = asyncio.run(run_smtpq(root, args.child, args.n, args.size, conc, args.sync))
-    cpu = time.process_time() - cpu
+        coro = run_smtpq(root, args.child, args.n, args.size, conc, args.sync)
+        elapsed, cpu = asyncio.run(coro)
     print(json.dumps({"msgs_per_s": args.n / elapsed, "cpu_us_per_msg": cpu / args.n * 1e6}))
 
 
@@ -293,6 +298,8 @@ def parent(args: argparse.Namespace) -> None:
     concurrency = [int(c) for c in args.concurrency.split(",")]
     if args.slimta_python is not None:
         args.slimta_python = ensure_slimta(args.slimta_python)
+    # SIGTERM unwinds like Ctrl-C: the running child is killed, the scratch directory removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     base = Path(args.base).resolve()
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="disk-bench-", dir=base))
@@ -303,28 +310,33 @@ def parent(args: argparse.Namespace) -> None:
         flush=True,
     )
     try:
-        for run in range(args.runs):
-            print(f"round {run + 1}/{args.runs}: writes", flush=True)
-            bench.probe()
-            for c in concurrency:
-                bench.raw(c)
-                bench.ours("write", c)
-                bench.slimta("write", c)
-                bench.ours("write", c, "fsync")
-                bench.raw(c, "syncfs")
-        for run in range(args.runs):
-            print(f"round {run + 1}/{args.runs}: enqueue -> relay -> remove", flush=True)
-            bench.probe()
-            for c in concurrency:
-                bench.ours("cycle", c)
-                bench.slimta("cycle", c)
+        measure_all(bench, args.runs, concurrency)
+        print("\n".join(report(bench, concurrency)), flush=True)
+        if args.json:
+            meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": sys.argv}
+            Path(args.json).write_text(json.dumps({"meta": meta, "runs": bench.results}, indent=1))
     finally:
+        print(f"removing {work}", flush=True)
         shutil.rmtree(work, ignore_errors=True)
-    summary = report(bench, concurrency)
-    print("\n".join(summary))
-    if args.json:
-        meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": sys.argv}
-        Path(args.json).write_text(json.dumps({"meta": meta, "runs": bench.results}, indent=1))
+
+
+def measure_all(bench: Bench, runs: int, concurrency: list[int]) -> None:
+    """The rounds: every write measurement first, the deleting ones last."""
+    for run in range(runs):
+        print(f"round {run + 1}/{runs}: writes", flush=True)
+        bench.probe()
+        for c in concurrency:
+            bench.raw(c)
+            bench.ours("write", c)
+            bench.slimta("write", c)
+            bench.ours("write", c, "fsync")
+            bench.raw(c, "syncfs")
+    for run in range(runs):
+        print(f"round {run + 1}/{runs}: enqueue -> relay -> remove", flush=True)
+        bench.probe()
+        for c in concurrency:
+            bench.ours("cycle", c)
+            bench.slimta("cycle", c)
 
 
 def main() -> None:

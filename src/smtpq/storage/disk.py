@@ -41,8 +41,9 @@ messages away) and fsyncs meta_dir: two directory fsyncs per batch, whatever its
   filesystem with a heavy writer waits for that writer's data too. Only since Linux 5.8 does
   syncfs report write-back errors, hence the version check.
 * ``"auto"`` (default): per batch, ``"fsync"`` for a few new files (a lone write does not wait
-  for other programs' data), one syncfs for more than :data:`_SYNCFS_FROM` (one flush for a
-  hundred messages); ``"fsync"`` where syncfs is not usable.
+  for other programs' data); for more than :data:`_SYNCFS_FROM`, whichever of the two cost
+  less lately (one syncfs usually, unless other programs keep much dirty data on the same
+  filesystem); ``"fsync"`` where syncfs is not usable.
 * ``"none"``: **unsafe** — no fsync at all. Renames stay atomic, so a killed process loses
   nothing, but a power failure or kernel crash can lose or empty messages that were
   acknowledged. For tests and benchmarks only.
@@ -101,18 +102,19 @@ _META_SUFFIX = ".meta"
 # Scratch files: <token>.<counter>.tmp, where the token is random per storage object, so that
 # load() can tell its own files from a dead process's leftovers.
 _SCRATCH = re.compile(r"[0-9a-f]{8}\.[0-9a-f]+\.tmp")
-_POOL_SIZE = 1024  # emptied files kept for reuse (their inodes)
+_POOL_SIZE = 1024  # files taken out of the queue, kept for reuse
 _RENAME_EXCHANGE = 2
 _META_MAGIC = b"smtpq-meta"
 _META_VERSION = 1
 _META_HEADER = re.compile(rb"smtpq-meta (\d+) ([0-9a-f]{8})")
-# In "auto" mode, a batch with more new files than this is flushed by one syncfs.
+# In "auto" mode, a batch with more new files than this may be flushed by one syncfs.
 _SYNCFS_FROM = 16
 _META_NAME = re.compile(r"[0-9a-f]{32}\.meta")
 _ENV_NAME = re.compile(r"[0-9a-f]{32}\.env")
 # Enough for the frame header and the metadata of nearly every envelope in one read.
 _HEAD_READ = 4096
 _MAX_BATCH = 512
+_EXPLORE_EVERY = 16  # batches between tries of the way that has been dearer lately
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _REUSE_FILE = os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
@@ -305,6 +307,47 @@ class _Unit:
         return any(op.error is None for op in self.ops)
 
 
+class _FlushChooser:
+    """For ``sync="auto"``: per batch, the cheaper way to make its new files durable.
+
+    A few files are fsynced (a lone write must not wait for other programs' dirty data). For
+    more, one syncfs usually costs far less than their fsyncs, unless the filesystem holds much
+    of other programs' dirty data, which syncfs must write too. So both are timed, on batches
+    of more than :data:`_SYNCFS_FROM` files, and the one that cost less lately is used, the
+    other tried now and then to follow changes.
+    """
+
+    __slots__ = ("_fsync_per_file", "_syncfs", "_turn")
+
+    def __init__(self) -> None:
+        self._fsync_per_file: float | None = None  # seconds, moving averages
+        self._syncfs: float | None = None
+        self._turn = 0
+
+    def use_syncfs(self, files: int) -> bool:
+        """Whether to flush a batch of ``files`` new files with one syncfs."""
+        if files <= _SYNCFS_FROM:
+            return False
+        if self._syncfs is None or self._fsync_per_file is None:
+            return self._syncfs is None  # try each once
+        self._turn += 1
+        cheaper = self._syncfs < self._fsync_per_file * files
+        return cheaper != (self._turn % _EXPLORE_EVERY == 0)
+
+    def record(self, syncfs: bool, files: int, seconds: float) -> None:
+        """What flushing a batch cost."""
+        if files <= _SYNCFS_FROM:
+            return
+        if syncfs:
+            self._syncfs = _average(self._syncfs, seconds)
+        else:
+            self._fsync_per_file = _average(self._fsync_per_file, seconds / files)
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else 0.7 * old + 0.3 * new
+
+
 def _queue_error(what: str, exc: OSError) -> QueueError:
     error = QueueError(f"{what}: {exc.strerror or exc}")
     error.__cause__ = exc
@@ -353,6 +396,7 @@ class DiskStorage(QueueStorage):
         # At most this many operations in a batch: in fsync mode each new file is an open fd.
         self._max_batch = 128 if sync == "fsync" else 512
         self._batch_syncfs = False  # how the current batch is flushed (commit thread only)
+        self._chooser = _FlushChooser()
         self.lease_timeout = lease_timeout
         self._syncfs = syncfs
         self._renameat2 = _libc_function("renameat2")
@@ -641,7 +685,7 @@ class DiskStorage(QueueStorage):
     # -- the commit batch (commit thread) ------------------------------------------------------
 
     def _prepare(self, unit: _Unit) -> None:
-        """Phase 1, in parallel: write (and fsync) the scratch files of one message."""
+        """Write the scratch files of one message (durable only after the first flush)."""
         try:
             if unit.write:
                 op = unit.ops[0]
@@ -726,8 +770,8 @@ class DiskStorage(QueueStorage):
         # The Python work of a batch runs here, in one thread: spread over threads it would
         # only contend for the GIL. Only the fsyncs, which wait on the device, run in parallel.
         new_files = sum(2 if op.kind == _WRITE else op.kind == _UPDATE for op in ops)
-        self._batch_syncfs = self._syncfs is not None and (
-            self.sync == "syncfs" or (self.sync == "auto" and new_files > _SYNCFS_FROM)
+        self._batch_syncfs = self.sync == "syncfs" or (
+            self.sync == "auto" and self._chooser.use_syncfs(new_files)
         )
         todo = list(units.values())
         for unit in todo:
@@ -736,7 +780,9 @@ class DiskStorage(QueueStorage):
         # New envelopes go into place before they are durable: until its meta appears an
         # envelope is not a message, and the meta appears only after the first flush wave.
         writes, meta_changed = self._envelopes_in_metas_out(live)
+        started = time.monotonic()
         self._flush_new_files(live, writes)
+        self._chooser.record(self._batch_syncfs, new_files, time.monotonic() - started)
         live = [u for u in live if u.ok]
         meta_changed = self._metas_in(live) or meta_changed
         # Flush wave 2: the batch is durable.
