@@ -7,13 +7,13 @@ from typing import Any
 
 from smtpq.envelope import Envelope
 from smtpq.reply import Reply
-from smtpq.storage.base import QueueStorage, StoredMessage, new_id
-from smtpq.storage.schedule import LocalSchedule
+from smtpq.storage.base import StoredMessage, new_id
+from smtpq.storage.schedule import LocallyScheduled, LocalSchedule
 
 __all__ = ["DictStorage"]
 
 
-class DictStorage(QueueStorage):
+class DictStorage(LocallyScheduled):
     """A queue kept in two mappings.
 
     :param envelope_db: id -> serialised envelope bytes (a new dict by default).
@@ -112,11 +112,6 @@ class DictStorage(QueueStorage):
             result.append((ts, id))
         return result
 
-    async def message_ids(self) -> list[str]:
-        """Every stored message id, oldest first, from the schedule in memory."""
-        await self._ensure_loaded()
-        return self._schedule.ids()
-
     async def iter_ids(self, page: int = 500) -> AsyncIterator[list[str]]:
         """See :meth:`QueueStorage.iter_ids`: pages of the schedule's ids."""
         await self._ensure_loaded()
@@ -163,28 +158,6 @@ class DictStorage(QueueStorage):
                 close()
 
     # -- schedule ------------------------------------------------------------------------------
-
-    async def claim(self, now: float, limit: int) -> list[str]:
-        """See :meth:`QueueStorage.claim`."""
-        await self._ensure_loaded()
-        return self._schedule.claim(now, limit, now + self.lease_timeout)
-
-    async def renew(self, ids: Sequence[str], now: float) -> None:
-        """See :meth:`QueueStorage.renew`."""
-        self._schedule.renew(ids, now + self.lease_timeout)
-
-    async def release(self, id: str) -> None:
-        """See :meth:`QueueStorage.release`."""
-        self._schedule.release(id)
-
-    async def next_due(self) -> float | None:
-        """See :meth:`QueueStorage.next_due`."""
-        await self._ensure_loaded()
-        return self._schedule.next_due()
-
-    async def wait(self, timeout: float) -> None:
-        """See :meth:`QueueStorage.wait`."""
-        await self._schedule.wait(timeout)
 
     async def flush(self, now: float, ids: Sequence[str] | None = None) -> int:
         """See :meth:`QueueStorage.flush`; the new time is kept in memory only."""

@@ -87,8 +87,8 @@ from typing import Any, Literal
 from smtpq.envelope import HEAD_MIN, Envelope
 from smtpq.errors import EnvelopeFormatError, QueueError
 from smtpq.reply import Reply
-from smtpq.storage.base import MessageInfo, QueueStorage, StoredMessage, is_valid_id, new_id
-from smtpq.storage.schedule import LocalSchedule, id_key, key_id
+from smtpq.storage.base import MessageInfo, StoredMessage, is_valid_id, new_id
+from smtpq.storage.schedule import LocallyScheduled, LocalSchedule, id_key, key_id
 
 __all__ = ["DiskStorage", "SyncMode"]
 
@@ -354,7 +354,7 @@ def _queue_error(what: str, exc: OSError) -> QueueError:
     return error
 
 
-class DiskStorage(QueueStorage):
+class DiskStorage(LocallyScheduled):
     """A durable queue in two directories of small files; see the module documentation.
 
     :param env_dir: directory of the envelope files (created ``0700`` if missing).
@@ -1214,11 +1214,6 @@ class DiskStorage(QueueStorage):
                 ids.add(entry.name.split(".", 1)[0])
         return len(ids)
 
-    async def message_ids(self) -> list[str]:
-        """Every stored message id, oldest first, from the schedule in memory."""
-        await self._ensure_loaded()
-        return self._schedule.ids()
-
     async def iter_ids(self, page: int = 500) -> AsyncIterator[list[str]]:
         """See :meth:`QueueStorage.iter_ids`: from the schedule when it is loaded, else from
         the names in the meta directory (a listing need not read a million files first)."""
@@ -1376,28 +1371,6 @@ class DiskStorage(QueueStorage):
             os.close(fd)
 
     # -- schedule ------------------------------------------------------------------------------
-
-    async def claim(self, now: float, limit: int) -> list[str]:
-        """See :meth:`QueueStorage.claim`."""
-        await self._ensure_loaded()
-        return self._schedule.claim(now, limit, now + self.lease_timeout)
-
-    async def renew(self, ids: Sequence[str], now: float) -> None:
-        """See :meth:`QueueStorage.renew`."""
-        self._schedule.renew(ids, now + self.lease_timeout)
-
-    async def release(self, id: str) -> None:
-        """See :meth:`QueueStorage.release`."""
-        self._schedule.release(id)
-
-    async def next_due(self) -> float | None:
-        """See :meth:`QueueStorage.next_due`."""
-        await self._ensure_loaded()
-        return self._schedule.next_due()
-
-    async def wait(self, timeout: float) -> None:
-        """See :meth:`QueueStorage.wait`."""
-        await self._schedule.wait(timeout)
 
     async def flush(self, now: float, ids: Sequence[str] | None = None) -> int:
         """See :meth:`QueueStorage.flush`; as in DictStorage the new time is kept in memory."""

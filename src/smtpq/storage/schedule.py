@@ -13,13 +13,14 @@ deferred message in all (see bench/RESULTS.md, "Scale").
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import heapq
 import itertools
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 
-from smtpq.storage.base import id_time, is_valid_id
+from smtpq.storage.base import QueueStorage, id_time, is_valid_id
 
 __all__ = ["LocalSchedule", "id_key", "key_id"]
 
@@ -326,3 +327,41 @@ class LocalSchedule:
 
 
 _NONE = 1 << 128  # greater than every key: "no message"
+
+
+class LocallyScheduled(QueueStorage):
+    """A storage owned by one process, whose schedule is a :class:`LocalSchedule` in memory
+    (DictStorage, DiskStorage): the schedule side of the contract, shared by both."""
+
+    _schedule: LocalSchedule
+
+    @abc.abstractmethod
+    async def _ensure_loaded(self) -> None:
+        """Build the schedule from the stored records, once."""
+
+    async def message_ids(self) -> list[str]:
+        """Every stored message id, oldest first, from the schedule in memory."""
+        await self._ensure_loaded()
+        return self._schedule.ids()
+
+    async def claim(self, now: float, limit: int) -> list[str]:
+        """See :meth:`QueueStorage.claim`."""
+        await self._ensure_loaded()
+        return self._schedule.claim(now, limit, now + self.lease_timeout)
+
+    async def renew(self, ids: Sequence[str], now: float) -> None:
+        """See :meth:`QueueStorage.renew`."""
+        self._schedule.renew(ids, now + self.lease_timeout)
+
+    async def release(self, id: str) -> None:
+        """See :meth:`QueueStorage.release`."""
+        self._schedule.release(id)
+
+    async def next_due(self) -> float | None:
+        """See :meth:`QueueStorage.next_due`."""
+        await self._ensure_loaded()
+        return self._schedule.next_due()
+
+    async def wait(self, timeout: float) -> None:
+        """See :meth:`QueueStorage.wait`."""
+        await self._schedule.wait(timeout)
