@@ -387,6 +387,7 @@ class Settings:
     smtpq_venv: Path = REPO / ".venv"
     smtpq_cmd: tuple[str, ...] = ()
     smtpq_workers: int = 1
+    smtpq_sync: str = "fsync"
     slimta_relay_pool: int = 20
     workdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
 
@@ -410,7 +411,9 @@ class Mta(Protocol):
         """Messages (queue files) still in its queue after the run."""
 
 
-def smtpq_config(*, listen_port: int, sink_port: int, queue_dir: Path, workers: int) -> str:
+def smtpq_config(
+    *, listen_port: int, sink_port: int, queue_dir: Path, workers: int = 1, sync: str = "fsync"
+) -> str:
     """The TOML configuration of ``smtpq serve`` under test (format: smtpq.daemon.config).
 
     Durable disk storage (the default ``sync = "auto"``: syncfs or fsync) and the product's
@@ -430,6 +433,7 @@ reverse_lookup = false
 [storage]
 type = "disk"
 path = "{queue_dir}"
+sync = "{sync}"
 
 [relay]
 type = "smarthost"
@@ -458,6 +462,7 @@ class ChildMta:
                     sink_port=s.sink_port,
                     queue_dir=queue_dir,
                     workers=s.smtpq_workers,
+                    sync=s.smtpq_sync,
                 )
             )
             return [*s.smtpq_command(), "serve", "-c", str(config)]
@@ -1028,6 +1033,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
     parser.add_argument("--smtpq-venv", type=Path, default=REPO / ".venv")
     parser.add_argument("--smtpq-cmd", help="command to run instead of <venv>/bin/smtpq")
     parser.add_argument("--smtpq-workers", type=int, default=1)
+    parser.add_argument(
+        "--smtpq-sync",
+        choices=("fsync", "syncfs", "none"),
+        default="fsync",
+        help="storage.sync; anything but fsync is not the durable product (diagnosis only)",
+    )
     parser.add_argument("--slimta-relay-pool", type=int, default=20)
     parser.add_argument("--profile", type=Path, help="one smtpq run under py-spy; output file")
     parser.add_argument("--py-spy", default="py-spy", help="py-spy executable for --profile")
@@ -1048,6 +1059,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
         smtpq_venv=args.smtpq_venv,
         smtpq_cmd=tuple(shlex.split(args.smtpq_cmd)) if args.smtpq_cmd else (),
         smtpq_workers=args.smtpq_workers,
+        smtpq_sync=args.smtpq_sync,
         slimta_relay_pool=args.slimta_relay_pool,
     )
     return args, settings
@@ -1118,6 +1130,8 @@ def bench(settings: Settings, json_out: Path | None) -> int:
     summary = summarize(results, settings)
     ratio_rows = ratios(summary)
     print(f"\nN={settings.n} size={settings.size} runs={settings.runs} date={meta['date']}")
+    if "smtpq" in settings.mtas and (settings.smtpq_sync, settings.smtpq_workers) != ("fsync", 1):
+        print(f"smtpq: storage.sync = {settings.smtpq_sync}, workers = {settings.smtpq_workers}")
     print_tables(summary, ratio_rows)
     if json_out is not None:
         document = {
