@@ -790,8 +790,11 @@ def profile(settings: Settings, py_spy: str, out: Path, sessions: int) -> None:
     try:
         root = mta.start(rundir)
         assert root is not None
+        # --gil: only the thread holding the GIL is sampled, i.e. where CPU goes in Python.
+        # Without it, uvloop's epoll wait (in C, unknown to py-spy's idle heuristics) and the
+        # disk threads' fsync waits count as busy and drown the costs.
         spy_cmd = [py_spy, "record", "--pid", str(root), "--subprocesses", "--rate", "100"]
-        spy_cmd += ["--format", "speedscope", "--output", str(out)]
+        spy_cmd += ["--gil", "--format", "speedscope", "--output", str(out)]
         with open(rundir / "py-spy.log", "wb") as spy_log:
             spy = subprocess.Popen(spy_cmd, stdout=spy_log, stderr=subprocess.STDOUT)
         time.sleep(1.0)  # py-spy attaches
@@ -814,9 +817,9 @@ def print_profile(path: Path, top: int = 30) -> None:
     """The hottest functions of a py-spy speedscope profile: event loop thread, then the rest.
 
     py-spy makes one frame per (function, line); they are merged per function here, which is
-    the granularity a cost is fixed at. A sample's weight is the time it stands for; py-spy
-    skips idle threads by default, so the shares are of a thread's busy time (a worker thread
-    blocked in fsync() counts as busy). Time in C code, uvloop's included, shows as the self
+    the granularity a cost is fixed at. A sample's weight is the time it stands for. Recorded
+    with ``--gil`` (as profile() does), the shares are of the time a thread held the GIL, i.e.
+    ran Python or C code called from it; time in C code, uvloop's included, shows as the self
     time of the Python frame that called it.
     """
     data = json.loads(path.read_text())
@@ -887,6 +890,11 @@ def summarize(results: Sequence[RunResult], settings: Settings) -> list[dict[str
                     "delivered": med("delivered_rate"),
                     "delivered_range": _range([r.delivered_rate for r in ok]),
                     "mta_cpu_s": med("mta_cpu_s"),
+                    # CPU seconds per second of the run: ~1 for a one-process MTA that is
+                    # CPU-bound; well below 1, it was waiting (for the disk, mostly).
+                    "mta_cores": _median(
+                        [r.mta_cpu_s / r.delivered_s for r in ok if r.mta_cpu_s and r.delivered_s]
+                    ),
                     "cpu_ms_per_msg": (
                         round(1000 * c / settings.n, 2) if (c := med("mta_cpu_s")) else None
                     ),
@@ -936,16 +944,18 @@ def print_tables(summary: Sequence[dict[str, Any]], ratio_rows: Sequence[dict[st
     """Markdown tables on stdout."""
     print(
         "\n| MTA | sessions | complete | accepted msgs/s (min-max) | delivered msgs/s (min-max)"
-        " | MTA CPU s | CPU ms/msg | peak RSS MB (sum VmHWM) | peak PSS MB | other CPU s"
+        " | MTA CPU s | MTA cores | CPU ms/msg | peak RSS MB (sum VmHWM) | peak PSS MB"
+        " | other CPU s"
         " | disk busy % |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in summary:
         print(
             f"| {s['mta']} | {s['sessions']} | {s['complete']}/{s['runs']}"
             f" | {_fmt(s['accepted'])} ({s['accepted_range']})"
             f" | {_fmt(s['delivered'])} ({s['delivered_range']})"
-            f" | {_fmt(s['mta_cpu_s'], 2)} | {_fmt(s['cpu_ms_per_msg'], 2)}"
+            f" | {_fmt(s['mta_cpu_s'], 2)} | {_fmt(s['mta_cores'], 2)}"
+            f" | {_fmt(s['cpu_ms_per_msg'], 2)}"
             f" | {_fmt(s['peak_hwm_mb'], 1)} | {_fmt(s['peak_pss_mb'], 1)}"
             f" | {_fmt(s['other_cpu_s'], 1)} | {_fmt(s['disk_busy_pct'])} |"
         )

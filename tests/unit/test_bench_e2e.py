@@ -101,6 +101,7 @@ def test_summary_takes_medians_of_complete_runs_and_lists_failures() -> None:
     assert (smtpq["complete"], smtpq["runs"]) == (2, 3)
     assert smtpq["delivered"] == 1000.0  # median of 900 and 1100; the failed run is left out
     assert smtpq["mta_cpu_s"] == 1.5
+    assert smtpq["mta_cores"] == pytest.approx(1.55)  # 0.9 and 2.2 CPU s per second
     assert smtpq["failures"] == ["run 2: sink had 990/1000 after 600 s"]
     ratio = e2e.ratios(summary)
     assert ratio == [
