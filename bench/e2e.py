@@ -387,7 +387,7 @@ class Settings:
     smtpq_venv: Path = REPO / ".venv"
     smtpq_cmd: tuple[str, ...] = ()
     smtpq_workers: int = 1
-    smtpq_sync: str = "fsync"
+    smtpq_sync: str | None = None  # None: the product's default
     slimta_relay_pool: int = 20
     workdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
 
@@ -412,7 +412,12 @@ class Mta(Protocol):
 
 
 def smtpq_config(
-    *, listen_port: int, sink_port: int, queue_dir: Path, workers: int = 1, sync: str = "fsync"
+    *,
+    listen_port: int,
+    sink_port: int,
+    queue_dir: Path,
+    workers: int = 1,
+    sync: str | None = None,
 ) -> str:
     """The TOML configuration of ``smtpq serve`` under test (format: smtpq.daemon.config).
 
@@ -433,7 +438,7 @@ reverse_lookup = false
 [storage]
 type = "disk"
 path = "{queue_dir}"
-sync = "{sync}"
+{f'sync = "{sync}"' if sync else ""}
 
 [relay]
 type = "smarthost"
@@ -1045,9 +1050,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
     parser.add_argument("--smtpq-workers", type=int, default=1)
     parser.add_argument(
         "--smtpq-sync",
-        choices=("fsync", "syncfs", "none"),
-        default="fsync",
-        help="storage.sync; anything but fsync is not the durable product (diagnosis only)",
+        choices=("auto", "fsync", "syncfs", "none"),
+        help="storage.sync (default: the product's); none is not durable (diagnosis only)",
     )
     parser.add_argument("--slimta-relay-pool", type=int, default=20)
     parser.add_argument("--profile", type=Path, help="one smtpq run under py-spy; output file")
@@ -1140,7 +1144,7 @@ def bench(settings: Settings, json_out: Path | None) -> int:
     summary = summarize(results, settings)
     ratio_rows = ratios(summary)
     print(f"\nN={settings.n} size={settings.size} runs={settings.runs} date={meta['date']}")
-    if "smtpq" in settings.mtas and (settings.smtpq_sync, settings.smtpq_workers) != ("fsync", 1):
+    if "smtpq" in settings.mtas and (settings.smtpq_sync, settings.smtpq_workers) != (None, 1):
         print(f"smtpq: storage.sync = {settings.smtpq_sync}, workers = {settings.smtpq_workers}")
     print_tables(summary, ratio_rows)
     if json_out is not None:

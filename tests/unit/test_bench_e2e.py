@@ -34,6 +34,8 @@ def test_smtpq_config_is_accepted_by_the_daemon(tmp_path: Path) -> None:
         2601,
     )
     assert config.workers == 2
+    unsafe = e2e.smtpq_config(listen_port=1, sink_port=2, queue_dir=tmp_path, sync="none")
+    assert build_config(tomllib.loads(unsafe)).storage.sync == "none"
 
 
 def test_sink_counter_takes_the_last_complete_record() -> None:
