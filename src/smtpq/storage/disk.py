@@ -799,8 +799,9 @@ class DiskStorage(QueueStorage):
         Never stops at a bad entry: truncated, unparseable, wrong-version or inconsistent files
         go to the corrupt directory (logged, counted in :meth:`get_info`); this storage's
         scratch leftovers are deleted; orphans are resolved (see the module documentation).
-        The scan runs in one worker thread; writes and removals may go on meanwhile. The other
-        methods load on first use, without building this list.
+        The scan runs in worker threads (the meta files are read by several at once); writes
+        and removals may go on meanwhile. The other methods load on first use, without building
+        this list.
         """
         async with self._load_lock:
             await self._reload()
