@@ -116,6 +116,15 @@ def proc_status(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
+def disk_reads() -> int:
+    """Bytes this process has had read from the disk (not from the page cache)."""
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
 def loadavg() -> str:
     """The one-minute load average, and the share of the last minute in which some task
     waited for I/O (/proc/pressure/io): the machine is shared, its disk too."""
@@ -474,6 +483,9 @@ class QueueProbe:
         self.stored_per_s: list[float] = []
         self.delivered_per_s: list[float] = []
         self.due_ms: list[float] = []
+        # Disk reads per message of each test: what a cold page cache costs (directories,
+        # inodes and files the small queue has in memory and the big one has not).
+        self.reads: dict[str, list[float]] = {"enqueue": [], "due": []}
         self._serial = 0
 
     def _observe(self, event: Any) -> None:
@@ -494,6 +506,7 @@ class QueueProbe:
 
     async def round(self, k: int, turn: int) -> None:
         """``k`` enqueues one at a time, ``k`` at once, ``k`` due deliveries."""
+        read = disk_reads()
         ids = []
         for _ in range(k):
             env = self._envelope()
@@ -511,12 +524,15 @@ class QueueProbe:
         done = await self._until_removed(ids) - t
         self.stored_per_s.append(k / stored)
         self.delivered_per_s.append(k / done)
+        self.reads["enqueue"].append((disk_reads() - read) / (2 * k))
         due = self.sample[turn * k : (turn + 1) * k]
         evict_messages(self.spec, due)
+        read = disk_reads()
         t = time.perf_counter()
         await self.queue.flush(due)
         done = await self._until_removed(due) - t
         self.due_ms.append(done / len(due) * 1000)
+        self.reads["due"].append((disk_reads() - read) / len(due))
 
     def figures(self) -> dict[str, Any]:
         """Medians over the rounds."""
@@ -527,6 +543,10 @@ class QueueProbe:
                 "delivered_per_s": round(statistics.median(self.delivered_per_s), 1),
             },
             "deliver_due": {"ms_per_msg": round(statistics.median(self.due_ms), 3)},
+            "disk_read_kb_per_msg": {
+                test: round(statistics.median(values) / 1024, 1)
+                for test, values in self.reads.items()
+            },
         }
 
 
@@ -903,6 +923,14 @@ def summary(results: list[dict[str, Any]]) -> str:
             lambda r: r["queue"]["enqueue_concurrent"]["stored_per_s"],
         ),
         ("Queue due delivery ms/msg", lambda r: r["queue"]["deliver_due"]["ms_per_msg"]),
+        (
+            "Queue disk reads KB/msg: enqueue",
+            lambda r: r["queue"]["disk_read_kb_per_msg"]["enqueue"],
+        ),
+        (
+            "Queue disk reads KB/msg: due delivery",
+            lambda r: r["queue"]["disk_read_kb_per_msg"]["due"],
+        ),
         (
             "SMTP enqueue 1 session median ms",
             lambda r: r["daemon"]["smtp_enqueue_sequential"]["median_ms"],
