@@ -116,6 +116,15 @@ def proc_status(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
+def disk_reads() -> int:
+    """Bytes this process has had read from the disk (not from the page cache)."""
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
 def loadavg() -> str:
     """The one-minute load average, and the share of the last minute in which some task
     waited for I/O (/proc/pressure/io): the machine is shared, its disk too."""
@@ -145,7 +154,7 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def run_child(task: str, args: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
+def run_child(task: str, args: dict[str, Any], timeout: float = 3600) -> Any:
     """Run ``task`` in a fresh Python process; its JSON result (the last line it prints)."""
     done = subprocess.run(
         [sys.executable, __file__, "child", task, json.dumps(args)],
@@ -155,8 +164,7 @@ def run_child(task: str, args: dict[str, Any], timeout: float = 3600) -> dict[st
     )
     if done.returncode != 0:
         raise RuntimeError(f"child {task} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def timed_command(command: Sequence[str], timeout: float = 3600) -> dict[str, Any]:
@@ -270,6 +278,9 @@ def populate_disk(root: Path, n: int, samples: int) -> dict[str, Any]:
     if marker.exists():
         info: dict[str, Any] = json.loads(marker.read_text())
         if info["n"] == n:
+            if len(info["sample"]) < samples:  # an earlier run with fewer: sample more
+                info["sample"] += resample_disk(root, info, samples - len(info["sample"]))
+                marker.write_text(json.dumps(info))
             restore_disk(root, info)
             return info
         raise SystemExit(f"{root} holds a queue of {info['n']} messages, not {n}: use another")
@@ -296,6 +307,25 @@ def populate_disk(root: Path, n: int, samples: int) -> dict[str, Any]:
     info = {"n": n, "t0": t0, "sample": sample[:samples], "populate_s": round(took, 1)}
     marker.write_text(json.dumps(info))
     return info
+
+
+def resample_disk(root: Path, info: dict[str, Any], more: int) -> list[list[Any]]:
+    """``more`` messages of a populated queue that are not in its sample yet, as ``[i, id]``
+    (``i`` read back from the Message-ID of the envelope)."""
+    env_dir, meta_dir = disk_dirs(root)
+    taken = {id for _, id in info["sample"]}
+    found: list[list[Any]] = []
+    with os.scandir(meta_dir) as it:
+        for entry in it:
+            id = entry.name[:-5]
+            if not entry.name.endswith(".meta") or id in taken:
+                continue
+            env = Envelope.from_bytes((env_dir / f"{id}.env").read_bytes())
+            i = int(env.headers["Message-ID"].strip("<>").split(".")[0])
+            found.append([i, id])
+            if len(found) == more:
+                break
+    return found
 
 
 def restore_disk(root: Path, info: dict[str, Any]) -> None:
@@ -421,77 +451,146 @@ class InstantRelay:
         """Nothing to release."""
 
 
-async def child_queue(args: dict[str, Any]) -> dict[str, Any]:
-    """Through the Queue (library) with an instant relay: enqueue and due-delivery costs."""
-    from smtpq.queue import Queue
-    from smtpq.queue.driver import QueueEvent
-    from smtpq.relay.base import Relay
+def evict_messages(spec: dict[str, Any], ids: Sequence[str]) -> None:
+    """Drop the files of messages ``ids`` of a disk queue from the page cache: in a big queue a
+    deferred message's files are not in memory when it falls due, so in the small peer queue
+    they must not be either (nothing to do for Redis, which keeps everything in memory)."""
+    if spec["type"] != "disk":
+        return
+    for directory, suffix in zip(disk_dirs(Path(spec["path"])), (".env", ".meta"), strict=True):
+        for id in ids:
+            with contextlib.suppress(FileNotFoundError):
+                fd = os.open(directory / f"{id}{suffix}", os.O_RDONLY | os.O_NOATIME)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
 
-    Relay.register(InstantRelay)
-    store, opened = await open_storage(args["storage"])
-    if args["storage"]["type"] == "redis":
-        started = time.perf_counter()
-        await store.load()  # lists every message: Redis needs no loading, this is for peers
-        opened["load_list_s"] = round(time.perf_counter() - started, 2)
-    k: int = args["k"]
-    removed: dict[str, float] = {}
-    event = asyncio.Event()
 
-    def observe(e: QueueEvent) -> None:
-        if e.kind == "removed":
-            removed[e.id] = time.perf_counter()
-            event.set()
+class QueueProbe:
+    """A Queue with an instant relay over one stored queue, and its measurements."""
 
-    async def until_removed(ids: Sequence[str], timeout: float = 600) -> float:
+    def __init__(self, store: QueueStorage, spec: dict[str, Any], sample: list[str]) -> None:
+        from smtpq.queue import Queue
+        from smtpq.relay.base import Relay
+
+        Relay.register(InstantRelay)
+        self.spec = spec
+        self.sample = sample
+        self.queue = Queue(store, InstantRelay(), hostname="mx.bench.example")  # type: ignore[arg-type]
+        self.queue.observers.append(self._observe)
+        self.removed: dict[str, float] = {}
+        self._event = asyncio.Event()
+        self.latencies: list[float] = []
+        self.stored_per_s: list[float] = []
+        self.delivered_per_s: list[float] = []
+        self.due_ms: list[float] = []
+        # Disk reads per message of each test: what a cold page cache costs (directories,
+        # inodes and files the small queue has in memory and the big one has not).
+        self.reads: dict[str, list[float]] = {"enqueue": [], "due": []}
+        self._serial = 0
+
+    def _observe(self, event: Any) -> None:
+        if event.kind == "removed":
+            self.removed[event.id] = time.perf_counter()
+            self._event.set()
+
+    async def _until_removed(self, ids: Sequence[str], timeout: float = 600) -> float:
         async with asyncio.timeout(timeout):
-            while not all(i in removed for i in ids):
-                event.clear()
-                await event.wait()
-        return max(removed[i] for i in ids)
+            while not all(i in self.removed for i in ids):
+                self._event.clear()
+                await self._event.wait()
+        return max(self.removed[i] for i in ids)
 
-    queue = Queue(store, InstantRelay(), hostname="mx.bench.example")  # type: ignore[arg-type]
-    queue.observers.append(observe)
-    result: dict[str, Any] = {"load": opened}
-    async with queue:
-        # One at a time: the latency of a durable write (and of its first attempt).
-        latencies, ids = [], []
-        for i in range(k):
-            env = make_envelope(10**9 + i, time.time())
+    def _envelope(self) -> Envelope:
+        self._serial += 1
+        return make_envelope(10**9 + self._serial, time.time())
+
+    async def round(self, k: int, turn: int) -> None:
+        """``k`` enqueues one at a time, ``k`` at once, ``k`` due deliveries."""
+        read = disk_reads()
+        ids = []
+        for _ in range(k):
+            env = self._envelope()
             t = time.perf_counter()
-            [(_, id)] = await queue.enqueue(env)
-            latencies.append(time.perf_counter() - t)
+            [(_, id)] = await self.queue.enqueue(env)
+            self.latencies.append(time.perf_counter() - t)
             assert isinstance(id, str), id
             ids.append(id)
-        await until_removed(ids)
-        result["enqueue_sequential"] = percentiles(latencies)
-        # All at once: throughput, as concurrent SMTP sessions would load it.
-        envs = [make_envelope(2 * 10**9 + i, time.time()) for i in range(k)]
+        await self._until_removed(ids)
+        envs = [self._envelope() for _ in range(k)]
         t = time.perf_counter()
-        results = await asyncio.gather(*(queue.enqueue(e) for e in envs))
+        results = await asyncio.gather(*(self.queue.enqueue(e) for e in envs))
         stored = time.perf_counter() - t
         ids = [r for [(_, r)] in results if isinstance(r, str)]
-        done = await until_removed(ids) - t
-        result["enqueue_concurrent"] = {
-            "stored_per_s": round(k / stored, 1),
-            "delivered_per_s": round(k / done, 1),
-        }
-        # Due deliveries: deferred messages of the big queue made due by a flush.
-        sample = [id for _, id in args["sample"]]
+        done = await self._until_removed(ids) - t
+        self.stored_per_s.append(k / stored)
+        self.delivered_per_s.append(k / done)
+        self.reads["enqueue"].append((disk_reads() - read) / (2 * k))
+        due = self.sample[turn * k : (turn + 1) * k]
+        evict_messages(self.spec, due)
+        read = disk_reads()
         t = time.perf_counter()
-        flushed = await queue.flush(sample)
-        done = await until_removed(sample) - t
-        result["deliver_due"] = {
-            "flushed": flushed,
-            "seconds": round(done, 3),
-            "per_s": round(len(sample) / done, 1),
-            "ms_per_msg": round(done / len(sample) * 1000, 3),
+        await self.queue.flush(due)
+        done = await self._until_removed(due) - t
+        self.due_ms.append(done / len(due) * 1000)
+        self.reads["due"].append((disk_reads() - read) / len(due))
+
+    def figures(self) -> dict[str, Any]:
+        """Medians over the rounds."""
+        return {
+            "enqueue_sequential": percentiles(self.latencies),
+            "enqueue_concurrent": {
+                "stored_per_s": round(statistics.median(self.stored_per_s), 1),
+                "delivered_per_s": round(statistics.median(self.delivered_per_s), 1),
+            },
+            "deliver_due": {"ms_per_msg": round(statistics.median(self.due_ms), 3)},
+            "disk_read_kb_per_msg": {
+                test: round(statistics.median(values) / 1024, 1)
+                for test, values in self.reads.items()
+            },
         }
-    result["size_after"] = (await store.get_info())["size"]
+
+
+async def child_queue(args: dict[str, Any]) -> list[dict[str, Any]]:
+    """Through the Queue (library) with an instant relay, on the big queue and its small peer
+    in one process, in alternating rounds (so that both see the same machine): the cost of
+    enqueues and of due deliveries. The big queue is opened first, for its load figures."""
+    specs: list[dict[str, Any]] = args["storages"]
+    k, rounds = args["k"], args["rounds"]
+    opened: list[tuple[QueueStorage, dict[str, Any]]] = []
+    for spec in reversed(specs):
+        opened.insert(0, await open_storage(spec))
+        if spec["type"] == "redis":
+            started = time.perf_counter()
+            await opened[0][0].load()  # lists every message: Redis needs no loading
+            opened[0][1]["load_list_s"] = round(time.perf_counter() - started, 2)
+    probes = [
+        QueueProbe(store, spec, sample)
+        for (store, _), spec, sample in zip(opened, specs, args["samples"], strict=True)
+    ]
+    for probe in probes:
+        await probe.queue.start()
+    for turn in range(rounds):
+        for probe in probes if turn % 2 == 0 else probes[::-1]:
+            await probe.round(k, turn)
+    results = []
+    for probe, (store, load) in zip(probes, opened, strict=True):
+        await probe.queue.stop()
+        results.append(
+            {"load": load, **probe.figures(), "size_after": (await store.get_info())["size"]}
+        )
+        await store.close()
+    return results
+
+
+async def child_open(args: dict[str, Any]) -> dict[str, Any]:
+    """Only open (load) a stored queue: :func:`open_storage`'s figures."""
+    store, opened = await open_storage(args["storage"])
     await store.close()
-    return result
+    return opened
 
 
-CHILD_TASKS: dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]] = {
+CHILD_TASKS: dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, Any]]] = {
+    "open": child_open,
     "schedule": child_schedule,
     "queue": child_queue,
 }
@@ -560,11 +659,11 @@ def write_config(path: Path, settings: dict[str, Any]) -> None:
 class Daemon:
     """``smtpq serve`` on a populated queue, stopped by its pid."""
 
-    def __init__(self, workdir: Path, storage: dict[str, Any], sink_port: int) -> None:
+    def __init__(self, workdir: Path, storage: dict[str, Any], sink_port: int, name: str) -> None:
         self.port = free_port()
-        self.config = workdir / f"smtpq-{storage['type']}.toml"
-        self.log = workdir / f"daemon-{storage['type']}.log"
-        queue_dir = storage["path"] if storage["type"] == "disk" else str(workdir / "redis-q")
+        self.config = workdir / f"smtpq-{name}.toml"
+        self.log = workdir / f"daemon-{name}.log"
+        queue_dir = storage.get("path") or str(workdir / f"admin-{name}")
         settings: dict[str, Any] = {
             "hostname": "mx.bench.example",
             "log_level": "info",
@@ -659,51 +758,64 @@ def smtp_enqueue(port: int, count: int, sessions: int, first: int) -> list[float
     return latencies
 
 
-def daemon_stage(
-    workdir: Path, storage: dict[str, Any], sample: Sequence[str], k: int, full_list: bool
-) -> dict[str, Any]:
-    """Start-up, SMTP enqueue, due delivery and listing through a running daemon."""
+def daemon_pair(
+    workdir: Path,
+    specs: list[dict[str, Any]],
+    samples: list[list[str]],
+    k: int,
+    rounds: int,
+    full_list: bool,
+) -> list[dict[str, Any]]:
+    """Two daemons, on the small and the big queue: start-up of each, then SMTP enqueues and
+    due deliveries in alternating rounds, then listings with the daemons up and down."""
     from smtpq.daemon.client import AdminClient
 
-    out: dict[str, Any] = {"loadavg_start": loadavg()}
+    outs: list[dict[str, Any]] = [{"loadavg_start": loadavg()} for _ in specs]
     with Sink() as sink:
-        daemon = Daemon(workdir, storage, sink.port)
-        out["startup"] = daemon.start()
+        daemons = [
+            Daemon(workdir, spec, sink.port, f"{spec['type']}-{i}") for i, spec in enumerate(specs)
+        ]
         try:
-            # One session, one message at a time: the latency of one more enqueue.
-            t = time.perf_counter()
-            lat = smtp_enqueue(daemon.port, k, 1, 3 * 10**9)
-            out["smtp_enqueue_sequential"] = percentiles(lat)
-            sink.wait_for(k)
-            # 10 sessions: throughput until the sink has them all.
-            t = time.perf_counter()
-            lat = smtp_enqueue(daemon.port, k, 10, 4 * 10**9)
-            accepted = time.perf_counter() - t
-            done = sink.wait_for(2 * k) - t
-            out["smtp_enqueue_10_sessions"] = {
-                **percentiles(lat),
-                "accepted_per_s": round(k / accepted, 1),
-                "delivered_per_s": round(k / done, 1),
-            }
-            # Due delivery: deferred messages made due by the operator's flush.
-            client = AdminClient(daemon.admin_socket)
-            t = time.perf_counter()
-            reply = asyncio.run(client.post("/queue/flush", {"ids": list(sample)}))
-            done = sink.wait_for(2 * k + len(sample)) - t
-            out["deliver_due"] = {
-                "flushed": reply["count"],
-                "seconds": round(done, 3),
-                "per_s": round(len(sample) / done, 1),
-                "ms_per_msg": round(done / len(sample) * 1000, 3),
-            }
-            out["list_online"] = list_stage(daemon, full_list)
-            out["rss_after_mb"] = round(daemon.status()["VmRSS"] / 2**20, 1)
-            out["peak_rss_mb"] = round(daemon.status()["VmHWM"] / 2**20, 1)
+            for daemon, out in zip(daemons, outs, strict=True):
+                out["startup"] = daemon.start()
+            lat: list[list[float]] = [[], []]
+            rates: list[list[float]] = [[], []]
+            due: list[list[float]] = [[], []]
+            for turn in range(rounds):
+                for i in (0, 1) if turn % 2 == 0 else (1, 0):
+                    daemon, first = daemons[i], (turn * 2 + i) * 10**6
+                    # One session, one message at a time: the latency of one more enqueue.
+                    expected = sink.count + k
+                    lat[i] += smtp_enqueue(daemon.port, k, 1, first)
+                    sink.wait_for(expected)
+                    # 10 sessions: throughput until the sink has them all.
+                    t = time.perf_counter()
+                    smtp_enqueue(daemon.port, k, 10, first + k)
+                    rates[i].append(k / (sink.wait_for(expected + k) - t))
+                    # Due deliveries: deferred messages made due by the operator's flush.
+                    ids = samples[i][turn * k : (turn + 1) * k]
+                    evict_messages(specs[i], ids)
+                    t = time.perf_counter()
+                    asyncio.run(AdminClient(daemon.admin_socket).post("/queue/flush", {"ids": ids}))
+                    due[i].append((sink.wait_for(expected + k + len(ids)) - t) / len(ids) * 1000)
+            for i, (daemon, out) in enumerate(zip(daemons, outs, strict=True)):
+                out["smtp_enqueue_sequential"] = percentiles(lat[i])
+                out["smtp_enqueue_10_sessions"] = {
+                    "delivered_per_s": round(statistics.median(rates[i]), 1)
+                }
+                out["deliver_due"] = {"ms_per_msg": round(statistics.median(due[i]), 3)}
+                out["list_online"] = list_stage(daemon, full_list)
+                status = daemon.status()
+                out["rss_after_mb"] = round(status["VmRSS"] / 2**20, 1)
+                out["peak_rss_mb"] = round(status["VmHWM"] / 2**20, 1)
         finally:
-            out["stop_s"] = daemon.stop()
-        out["list_offline"] = list_stage(daemon, full_list)
-    out["loadavg_end"] = loadavg()
-    return out
+            for daemon, out in zip(daemons, outs, strict=True):
+                if daemon.proc is not None:
+                    out["stop_s"] = daemon.stop()
+        for daemon, out in zip(daemons, outs, strict=True):
+            out["list_offline"] = list_stage(daemon, full_list)
+            out["loadavg_end"] = loadavg()
+    return outs
 
 
 def list_stage(daemon: Daemon, full_list: bool) -> dict[str, Any]:
@@ -725,21 +837,32 @@ def list_stage(daemon: Daemon, full_list: bool) -> dict[str, Any]:
 # -- the whole run -------------------------------------------------------------------------------
 
 
-def disk_run(workdir: Path, n: int, k: int, sync: str, full_list: bool) -> dict[str, Any]:
-    """Every measurement on a disk queue of ``n`` deferred messages."""
-    root = workdir / f"disk-{n}"
-    root.mkdir(parents=True, exist_ok=True)
-    out: dict[str, Any] = {"storage": "disk", "n": n, "loadavg_start": loadavg()}
-    info = populate_disk(root, n, 2 * k)
-    out["populate_s"] = info["populate_s"]
-    sample = [id for _, id in info["sample"]]
-    spec = {"type": "disk", "path": str(root), "sync": sync}
-    out["schedule"] = run_child("schedule", {"n": n})
-    out["queue"] = run_child("queue", {"storage": spec, "k": k, "sample": info["sample"][:k]})
-    out["daemon"] = daemon_stage(workdir, spec, sample[k:], k, full_list)
-    out["loadavg_end"] = loadavg()
-    restore_disk(root, info)
-    return out
+def disk_pair(
+    workdir: Path, n: int, k: int, rounds: int, sync: str, full_list: bool
+) -> list[dict[str, Any]]:
+    """Every measurement on a disk queue of ``n`` deferred messages and on its small peer."""
+    outs: list[dict[str, Any]] = []
+    infos, specs = [], []
+    for size in (2 * rounds * k, n):
+        root = workdir / f"disk-{size}"
+        root.mkdir(parents=True, exist_ok=True)
+        info = populate_disk(root, size, 2 * rounds * k)
+        infos.append(info)
+        specs.append({"type": "disk", "path": str(root), "sync": sync})
+        outs.append({"storage": "disk", "n": size, "populate_s": info["populate_s"]})
+    samples = [[id for _, id in info["sample"]] for info in infos]
+    outs[1]["schedule"] = run_child("schedule", {"n": n})
+    outs[0]["schedule"] = run_child("schedule", {"n": 2 * rounds * k})
+    args = {"storages": specs, "k": k, "rounds": rounds, "samples": [s[::2] for s in samples]}
+    for out, queue in zip(outs, run_child("queue", args), strict=True):
+        out["queue"] = queue
+    daemon = daemon_pair(workdir, specs, [s[1::2] for s in samples], k, rounds, full_list)
+    for out, result in zip(outs, daemon, strict=True):
+        out["daemon"] = result
+        out["loadavg_start"], out["loadavg_end"] = result["loadavg_start"], result["loadavg_end"]
+    for spec, info in zip(specs, infos, strict=True):
+        restore_disk(Path(spec["path"]), info)
+    return outs
 
 
 @contextlib.contextmanager
@@ -755,20 +878,31 @@ def redis_server(workdir: Path) -> Iterator[str]:
         server.close()
 
 
-def redis_run(workdir: Path, url: str, n: int, k: int, full_list: bool) -> dict[str, Any]:
-    """Every measurement on a Redis queue of ``n`` deferred messages."""
-    prefix = f"scale{n}:"
-    out: dict[str, Any] = {"storage": "redis", "n": n, "loadavg_start": loadavg()}
-    before = redis_memory(url)
-    info = asyncio.run(_populate_redis(url, prefix, n, 2 * k))
-    out["populate_s"] = info["populate_s"]
-    out["redis_bytes_per_msg"] = round((redis_memory(url) - before) / n, 1)
-    spec = {"type": "redis", "url": url, "prefix": prefix}
-    sample = [id for _, id in info["sample"]]
-    out["queue"] = run_child("queue", {"storage": spec, "k": k, "sample": info["sample"][:k]})
-    out["daemon"] = daemon_stage(workdir, spec, sample[k:], k, full_list)
-    out["loadavg_end"] = loadavg()
-    return out
+def redis_pair(
+    workdir: Path, url: str, n: int, k: int, rounds: int, full_list: bool
+) -> list[dict[str, Any]]:
+    """Every measurement on a Redis queue of ``n`` deferred messages and on its small peer."""
+    outs: list[dict[str, Any]] = []
+    infos, specs = [], []
+    for size in (2 * rounds * k, n):
+        before = redis_memory(url)
+        prefix = f"scale{size}:"
+        info = asyncio.run(_populate_redis(url, prefix, size, 2 * rounds * k))
+        infos.append(info)
+        specs.append({"type": "redis", "url": url, "prefix": prefix})
+        outs.append({
+            "storage": "redis", "n": size, "populate_s": info["populate_s"],
+            "redis_bytes_per_msg": round((redis_memory(url) - before) / size, 1),
+        })  # fmt: skip
+    samples = [[id for _, id in info["sample"]] for info in infos]
+    args = {"storages": specs, "k": k, "rounds": rounds, "samples": [s[::2] for s in samples]}
+    for out, queue in zip(outs, run_child("queue", args), strict=True):
+        out["queue"] = queue
+    daemon = daemon_pair(workdir, specs, [s[1::2] for s in samples], k, rounds, full_list)
+    for out, result in zip(outs, daemon, strict=True):
+        out["daemon"] = result
+        out["loadavg_start"], out["loadavg_end"] = result["loadavg_start"], result["loadavg_end"]
+    return outs
 
 
 def summary(results: list[dict[str, Any]]) -> str:
@@ -789,6 +923,14 @@ def summary(results: list[dict[str, Any]]) -> str:
             lambda r: r["queue"]["enqueue_concurrent"]["stored_per_s"],
         ),
         ("Queue due delivery ms/msg", lambda r: r["queue"]["deliver_due"]["ms_per_msg"]),
+        (
+            "Queue disk reads KB/msg: enqueue",
+            lambda r: r["queue"]["disk_read_kb_per_msg"]["enqueue"],
+        ),
+        (
+            "Queue disk reads KB/msg: due delivery",
+            lambda r: r["queue"]["disk_read_kb_per_msg"]["due"],
+        ),
         (
             "SMTP enqueue 1 session median ms",
             lambda r: r["daemon"]["smtp_enqueue_sequential"]["median_ms"],
@@ -856,6 +998,45 @@ def summary(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def evict(root: Path) -> float:
+    """Drop the queue files' pages from the page cache (POSIX_FADV_DONTNEED, file by file: no
+    other program's cache is touched), so that the next load reads them from the disk."""
+    started = time.perf_counter()
+    for sub in disk_dirs(root):
+        dfd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with os.scandir(sub) as it:
+                for entry in it:
+                    if entry.is_file(follow_symlinks=False):
+                        fd = os.open(entry.name, os.O_RDONLY | os.O_NOATIME, dir_fd=dfd)
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                        os.close(fd)
+        finally:
+            os.close(dfd)
+    return time.perf_counter() - started
+
+
+def load_ab(argv: Sequence[str]) -> int:
+    """``scale.py load-ab``: the load of one disk queue by two versions of smtpq, alternately,
+    each from a cold page cache (its files evicted first) and then warm."""
+    parser = argparse.ArgumentParser(prog="scale.py load-ab", description=load_ab.__doc__)
+    parser.add_argument("queue", type=Path, help="a queue populated by scale.py (disk-N)")
+    parser.add_argument("--src", type=Path, nargs=2, required=True, metavar=("A", "B"))
+    parser.add_argument("--rounds", type=int, default=2)
+    opts = parser.parse_args(argv)
+    spec = {"type": "disk", "path": str(opts.queue)}
+    for turn in range(opts.rounds):
+        for src in opts.src:
+            os.environ["PYTHONPATH"] = str(src.resolve())
+            for cache in ("cold", "warm"):
+                evicted = evict(opts.queue) if cache == "cold" else 0.0
+                row = {"round": turn, "src": str(src), "cache": cache, "start": loadavg()}
+                row.update(run_child("open", {"storage": spec}))
+                row.update(end=loadavg(), evict_s=round(evicted, 1))
+                print(json.dumps(row), flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the arguments and run the benchmark (or one child task)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -867,11 +1048,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = asyncio.run(CHILD_TASKS[argv[1]](json.loads(argv[2])))
         print(json.dumps(result))
         return 0
+    if argv[:1] == ["load-ab"]:
+        return load_ab(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=1_000_000, help="disk queue size")
     parser.add_argument("--redis-n", type=int, default=100_000, help="redis queue size")
-    parser.add_argument("-k", type=int, default=200, help="messages per enqueue/delivery test")
-    parser.add_argument("--quick", action="store_true", help="-n 20000 --redis-n 5000 -k 100")
+    parser.add_argument("-k", type=int, default=100, help="messages per test and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per test")
+    parser.add_argument("--quick", action="store_true", help="-n 20000 --redis-n 5000 -k 50")
     parser.add_argument("--storage", default="disk,redis", help="disk, redis or both")
     parser.add_argument("--sync", default="fsync", choices=["fsync", "syncfs", "none"])
     parser.add_argument("--no-full-list", action="store_true", help="skip list --json of all")
@@ -886,7 +1070,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     opts = parser.parse_args(argv)
     if opts.quick:
-        opts.n, opts.redis_n, opts.k = 20_000, 5_000, 100
+        opts.n, opts.redis_n, opts.k = 20_000, 5_000, 50
     workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="smtpq-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
     kinds = set(opts.storage.split(","))
@@ -906,14 +1090,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if "disk" in kinds:
-            for n in (2 * opts.k, opts.n):
-                print(f"disk, {n:,} messages ...", flush=True)
-                done(disk_run(workdir, n, opts.k, opts.sync, full))
+            print(f"disk, {opts.n:,} messages and {opts.rounds * opts.k} ...", flush=True)
+            for result in disk_pair(workdir, opts.n, opts.k, opts.rounds, opts.sync, full):
+                done(result)
         if "redis" in kinds:
             with redis_server(workdir) as url:
-                for n in (2 * opts.k, opts.redis_n):
-                    print(f"redis, {n:,} messages ...", flush=True)
-                    done(redis_run(workdir, url, n, opts.k, full))
+                print(f"redis, {opts.redis_n:,} messages and {opts.rounds * opts.k} ...")
+                for result in redis_pair(workdir, url, opts.redis_n, opts.k, opts.rounds, full):
+                    done(result)
     finally:
         if not opts.keep:
             shutil.rmtree(workdir, ignore_errors=True)

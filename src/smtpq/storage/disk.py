@@ -194,6 +194,29 @@ def _decode_meta(data: bytes) -> _Meta:
     return _Meta(float(ts), attempts, delivered, held, reply)
 
 
+# What load() needs of a meta file, where it is laid out as _encode_meta writes it: one regex
+# finds the next attempt time and the held flag once the checksum is verified, instead of
+# parsing and checking the whole document (a third of the CPU time of that). Any other layout
+# goes through _decode_meta; the types inside last_reply are checked when the message is read.
+_SCHEDULE_FIELDS = re.compile(
+    rb'smtpq-meta 1 ([0-9a-f]{8})\n(\{"timestamp":(-?[0-9][0-9.eE+-]*),"attempts":[0-9]+,'
+    rb'"delivered":\[[0-9,]*\],"held":(true|false),"last_reply":(?:null|\{.*\})\})\n',
+    re.DOTALL,
+)
+
+
+def _schedule_fields(data: bytes) -> tuple[float, bool]:
+    """A meta file's next attempt time and held flag; _CorruptError as _decode_meta raises."""
+    match = _SCHEDULE_FIELDS.fullmatch(data)
+    if match is not None and zlib.crc32(match[2]) == int(match[1], 16):
+        with contextlib.suppress(ValueError):
+            timestamp = float(match[3])
+            if math.isfinite(timestamp):
+                return timestamp, match[4] == b"true"
+    meta = _decode_meta(data)
+    return meta.timestamp, meta.held
+
+
 def _check_id(id: object) -> str:
     """The id if it has this storage's form; KeyError otherwise (it cannot name a stored file)."""
     if not isinstance(id, str) or not is_valid_id(id):
@@ -1031,8 +1054,9 @@ class DiskStorage(LocallyScheduled):
         Never stops at a bad entry: truncated, unparseable, wrong-version or inconsistent files
         go to the corrupt directory (logged, counted in :meth:`get_info`); this storage's
         scratch leftovers are deleted; orphans are resolved (see the module documentation).
-        The scan runs in one worker thread; writes and removals may go on meanwhile. The other
-        methods load on first use, without building this list.
+        The scan runs in worker threads (the meta files are read by several at once); writes
+        and removals may go on meanwhile. The other methods load on first use, without building
+        this list.
         """
         async with self._load_lock:
             await self._reload()
@@ -1171,7 +1195,7 @@ class DiskStorage(LocallyScheduled):
                             data += chunk
                 finally:
                     os.close(fd)
-                meta = _decode_meta(data)
+                timestamp, is_held = _schedule_fields(data)
             except FileNotFoundError:
                 continue  # removed meanwhile
             except _CorruptError as exc:
@@ -1184,8 +1208,8 @@ class DiskStorage(LocallyScheduled):
                     log.error("cannot read queue entry %s: %s", id, exc)
                 continue
             # Shared by the reading threads: one dict or set operation is atomic.
-            found[key] = meta.timestamp
-            if meta.held:
+            found[key] = timestamp
+            if is_held:
                 held.add(key)
 
     def _env_keys(self) -> set[int]:
