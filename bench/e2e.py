@@ -1145,7 +1145,8 @@ def bench(settings: Settings, json_out: Path | None) -> int:
     ratio_rows = ratios(summary)
     print(f"\nN={settings.n} size={settings.size} runs={settings.runs} date={meta['date']}")
     if "smtpq" in settings.mtas and (settings.smtpq_sync, settings.smtpq_workers) != (None, 1):
-        print(f"smtpq: storage.sync = {settings.smtpq_sync}, workers = {settings.smtpq_workers}")
+        sync = settings.smtpq_sync or "(default)"
+        print(f"smtpq: storage.sync = {sync}, workers = {settings.smtpq_workers}")
     print_tables(summary, ratio_rows)
     if json_out is not None:
         document = {
