@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint types pytest clean
+.PHONY: serve test lint types pytest bench-e2e clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "smtpq needs Python 3.11+"'
@@ -27,6 +27,10 @@ types: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# End to end against Postfix and python-slimta (installs them on first use; see bench/README.md).
+bench-e2e: $(STAMP)
+	$(BIN)/python bench/e2e.py --all --json-out bench/work/e2e.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
