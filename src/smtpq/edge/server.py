@@ -16,6 +16,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import inspect
 import logging
 import re
 import socket
@@ -542,6 +543,13 @@ def _accepted(ids: list[str]) -> str:
         return text
     head = f"250 2.6.0 Message accepted for delivery; queued as {ids[0]}"
     return f"{head} and {len(ids) - 1} more"
+
+
+# aiosmtpd asks for the EHLO hook's signature on every connection (to tell its two forms apart):
+# computed once here, inspect.signature finds it on the function instead of parsing it again.
+_EdgeHandler.handle_EHLO.__signature__ = inspect.signature(  # type: ignore[attr-defined]
+    _EdgeHandler.handle_EHLO
+)
 
 
 class SmtpEdge:

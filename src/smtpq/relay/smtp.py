@@ -22,8 +22,10 @@ state, not the message, so the message waits in the queue (and bounces only when
 run out) rather than bouncing at once — as Postfix's ``smtp_sasl_auth_soft_bounce`` does.
 
 Connections are reused: after a transaction the connection waits idle (at most
-``idle_timeout`` seconds); the next transaction sends RSET first, and a connection that fails
-it is dropped and replaced without failing the delivery.
+``idle_timeout`` seconds) for the next one. A connection whose last transaction ended cleanly
+(the message accepted, or the sender refused) starts the next at once; otherwise RSET comes
+first. An idle connection the host has closed meanwhile is found out by the first command, and
+replaced without failing the delivery: nothing of the message was sent yet.
 """
 
 from __future__ import annotations
@@ -63,7 +65,10 @@ SETUP_COMMANDS = frozenset({"CONNECT", "EHLO", "HELO", "STARTTLS", "AUTH"})
 # Characters that would end an address on the command line (after a quoted local part).
 _UNSENDABLE = re.compile(r"[\s<>\x00-\x1f\x7f]")
 _QUOTED_LOCAL = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"')
-_DEFAULT_IDLE = 4
+# Idle connections kept per host without a pool_size. Generous: a busy smarthost sees dozens of
+# deliveries at once, and a connection dropped only to be opened again for the next message
+# costs a connect, EHLO and QUIT (each closes after idle_timeout anyway).
+_DEFAULT_IDLE = 64
 # RSET and QUIT on a connection we are about to reuse or drop: no reason to wait long.
 _HOUSEKEEPING_TIMEOUT = 10.0
 
@@ -94,7 +99,8 @@ class SmtpRelayConfig:
     :ivar connect_timeout: seconds for the connection, greeting, EHLO, STARTTLS and AUTH each.
     :ivar command_timeout: seconds for the reply to MAIL, RCPT, RSET (RFC 5321 §4.5.3.2: 5 min).
     :ivar data_timeout: seconds for the reply to DATA and to the final dot (RFC: 10 min).
-    :ivar pool_size: most connections at once to one host (None: no limit).
+    :ivar pool_size: most connections at once to one host (None: no limit), and most kept
+        idle (None: 64).
     :ivar idle_timeout: seconds an idle connection is kept for the next message (0: no reuse).
     :ivar max_messages: transactions per connection before it is closed.
     """
@@ -199,12 +205,14 @@ def _needs_smtputf8(envelope: Envelope, recipients: Sequence[str]) -> bool:
 class _Connection:
     """An aiosmtplib session and its bookkeeping in the pool."""
 
-    __slots__ = ("idle_timer", "smtp", "uses")
+    __slots__ = ("clean", "idle_timer", "smtp", "uses")
 
     def __init__(self, smtp: aiosmtplib.SMTP) -> None:
         self.smtp = smtp
         self.uses = 0
         self.idle_timer: asyncio.TimerHandle | None = None
+        #: No mail transaction open: the next can begin without RSET.
+        self.clean = True
 
 
 class _StepFailed(Exception):
@@ -319,22 +327,33 @@ class SmtpPool:
                 raise
             await smtp.helo(timeout=self.config.connect_timeout)
 
-    async def _acquire(self) -> _Connection:
-        """An idle connection that answers RSET, or a new one."""
+    async def _acquire(self) -> tuple[_Connection, bool]:
+        """An idle connection, or a new one; True for an idle one not heard from since.
+
+        One left in a transaction must answer RSET first (and is then heard from); a clean
+        one is used as it is, to spare the round trip: the caller finds out at MAIL FROM
+        whether the host closed it meanwhile.
+        """
         while self._idle:
             conn = self._idle.pop()
             if conn.idle_timer is not None:
                 conn.idle_timer.cancel()
                 conn.idle_timer = None
+            if not conn.smtp.is_connected:
+                conn.smtp.close()
+                continue
+            if conn.clean:
+                return conn, True
             try:
                 reply = await conn.smtp.execute_command(b"RSET", timeout=_HOUSEKEEPING_TIMEOUT)
             except (aiosmtplib.SMTPException, OSError):
                 conn.smtp.close()
                 continue
             if reply.code == 250:
-                return conn
+                conn.clean = True
+                return conn, False
             self._retire(conn)
-        return await self._connect()
+        return await self._connect(), False
 
     def _release(self, conn: _Connection) -> None:
         cfg = self.config
@@ -398,8 +417,17 @@ class SmtpPool:
         self._busy += 1
         conn: _Connection | None = None
         try:
-            conn = await self._acquire()
-            host_failed = await self._transaction(conn.smtp, envelope, recipients, replies)
+            while True:
+                conn, unheard = await self._acquire()
+                try:
+                    host_failed = await self._transaction(conn, envelope, recipients, replies)
+                    break
+                except _StepFailed as failed:
+                    if not (unheard and failed.command == "MAIL FROM" and _closed(failed)):
+                        raise
+                # The host closed the idle connection: the next idle one, or a new one.
+                conn.smtp.close()
+                conn = None
         except _StepFailed as failed:
             reply = reply_for_error(failed.error, host=self.name, command=failed.command)
             for rcpt in recipients:
@@ -435,13 +463,13 @@ class SmtpPool:
 
     async def _transaction(
         self,
-        smtp: aiosmtplib.SMTP,
+        conn: _Connection,
         envelope: Envelope,
         recipients: Sequence[str],
         replies: dict[str, Reply],
     ) -> bool:
         """MAIL, RCPT each, DATA for the accepted; fills ``replies``. True if the host failed."""
-        cfg, host = self.config, self.name
+        cfg, host, smtp = self.config, self.name, conn.smtp
 
         def answer(command: str, resp: SMTPResponse, rcpt: str) -> Reply:
             return Reply(str(resp.code), _text(resp.message), command, rcpt, remote_host=host)
@@ -459,6 +487,7 @@ class SmtpPool:
             return False
         message = b"".join(envelope.flatten())
         options = self._mail_options(smtp, envelope, len(message), utf8)
+        conn.clean = False
         resp = await self._step(
             "MAIL FROM",
             smtp.execute_command(
@@ -469,6 +498,7 @@ class SmtpPool:
             ),
         )
         if resp.code != 250:
+            conn.clean = True  # no transaction began
             for rcpt in recipients:
                 replies[rcpt] = answer("MAIL FROM", resp, rcpt)
             return resp.code == 421
@@ -500,6 +530,7 @@ class SmtpPool:
         if not accepted:
             return False
         resp = await self._step("DATA", smtp.data(message, timeout=cfg.data_timeout))
+        conn.clean = resp.code == 250  # the message taken: the transaction is over
         for rcpt in accepted:
             replies[rcpt] = answer("DATA", resp, rcpt)
         return resp.code == 421
@@ -521,6 +552,11 @@ class SmtpPool:
             if envelope.dsn_envid:
                 options.append(f"ENVID={envelope.dsn_envid}")
         return [o.encode("ascii") for o in options]
+
+
+def _closed(failed: _StepFailed) -> bool:
+    """The command failed because the connection was found closed."""
+    return isinstance(failed.error, (aiosmtplib.SMTPServerDisconnected, ConnectionError))
 
 
 def _encoded_params(params: Mapping[str, str], encoding: str) -> list[bytes]:

@@ -34,6 +34,8 @@ class SinkBehaviour:
     data: str = "250 2.0.0 Ok: queued as SINK1"
     #: While set, DATA is never answered (for timeouts).
     hang_data: asyncio.Event | None = None
+    #: This many MAIL commands are answered by closing the connection (a host gone meanwhile).
+    close_at_mail: int = 0
 
 
 class _SinkHandler:
@@ -48,6 +50,11 @@ class _SinkHandler:
         address: str,
         options: list[str],
     ) -> str:
+        if self.sink.behaviour.close_at_mail > 0:
+            self.sink.behaviour.close_at_mail -= 1
+            assert isinstance(server.transport, asyncio.Transport)
+            server.transport.abort()
+            return "421 4.3.2 Gone"  # never reaches the client
         if self.sink.behaviour.mail:
             return self.sink.behaviour.mail
         envelope.mail_from = address
@@ -68,6 +75,10 @@ class _SinkHandler:
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Ok"
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        self.sink.resets += 1
+        return "250 2.0.0 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
         behaviour = self.sink.behaviour
@@ -122,6 +133,7 @@ class Sink:
         self.received: list[Received] = []
         self.arrived = asyncio.Event()
         self.connections = 0
+        self.resets = 0
         self.protocols: list[SMTP] = []
         self._server: asyncio.Server | None = None
 

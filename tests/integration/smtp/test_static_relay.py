@@ -110,6 +110,7 @@ async def test_no_recipient_accepted_sends_no_data(sink: Sink, relay_factory: Re
     result = await relay.attempt(envelope("ok@x.example"), 0)
     assert reply(result["ok@x.example"]).code == "250"
     assert sink.connections == 1
+    assert sink.resets == 1
 
 
 async def test_connection_reuse(sink: Sink, relay_factory: RelayFactory) -> None:
@@ -119,6 +120,30 @@ async def test_connection_reuse(sink: Sink, relay_factory: RelayFactory) -> None
         assert reply(result[f"r{i}@x.example"]).code == "250"
     assert len(sink.received) == 3
     assert sink.connections == 1
+    assert sink.resets == 0  # each transaction ended cleanly: the next needs no RSET
+
+
+async def test_idle_connection_closed_by_host_is_replaced_at_mail(
+    sink: Sink, relay_factory: RelayFactory
+) -> None:
+    relay = relay_factory("127.0.0.1", sink.port)
+    await relay.attempt(envelope("one@x.example"), 0)
+    # The host drops the idle connection as our MAIL FROM arrives, before any reply.
+    sink.behaviour.close_at_mail = 1
+    result = await relay.attempt(envelope("two@x.example"), 0)
+    assert reply(result["two@x.example"]).code == "250"
+    assert [r.recipients for r in sink.received] == [["one@x.example"], ["two@x.example"]]
+    assert sink.connections == 2
+
+
+async def test_new_connection_closed_at_mail_is_transient(
+    sink: Sink, relay_factory: RelayFactory
+) -> None:
+    sink.behaviour.close_at_mail = 1
+    result = await relay_factory("127.0.0.1", sink.port).attempt(envelope("a@x.example"), 0)
+    r = reply(result["a@x.example"])
+    assert (r.code, r.command) == ("451", "MAIL FROM")
+    assert sink.received == []
 
 
 async def test_pool_size_bounds_concurrent_connections(
