@@ -67,6 +67,11 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
     # aiosmtpd logs every connection and command at INFO; our own events say what matters.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # The format uses neither the caller's file and line nor thread names: not collecting them
+    # for every record is the logging HOWTO's own advice for a busy process.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
 
 
 @dataclass(frozen=True)

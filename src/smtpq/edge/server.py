@@ -425,8 +425,10 @@ class _EdgeHandler:
     def __init__(self, edge: SmtpEdge) -> None:
         self.edge = edge
 
+    # Static, with its signature computed once (below): aiosmtpd inspects the EHLO hook's
+    # signature on every connection, and a plain function that carries one is the cheap case.
+    @staticmethod
     async def handle_EHLO(
-        self,
         server: _EdgeProtocol,
         session: Session,
         envelope: SmtpEnvelope,
@@ -436,7 +438,7 @@ class _EdgeHandler:
         """Advertise DSN; offer AUTH only when there are credentials to check."""
         # With an EHLO hook, aiosmtpd leaves recording the name to the hook.
         session.host_name = hostname
-        keep = [r for r in responses if self.edge.passwords or not r.startswith("250-AUTH")]
+        keep = [r for r in responses if server.edge.passwords or not r.startswith("250-AUTH")]
         return [*keep[:-1], "250-DSN", keep[-1]]
 
     async def handle_MAIL(
