@@ -293,6 +293,76 @@ class _EdgeProtocol(SMTP):
         else:
             await super().push(status)
 
+    # -- DATA --------------------------------------------------------------------------------
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA, reading the content in bulk rather than one line at a time.
+
+        The answers are aiosmtpd's: 503 without recipients, 501 with an argument, 552 5.3.4 over
+        the size limit and 500 for a line over 1,000 octets (both after the whole content,
+        RFC 5321 §4.2.5), then the DATA hook's reply.
+        """
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            content, refusal = await self._read_content()
+        except asyncio.CancelledError:
+            log.info("connection lost during DATA")
+            self._writer.close()
+            raise
+        if refusal is not None:
+            await self.push(refusal)
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status)
+
+    async def _read_content(self) -> tuple[bytes, str | None]:
+        """The message up to the lone dot, unstuffed; or a refusal once it has all arrived.
+
+        The reader stops at each ``.<CRLF>`` (or at its buffer limit): a line of only a dot
+        ends the content, any other dot at a line's end is message text.
+        """
+        reader, limit = self._reader, self.data_size_limit
+        chunks: list[bytes] = []
+        size = 0
+        tail = b"\r\n"  # the content starts at a line's start
+        too_much = False
+        while True:
+            try:
+                chunk = await reader.readuntil(b".\r\n")
+            except asyncio.LimitOverrunError as exc:  # no dot yet in a full buffer
+                chunk = await reader.readexactly(exc.consumed)
+            size += len(chunk)
+            if not too_much:
+                chunks.append(chunk)
+            if (tail + chunk)[-5:] == b"\r\n.\r\n":
+                break
+            tail = (tail + chunk)[-4:]
+            if limit and size > limit + 3:  # over the limit, whatever the end adds
+                too_much = True
+                chunks.clear()  # drain the rest, keep nothing
+        if too_much or (limit and size - 3 > limit):
+            return b"", "552 Error: Too much mail data"
+        data = b"".join(chunks)[:-3]  # without the final dot line
+        # aiosmtpd's limit: 1,001 octets with the CRLF, stuffed dot included.
+        if max(map(len, data.split(b"\r\n"))) > self.line_length_limit - 2:
+            return b"", "500 Line too long (see RFC5321 4.5.3.1.6)"
+        # Transparency (RFC 5321 §4.5.2): a dot that starts a line was doubled by the client.
+        if data.startswith(b".."):
+            data = data[1:]
+        return data.replace(b"\r\n..", b"\r\n."), None
+
     # -- MAIL and RCPT parameters (RFC 3461 DSN, RFC 1870 SIZE, RFC 4954 AUTH=) ---------------
 
     def _split_command(self, keyword: str, arg: str | None) -> tuple[str, list[str]] | None:

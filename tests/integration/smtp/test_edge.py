@@ -181,6 +181,65 @@ async def test_bare_lf_does_not_end_or_corrupt_the_message(edge_factory: EdgeFac
     assert b"".join(env.flatten()) == body
 
 
+async def test_dot_transparency(edge_factory: EdgeFactory) -> None:
+    store = DictStorage()
+    edge = await edge_factory(store)
+    # smtplib doubles every dot that starts a line; the edge must take exactly one back.
+    body = b"Subject: dots\r\n\r\n.\r\n..\r\n.starts\r\nends.\r\n.\r\n...\r\nlast.\r\n"
+    await smtp_session(edge.port, lambda s: s.sendmail("a@example.org", ["b@example.net"], body))
+    [env] = await stored(store)
+    assert b"".join(env.flatten()) == body
+
+
+async def test_data_in_pieces_and_a_pipelined_command(edge_factory: EdgeFactory) -> None:
+    store = DictStorage()
+    edge = await edge_factory(store)
+    reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+    await reader.readline()
+    writer.write(b"HELO client.example\r\nMAIL FROM:<a@example.org>\r\n")
+    writer.write(b"RCPT TO:<b@example.net>\r\nDATA\r\n")
+    replies = [await reader.readline() for _ in range(4)]
+    assert replies[-1].startswith(b"354")
+    # The end of data split over writes, the next command in the same write as its end.
+    for piece in (b"Subject: p", b"ieces\r\n\r\nbody.", b"\r\nlast\r\n", b".", b"\r", b"\n"):
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(0.01)
+    assert (await reader.readline()).startswith(b"250 2.6.0")
+    writer.write(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<c@example.net>\r\nDATA\r\n")
+    replies = [await reader.readline() for _ in range(3)]
+    assert replies[-1].startswith(b"354")
+    writer.write(b".\r\nQUIT\r\n")  # an empty message, then QUIT in the same segment
+    assert (await reader.readline()).startswith(b"250 2.6.0")
+    assert (await reader.readline()).startswith(b"221")
+    writer.close()
+    await writer.wait_closed()
+    by_rcpt = {env.recipients[0]: b"".join(env.flatten()) for env in await stored(store)}
+    assert by_rcpt["b@example.net"] == b"Subject: pieces\r\n\r\nbody.\r\nlast\r\n"
+    assert by_rcpt["c@example.net"] == b""  # an empty message is a message
+
+
+async def test_line_over_1000_octets_refused_and_session_goes_on(edge_factory: EdgeFactory) -> None:
+    store = DictStorage()
+    edge = await edge_factory(store)
+
+    def send(s: smtplib.SMTP) -> list[Any]:
+        s.ehlo()
+        s.mail("a@example.org")
+        s.rcpt("b@example.net")
+        out: list[Any] = [s.data(b"Subject: long\r\n\r\n" + b"x" * 1200 + b"\r\n")]
+        s.mail("a@example.org")
+        s.rcpt("b@example.net")
+        out.append(s.data(b"Subject: fine\r\n\r\n" + b"x" * 998 + b"\r\n"))
+        return out
+
+    too_long, fine = await smtp_session(edge.port, send)
+    assert too_long[0] == 500
+    assert fine[0] == 250
+    [env] = await stored(store)
+    assert env.headers["Subject"] == "fine"
+
+
 async def test_null_sender_and_multiple_messages_per_session(edge_factory: EdgeFactory) -> None:
     store = DictStorage()
     edge = await edge_factory(store)
@@ -565,17 +624,23 @@ async def test_size_limit_advertised_and_enforced(edge_factory: EdgeFactory) -> 
         out.append(s.mail("a@example.org", ["SIZE=900"]))
         s.rcpt("b@example.net")
         out.append(s.data(b"Subject: small\r\n\r\nsmall\r\n"))
+        # The limit counts the content as sent: 1,000 octets pass, 1,001 do not.
+        for size in (1001, 1000):
+            s.mail("a@example.org")
+            s.rcpt("b@example.net")
+            head = b"Subject: %d\r\n\r\n" % size
+            out.append(s.data(head + b"y" * (size - len(head) - 2) + b"\r\n")[0])
         return out
 
-    size, mail_big, data_big, mail_ok, data_ok = await smtp_session(edge.port, send)
+    size, mail_big, data_big, mail_ok, data_ok, over, at = await smtp_session(edge.port, send)
+    assert (over, at) == (552, 250)
     assert size == "1000"
     assert mail_big == (552, b"5.3.4 Message size exceeds fixed maximum message size")
     assert data_big[0] == 552
     assert data_big[1].startswith(b"5.3.4")
     assert mail_ok[0] == 250
     assert data_ok[0] == 250
-    [env] = await stored(store)
-    assert env.headers["Subject"] == "small"
+    assert sorted(env.headers["Subject"] for env in await stored(store)) == ["1000", "small"]
 
 
 async def test_recipient_limit(edge_factory: EdgeFactory) -> None:
