@@ -38,6 +38,7 @@ def test_every_protocol_override_overrides_something() -> None:
     overrides = {
         "smtp_MAIL",
         "smtp_RCPT",
+        "smtp_DATA",
         "auth_PLAIN",
         "auth_LOGIN",
         "handle_exception",
@@ -56,3 +57,11 @@ def test_every_protocol_override_overrides_something() -> None:
         n for n in vars(_EdgeProtocol) if n.startswith(("smtp_", "auth_", "handle_", "_create_"))
     }
     assert aiosmtpd_style <= overrides
+
+
+def test_what_the_data_reader_uses_is_in_aiosmtpd() -> None:
+    # smtp_DATA is replaced whole: the state it shares with aiosmtpd must still be there.
+    for name in ("check_helo_needed", "check_auth_needed", "_set_post_data_state", "push"):
+        assert callable(getattr(SMTP, name, None)), name
+    assert SMTP.line_length_limit == 1001
+    assert "self._reader" in inspect.getsource(SMTP._cb_client_connected)

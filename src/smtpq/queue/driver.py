@@ -96,10 +96,16 @@ class _Attempt:
     pending: tuple[int, ...]
     scheduled: float
 
+    def recipients(self, indexes: Sequence[int]) -> list[str]:
+        """The recipients at these original indexes."""
+        if tuple(indexes) == self.pending:  # the usual case: all of them
+            return list(self.envelope.recipients)
+        position = {orig: k for k, orig in enumerate(self.pending)}
+        return [self.envelope.recipients[position[i]] for i in indexes]
+
     def subset(self, indexes: Sequence[int]) -> Envelope:
         """A copy of the envelope for the recipients at these original indexes."""
-        position = {orig: k for k, orig in enumerate(self.pending)}
-        return self.envelope.copy([self.envelope.recipients[position[i]] for i in indexes])
+        return self.envelope.copy(self.recipients(indexes))
 
 
 class Queue:
@@ -439,7 +445,7 @@ class Queue:
             if judgement.permanent or judgement.transient:
                 await self._store(self.store.set_recipients_delivered(id, judgement.delivered))
             done.update(judgement.delivered)
-            delivered = a.subset(judgement.delivered).recipients
+            delivered = a.recipients(judgement.delivered)
             self._emit(QueueEvent("delivered", id, delivered, judgement.success))
         retry_soon = False
         for reply, idx in judgement.permanent:
