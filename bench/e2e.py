@@ -6,7 +6,10 @@
 MTAs (``--mta``):
 
 * ``smtpq``: ``smtpq serve`` with durable disk storage (the default sync: syncfs or fsync per
-  commit), relay type smarthost to the sink; config from :func:`smtpq_config`.
+  commit), relay type smarthost to the sink; config from :func:`smtpq_config`; one worker
+  process (``--smtpq-workers``).
+* ``smtpq-w2``: the same with two worker processes (``workers = 2``: SO_REUSEPORT listeners,
+  one disk shard each), both cores of the benchmark machine; ``smtpq-wN`` for N workers.
 * ``postfix``: Postfix from the distribution with stock performance settings, listening on the
   MTA port and relaying everything to the sink (``relayhost``); queue on disk, fsync.
 * ``slimta``: python-slimta 5.0.5 (SmtpEdge + Queue + DiskStorage + StaticSmtpRelay) in its own
@@ -75,7 +78,9 @@ SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SLIMTA_VENV = Path("/tmp/slimta-venv")
 SLIMTA_PACKAGES = ("python-slimta==5.0.5", "setuptools>=80,<82", "pyaio==0.4")
-MTAS = ("smtpq", "postfix", "slimta", "direct")
+MTAS = ("smtpq", "smtpq-w2", "postfix", "slimta", "direct")
+# smtpq with N worker processes: "smtpq-wN".
+_SMTPQ_WORKERS = re.compile(r"smtpq-w([1-9][0-9]*)")
 SENDER = "from@example.com"
 RECIPIENT = "to@example.net"
 HOST = "127.0.0.1"
@@ -453,20 +458,22 @@ class ChildMta:
     def __init__(self, name: str, settings: Settings) -> None:
         self.name = name
         self.settings = settings
+        match = _SMTPQ_WORKERS.fullmatch(name)
+        self.workers = int(match.group(1)) if match else settings.smtpq_workers
         self._proc: subprocess.Popen[bytes] | None = None
         self._queue_dir: Path | None = None
 
     def command(self, rundir: Path, queue_dir: Path) -> list[str]:
         """The command line that starts the MTA."""
         s = self.settings
-        if self.name == "smtpq":
+        if is_smtpq(self.name):
             config = rundir / "smtpq.toml"
             config.write_text(
                 smtpq_config(
                     listen_port=s.mta_port,
                     sink_port=s.sink_port,
                     queue_dir=queue_dir,
-                    workers=s.smtpq_workers,
+                    workers=self.workers,
                     sync=s.smtpq_sync,
                 )
             )
@@ -643,7 +650,7 @@ def setup(settings: Settings) -> None:
     if "slimta" in settings.mtas and not (SLIMTA_VENV / "bin" / "python").exists():
         run([sys.executable, "-m", "venv", str(SLIMTA_VENV)])
         run([str(SLIMTA_VENV / "bin" / "pip"), "install", "-q", *SLIMTA_PACKAGES])
-    if "smtpq" in settings.mtas and not settings.smtpq_cmd:
+    if any(map(is_smtpq, settings.mtas)) and not settings.smtpq_cmd:
         venv = settings.smtpq_venv
         if not (venv / "bin" / "python").exists():
             run([sys.executable, "-m", "venv", str(venv)])
@@ -923,7 +930,7 @@ def ratios(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     by_key = {(s["mta"], s["sessions"]): s for s in summary}
     for (name, sessions), row in sorted(by_key.items(), key=lambda kv: kv[0][1]):
-        if name != "smtpq":
+        if not is_smtpq(name):
             continue
         for peer in ("postfix", "slimta"):
             other = by_key.get((peer, sessions))
@@ -931,7 +938,7 @@ def ratios(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             rows.append(
                 {
-                    "ratio": f"smtpq/{peer}",
+                    "ratio": f"{name}/{peer}",
                     "sessions": sessions,
                     "accepted": _div(row["accepted"], other["accepted"]),
                     "delivered": _div(row["delivered"], other["delivered"]),
@@ -1004,6 +1011,11 @@ def environment(settings: Settings) -> dict[str, Any]:
 # ---------------------------------------------------------------- main
 
 
+def is_smtpq(name: str) -> bool:
+    """``smtpq`` or ``smtpq-wN``."""
+    return name == "smtpq" or _SMTPQ_WORKERS.fullmatch(name) is not None
+
+
 def make_mta(name: str, settings: Settings) -> Mta:
     """The runner for one MTA name."""
     if name == "postfix":
@@ -1019,7 +1031,7 @@ def check_tools(settings: Settings) -> None:
     if "slimta" in settings.mtas and not (SLIMTA_VENV / "bin" / "python").exists():
         missing.append(str(SLIMTA_VENV / "bin" / "python"))
     smtpq = settings.smtpq_command()[0]
-    if "smtpq" in settings.mtas and not shutil.which(smtpq):
+    if any(map(is_smtpq, settings.mtas)) and not shutil.which(smtpq):
         missing.append(smtpq)
     if missing:
         raise BenchError(f"missing {', '.join(missing)}; run with --setup first")
@@ -1058,7 +1070,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
     parser.add_argument("--py-spy", default="py-spy", help="py-spy executable for --profile")
     args = parser.parse_args(argv)
     mtas = tuple(m.strip() for m in args.mta.split(",") if m.strip())
-    unknown = set(mtas) - set(MTAS)
+    unknown = {m for m in mtas if m not in MTAS and not _SMTPQ_WORKERS.fullmatch(m)}
     if unknown:
         parser.error(f"unknown MTA {', '.join(sorted(unknown))}")
     settings = Settings(
@@ -1144,9 +1156,10 @@ def bench(settings: Settings, json_out: Path | None) -> int:
     summary = summarize(results, settings)
     ratio_rows = ratios(summary)
     print(f"\nN={settings.n} size={settings.size} runs={settings.runs} date={meta['date']}")
-    if "smtpq" in settings.mtas and (settings.smtpq_sync, settings.smtpq_workers) != (None, 1):
+    custom = (settings.smtpq_sync, settings.smtpq_workers) != (None, 1)
+    if custom and any(map(is_smtpq, settings.mtas)):
         sync = settings.smtpq_sync or "(default)"
-        print(f"smtpq: storage.sync = {sync}, workers = {settings.smtpq_workers}")
+        print(f"smtpq: storage.sync = {sync}, workers (plain smtpq) = {settings.smtpq_workers}")
     print_tables(summary, ratio_rows)
     if json_out is not None:
         document = {
