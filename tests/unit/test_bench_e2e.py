@@ -117,6 +117,22 @@ def test_summary_takes_medians_of_complete_runs_and_lists_failures() -> None:
     ]
 
 
+def test_smtpq_worker_variants(tmp_path: Path) -> None:
+    settings = e2e.Settings(mtas=("smtpq", "smtpq-w2"), smtpq_workers=1)
+    one, two = (e2e.make_mta(name, settings) for name in settings.mtas)
+    assert isinstance(one, e2e.ChildMta)
+    assert isinstance(two, e2e.ChildMta)
+    assert (one.workers, two.workers) == (1, 2)
+    two.command(tmp_path, tmp_path / "queue")
+    assert tomllib.loads((tmp_path / "smtpq.toml").read_text())["workers"] == 2
+    assert [e2e.is_smtpq(n) for n in ("smtpq", "smtpq-w12", "smtpq-w0", "postfix")] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+
+
 def test_profile_summary_merges_lines_per_function(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

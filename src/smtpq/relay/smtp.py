@@ -65,6 +65,7 @@ SETUP_COMMANDS = frozenset({"CONNECT", "EHLO", "HELO", "STARTTLS", "AUTH"})
 # Characters that would end an address on the command line (after a quoted local part).
 _UNSENDABLE = re.compile(r"[\s<>\x00-\x1f\x7f]")
 _QUOTED_LOCAL = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"')
+_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 # Idle connections kept per host without a pool_size. Generous: a busy smarthost sees dozens of
 # deliveries at once, and a connection dropped only to be opened again for the next message
 # costs a connect, EHLO and QUIT (each closes after idle_timeout anyway).
@@ -529,11 +530,28 @@ class SmtpPool:
                 accepted.append(rcpt)
         if not accepted:
             return False
-        resp = await self._step("DATA", smtp.data(message, timeout=cfg.data_timeout))
+        resp = await self._step("DATA", self._data(smtp, message))
         conn.clean = resp.code == 250  # the message taken: the transaction is over
         for rcpt in accepted:
             replies[rcpt] = answer("DATA", resp, rcpt)
         return resp.code == 421
+
+    async def _data(self, smtp: aiosmtplib.SMTP, message: bytes) -> SMTPResponse:
+        """DATA, then the content: the reply refusing DATA, or the one to the final dot.
+
+        aiosmtplib's ``data()`` rewrites every line ending of the message by regular expression;
+        what an SMTP session stored needs that only in the rare message with a bare CR or LF.
+        """
+        timeout = self.config.data_timeout
+        start = await smtp.execute_command(b"DATA", timeout=timeout)
+        if start.code != 354:
+            return start
+        protocol = smtp.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost after DATA")
+        # No await between the write and read_response: the reply cannot arrive unexpected.
+        protocol.write(wire_content(message))
+        return await protocol.read_response(timeout=timeout)
 
     @staticmethod
     def _mail_options(
@@ -552,6 +570,20 @@ class SmtpPool:
             if envelope.dsn_envid:
                 options.append(f"ENVID={envelope.dsn_envid}")
         return [o.encode("ascii") for o in options]
+
+
+def wire_content(message: bytes) -> bytes:
+    """``message`` as DATA carries it (RFC 5321 §4.5.2): CRLF line endings, a dot doubled at
+    the start of a line, then the lone dot that ends it."""
+    crlf = message.count(b"\r\n")
+    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
+        message = _LINE_ENDING.sub(b"\r\n", message)  # a bare CR or LF: a line ending of its own
+    if message and not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    message = message.replace(b"\n.", b"\n..")
+    if message.startswith(b"."):
+        message = b"." + message
+    return message + b".\r\n"
 
 
 def _closed(failed: _StepFailed) -> bool:
