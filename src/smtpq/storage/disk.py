@@ -107,6 +107,9 @@ _RENAME_EXCHANGE = 2
 _META_MAGIC = b"smtpq-meta"
 _META_VERSION = 1
 _META_HEADER = re.compile(rb"smtpq-meta (\d+) ([0-9a-f]{8})")
+# At most this many fsyncs of a batch are made one after the other in the commit thread; more
+# go to the sync pool in parallel.
+_INLINE_FSYNCS = 3
 # In "auto" mode, a batch with more new files than this may be flushed by one syncfs.
 _SYNCFS_FROM = 16
 _META_NAME = re.compile(r"[0-9a-f]{32}\.meta")
@@ -582,7 +585,10 @@ class DiskStorage(LocallyScheduled):
                     return exc
                 return None
 
-            if len(jobs) > 1:
+            # A lone write (two files and env_dir) is flushed here, in order: handing three
+            # fsyncs to the pool cost more CPU (thread wake-ups, GIL hand-offs) than their
+            # overlap saved (bench/RESULTS.md, 1 session).
+            if len(jobs) > _INLINE_FSYNCS:
                 errors = list(self._sync_pool.map(sync, [fd for _, fd in jobs]))
             else:
                 errors = [sync(fd) for _, fd in jobs]
