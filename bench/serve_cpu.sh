@@ -34,8 +34,10 @@ TOML
 "$here/.venv/bin/smtpq" serve -c "$work/smtpq.toml" > "$work/smtpq.log" 2>&1 & daemon=$!
 for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/2535) 2>/dev/null && break; sleep 0.2; done
 read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$daemon/stat")
+t0=$(date +%s.%N)
 /usr/sbin/smtp-source -s "$sessions" -l 2048 -m "$n" -f from@example.com -t to@example.net \
     127.0.0.1:2535
+t1=$(date +%s.%N)
 sleep 1  # the last deliveries
 read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$daemon/stat")
 hz=$(getconf CLK_TCK)
@@ -43,4 +45,5 @@ switches=$(awk '/^voluntary_ctxt_switches/ {print $2}' "/proc/$daemon/status")
 kill "$daemon"; wait "$daemon" || true
 kill "$sink"; wait "$sink" 2>/dev/null || true
 awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v hz="$hz" -v n="$n" -v c="$switches" -v st="$storage" \
-    'BEGIN { printf "%s: user %.2f s, system %.2f s, %.2f ms CPU/msg, %d voluntary switches (event loop thread)\n", st, u/hz, s/hz, 1000*(u+s)/hz/n, c }'
+    -v t0="$t0" -v t1="$t1" \
+    'BEGIN { printf "%s: accepted %.0f msgs/s; user %.2f s, system %.2f s, %.2f ms CPU/msg, %d voluntary switches (event loop thread)\n", st, n/(t1-t0), u/hz, s/hz, 1000*(u+s)/hz/n, c }'

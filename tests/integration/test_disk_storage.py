@@ -528,6 +528,38 @@ async def test_auto_flushes_big_batches_with_syncfs_and_small_ones_with_fsync(
 # -- concurrency: group commit, off the loop -----------------------------------------------------
 
 
+async def test_a_removal_waits_for_the_next_write_to_share_its_commit(
+    store: DiskStorage, dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(disk, "_REMOVE_LINGER", 60.0)  # longer than the test
+    first = await store.write(make_envelope(1), NOW)
+    before = (await store.get_info())["batches"]
+    removal = asyncio.ensure_future(store.remove(first))
+    await asyncio.sleep(0.05)  # the removal is submitted, alone, and not committed yet
+    assert not removal.done()
+    second = await store.write(make_envelope(2), NOW)
+    await removal
+    assert (await store.get_info())["batches"] == before + 1  # one commit for both
+    assert dirs.ids(dirs.meta, ".meta") == {second}
+    assert dirs.ids(dirs.env, ".env") == {second}
+
+
+async def test_a_lone_removal_is_committed_and_close_commits_a_waiting_one(
+    dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = dirs.open()
+    one, two = [await store.write(make_envelope(i), NOW) for i in range(2)]
+    await store.remove(one)  # nothing else comes: it goes on its own, after the short wait
+    assert dirs.ids(dirs.meta, ".meta") == {two}
+    monkeypatch.setattr(disk, "_REMOVE_LINGER", 60.0)
+    waiting = asyncio.ensure_future(store.remove(two))
+    await asyncio.sleep(0)
+    await store.close()  # does not leave the waiting removal behind
+    await waiting
+    assert dirs.ids(dirs.meta, ".meta") == set()
+    assert dirs.ids(dirs.env, ".env") == set()
+
+
 async def test_concurrent_writes_share_batches(store: DiskStorage) -> None:
     ids = await asyncio.gather(*(store.write(make_envelope(i), NOW) for i in range(200)))
     assert len(set(ids)) == 200
