@@ -33,7 +33,7 @@ counters) or --timeout passes. Per run it records:
 
 Runs are interleaved (for each session count, run 1 of every MTA, then run 2, ...) so that a
 change in the machine's load hits every MTA alike. The summary gives medians over the complete
-runs and the ratios smtpq/postfix and smtpq/slimta.
+runs and the ratios smtpq/postfix and smtpq/slimta (likewise for each smtpq-wN).
 
 Usage (as root; apt, pip and Postfix need it)::
 
