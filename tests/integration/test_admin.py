@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,20 @@ async def test_list_filters_and_show(admin: Admin) -> None:
         await admin.client.get("/queue/" + "0" * 32)
     with pytest.raises(AdminError, match="no message"):
         await admin.client.get("/queue/..%2F..%2Fetc%2Fpasswd")
+
+
+async def test_long_listing_streams_every_message_whole(admin: Admin) -> None:
+    # Lines of several hundred bytes, several blocks of the stream: none split or lost.
+    rcpt = "r" * 200 + "@slow.example"
+    ids = [await admin.enqueue(f"s{i}@one.example", [rcpt, f"{i}{rcpt}"]) for i in range(400)]
+    listing = await admin.listing()
+    assert [m["id"] for m in listing] == sorted(ids)  # by id: all arrived at the same time
+    for m in listing:
+        i = ids.index(m["id"])
+        assert (m["sender"], m["recipients"]) == (f"s{i}@one.example", [rcpt, f"{i}{rcpt}"])
+    blocks = [block async for block in admin.client.blocks("/queue")]
+    assert len(blocks) > 1
+    assert [json.loads(line)["id"] for block in blocks for line in block] == sorted(ids)
 
 
 async def test_flush_causes_an_attempt(admin: Admin) -> None:

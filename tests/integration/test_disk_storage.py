@@ -658,24 +658,37 @@ async def test_closed_storage_refuses_writes(store: DiskStorage) -> None:
 # -- scale: load and listing ---------------------------------------------------------------------
 
 
-async def test_load_in_threads_finds_every_entry_once(
-    dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+def _open_fds() -> int | None:
+    """How many files this process has open (None where the system does not tell)."""
+    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 4, 100])
+async def test_load_reading_ahead_finds_every_entry_once(
+    dirs: Dirs, monkeypatch: pytest.MonkeyPatch, ahead: int
 ) -> None:
-    monkeypatch.setattr(disk, "_SCAN_PART", 2)  # a few files per reading thread
+    monkeypatch.setattr(disk, "_SCAN_AHEAD", ahead)  # files opened before the one read
     store = dirs.open(sync="none")
     ids = [await store.write(make_envelope(i), NOW + i) for i in range(30)]
     for id in ids[::7]:
         await store.set_held(id, True)
     (dirs.meta / f"{ids[3]}.meta").write_bytes(b"smtpq-meta 1 00000000\n{}\n")
     (dirs.env / f"{ids[4]}.env").unlink()
+    for bad in (ids[10], ids[11]):  # neither a file to read: a directory, a symlink
+        (dirs.meta / f"{bad}.meta").unlink()
+    (dirs.meta / f"{ids[10]}.meta").mkdir()
+    (dirs.meta / f"{ids[11]}.meta").symlink_to(dirs.meta / f"{ids[12]}.meta")
     await store.close()
     again = dirs.open()
+    fds = _open_fds()
     try:
         loaded = await again.load()
-        good = [id for id in ids if id not in (ids[3], ids[4])]
+        good = [id for id in ids if id not in (ids[3], ids[4], ids[10], ids[11])]
         assert sorted(loaded) == sorted((NOW + ids.index(id), id) for id in good)
         info = await again.get_info()
-        assert (info["size"], info["held"], info["corrupt"]) == (len(good), 5, 2)
+        assert (info["size"], info["held"], info["corrupt"]) == (len(good), 5, 4)
+        if fds is not None:  # every file read ahead is closed (4 directories stay open)
+            assert (_open_fds() or 0) <= fds + 4
         assert sorted(await again.claim(NOW + 100, 100)) == [i for i in good if i not in ids[::7]]
     finally:
         await again.close()
@@ -726,6 +739,39 @@ async def test_listing_reads_the_envelope_metadata_not_the_message(
     with pytest.raises(KeyError):
         await store.get_entry(id)
     assert await store.get_infos([id, other]) == [second]  # quarantined meanwhile
+
+
+async def test_listing_reads_ahead_and_skips_what_is_gone(
+    store: DiskStorage, dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(disk, "_INFO_AHEAD", 2)  # messages opened before the one read
+    ids = [await store.write(make_envelope(i), NOW + i) for i in range(12)]
+    (dirs.meta / f"{ids[1]}.meta").unlink()  # gone, as a removal leaves it half-way
+    (dirs.env / f"{ids[5]}.env").unlink()  # gone, as a write leaves it half-way
+    (dirs.meta / f"{ids[8]}.meta").unlink()
+    (dirs.meta / f"{ids[8]}.meta").symlink_to(dirs.meta / f"{ids[9]}.meta")
+    fds = _open_fds()
+    infos = await store.get_infos([*ids, "not-an-id"])
+    assert [i.id for i in infos] == [id for n, id in enumerate(ids) if n not in (1, 5, 8)]
+    assert [i.timestamp for i in infos] == [NOW + n for n in range(12) if n not in (1, 5, 8)]
+    assert (_open_fds() or 0) <= (fds or 0)  # every file opened ahead is closed
+
+
+async def test_claiming_several_reads_them_ahead_and_leaves_no_file_open(dirs: Dirs) -> None:
+    fds = _open_fds()
+    store = dirs.open(sync="none")
+    try:
+        ids = [await store.write(make_envelope(i), NOW) for i in range(6)]
+        assert (await store.get_info())["size"] == 6
+        (dirs.env / f"{ids[2]}.env").unlink()  # gone behind the storage's back
+        assert sorted(await store.claim(NOW, 10)) == sorted(ids)
+        entry = await store.get_entry(ids[0])
+        assert entry.envelope.sender == "s0@example.org"
+        with pytest.raises(KeyError):
+            await store.get_entry(ids[2])
+    finally:
+        await store.close()  # waits for the reading ahead
+    assert (_open_fds() or 0) <= (fds or 0)
 
 
 @pytest.mark.skipif(not hasattr(os, "O_NOATIME"), reason="O_NOATIME is Linux only")

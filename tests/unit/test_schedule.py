@@ -142,3 +142,26 @@ async def test_pages_merge_sorted_slices_in_id_order(monkeypatch: pytest.MonkeyP
     pages = [page async for page in schedule.pages(30)]
     assert [len(p) for p in pages] == [30, 30, 30, 10]
     assert [id for page in pages for id in page] == ids == schedule.ids()
+
+
+def test_oldest_follows_additions_removals_and_rebuilds() -> None:
+    schedule = LocalSchedule()
+    ids = [new_id(NOW - 100 + i) for i in range(6)]
+    for id in ids[2:]:
+        schedule.add(id, NOW)
+    assert schedule.stats()["oldest"] == id_time(ids[2])
+    schedule.add(ids[1], NOW, held=True)  # older than the oldest known
+    assert schedule.stats()["oldest"] == id_time(ids[1])
+    schedule.claim(NOW, 10, NOW + 60)
+    schedule.hold(ids[3], True)
+    assert schedule.stats()["oldest"] == id_time(ids[1])  # leased and held ones count too
+    schedule.discard(ids[1])
+    assert schedule.stats()["oldest"] == id_time(ids[2])
+    schedule.discard(ids[4])  # not the oldest
+    assert schedule.stats()["oldest"] == id_time(ids[2])
+    schedule.rebuild({id_key(ids[0]): NOW, id_key(ids[5]): NOW}, set())
+    assert schedule.stats()["oldest"] == id_time(ids[0])
+    schedule.clear()
+    assert schedule.stats()["oldest"] is None
+    schedule.add(ids[5], NOW)
+    assert schedule.stats()["oldest"] == id_time(ids[5])

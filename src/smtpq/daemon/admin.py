@@ -325,13 +325,24 @@ async def _respond_json(writer: asyncio.StreamWriter, status: int, data: Any) ->
 async def _respond_lines(
     writer: asyncio.StreamWriter, items: AsyncIterator[dict[str, Any]]
 ) -> None:
-    """Stream JSON lines; the end of the body is the end of the connection."""
+    """Stream JSON lines; the end of the body is the end of the connection.
+
+    Lines go out in blocks of about _STREAM_BUFFER bytes (a write per line would be a system
+    call per message), and only while the client keeps up: memory stays bounded.
+    """
     writer.write(
         b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n"
     )
+    block: list[str] = []
+    size = 0
     async for item in items:
-        writer.write(json.dumps(item).encode() + b"\n")
-        # Waits only while the client lags behind: memory stays bounded, lines go out in bulk.
-        if writer.transport.get_write_buffer_size() > _STREAM_BUFFER:
+        line = json.dumps(item)
+        block.append(line)
+        size += len(line) + 1
+        if size >= _STREAM_BUFFER:
+            writer.write(("\n".join(block) + "\n").encode())
+            block, size = [], 0
             await writer.drain()
+    if block:
+        writer.write(("\n".join(block) + "\n").encode())
     await writer.drain()

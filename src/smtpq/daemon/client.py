@@ -11,6 +11,8 @@ from typing import Any
 
 __all__ = ["AdminClient", "AdminUnavailable"]
 
+_READ_SIZE = 1 << 16
+
 
 class AdminUnavailable(Exception):
     """No daemon answers on the admin socket."""
@@ -94,9 +96,22 @@ class AdminClient:
 
     async def lines(self, path: str) -> AsyncIterator[dict[str, Any]]:
         """GET a stream of JSON lines."""
-        async with self._send("GET", path) as reader:
-            while line := await reader.readline():
+        async for block in self.blocks(path):
+            for line in block:
                 yield json.loads(line)
+
+    async def blocks(self, path: str) -> AsyncIterator[list[bytes]]:
+        """GET a stream of JSON lines, undecoded, as they arrive: the complete lines of each
+        block read (without their newlines)."""
+        async with self._send("GET", path) as reader:
+            rest = b""
+            while data := await reader.read(_READ_SIZE):
+                lines = (rest + data).split(b"\n")
+                rest = lines.pop()
+                if lines:
+                    yield lines
+            if rest.strip():
+                yield [rest]
 
     async def post(self, path: str, body: dict[str, Any]) -> Any:
         """POST a JSON body, get a JSON document."""

@@ -81,7 +81,7 @@ import sys
 import threading
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -131,10 +131,15 @@ _READ_FILE = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 # updates its atime (relatime), and a load of a million messages would write back a million
 # inodes. Only the files' owner may use it; others fall back to plain reads.
 _READ_NOATIME = _READ_FILE | getattr(os, "O_NOATIME", 0)
-# load() reads the meta files in this many threads: on a cold cache, many reads at once rather
-# than one after another (about twice the files per second on the benchmark machine's disk).
-_SCAN_THREADS = 8
-_SCAN_PART = 1000  # fewer files than this per thread are read by one thread
+# load() reads the meta files in one thread, and asks the kernel for each file this many files
+# before it reads it (POSIX_FADV_WILLNEED starts the read and does not wait): on a cold page
+# cache the disk serves that many reads at once, where one read after another would wait for
+# each, and threads reading at once would take turns at the interpreter lock around every open,
+# read and close. On the benchmark machine, a load of a million messages whose files were not
+# in the page cache took 22 s so, 43 s in eight threads, and 54 s in one thread without reading
+# ahead (bench/RESULTS.md, "Scale (issue 7)").
+_SCAN_AHEAD = 64
+_INFO_AHEAD = 32  # the same for a listing (two files per message)
 
 
 class _CorruptError(Exception):
@@ -223,6 +228,15 @@ def _schedule_fields(data: bytes) -> tuple[float, bool]:
                 return timestamp, match[4] == b"true"
     meta = _decode_meta(data)
     return meta.timestamp, meta.held
+
+
+def _opened(id: str, fd: int | OSError) -> int:
+    """The fd of a file opened ahead; or what opening it raised (KeyError if it was gone)."""
+    if isinstance(fd, FileNotFoundError):
+        raise KeyError(id)
+    if isinstance(fd, OSError):
+        raise fd
+    return fd
 
 
 def _check_id(id: object) -> str:
@@ -1079,7 +1093,7 @@ class DiskStorage(LocallyScheduled):
         Never stops at a bad entry: truncated, unparseable, wrong-version or inconsistent files
         go to the corrupt directory (logged, counted in :meth:`get_info`); this storage's
         scratch leftovers are deleted; orphans are resolved (see the module documentation).
-        The scan runs in worker threads (the meta files are read by several at once); writes
+        The scan runs in a worker thread (reading the meta files ahead, many at once); writes
         and removals may go on meanwhile. The other methods load on first use, without building
         this list.
         """
@@ -1142,17 +1156,8 @@ class DiskStorage(LocallyScheduled):
                 name = entry.name
                 if is_meta(name):
                     keys.append(int(name[:32], 16))
-        # Contiguous parts, one per thread; the keys go on to be the schedule's own.
-        size = max(_SCAN_PART, -(-len(keys) // _SCAN_THREADS))
-        parts = [keys[i : i + size] for i in range(0, len(keys), size)]
+        self._read_metas(keys, found, held)  # the keys go on to be the schedule's own
         del keys
-        if len(parts) > 1:
-            with ThreadPoolExecutor(len(parts), thread_name_prefix="smtpq-disk-load") as pool:
-                for done in [pool.submit(self._read_metas, p, found, held) for p in parts]:
-                    done.result()
-        elif parts:
-            self._read_metas(parts[0], found, held)
-        del parts
 
         # Every message needs its envelope. A directory listing names each file that stays
         # put exactly once, so counting the envelopes of found messages tells whether one is
@@ -1205,37 +1210,66 @@ class DiskStorage(LocallyScheduled):
         return found, held
 
     def _read_metas(self, keys: list[int], found: dict[int, float], held: set[int]) -> None:
-        """Read the meta files of ``keys`` into ``found`` and ``held`` (a thread of _scan)."""
+        """Read the meta files of ``keys`` into ``found`` and ``held``, each file asked for
+        _SCAN_AHEAD files before it is read (see there)."""
         meta_fd = self._dfd["meta"]
-        for key in keys:
-            if self._closed:  # closing: a load of a million files need not run to its end
-                raise QueueError("the queue storage is closed")
-            id = key_id(key)
-            try:
-                fd = self._open_read(id + _META_SUFFIX, meta_fd)
+        advise = getattr(os, "posix_fadvise", None)
+        ahead: deque[tuple[int, int]] = deque()  # (key, fd): opened, read asked for
+        try:
+            for key in keys:
+                if self._closed:  # closing: a load of a million files need not run to its end
+                    raise QueueError("the queue storage is closed")
                 try:
-                    data = os.read(fd, 4096)
-                    if len(data) == 4096:
-                        while chunk := os.read(fd, 65536):
-                            data += chunk
-                finally:
-                    os.close(fd)
-                timestamp, is_held = _schedule_fields(data)
-            except FileNotFoundError:
-                continue  # removed meanwhile
-            except _CorruptError as exc:
-                self._quarantine(id, str(exc))
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.EISDIR):
-                    self._quarantine(id, str(exc))
-                else:  # maybe transient (EIO, EMFILE): leave the files for the next load
-                    log.error("cannot read queue entry %s: %s", id, exc)
-                continue
-            # Shared by the reading threads: one dict or set operation is atomic.
-            found[key] = timestamp
-            if is_held:
-                held.add(key)
+                    fd = self._open_read(f"{key:032x}.meta", meta_fd)
+                except OSError as exc:
+                    self._unreadable_meta(key, exc)
+                    continue
+                if advise is not None:
+                    try:
+                        advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                    except OSError:
+                        advise = None  # not on this filesystem: read without asking ahead
+                ahead.append((key, fd))
+                if len(ahead) > _SCAN_AHEAD:
+                    key, fd = ahead.popleft()
+                    self._read_meta_fd(key, fd, found, held)
+            while ahead:
+                key, fd = ahead.popleft()
+                self._read_meta_fd(key, fd, found, held)
+        finally:
+            for _, fd in ahead:
+                os.close(fd)
+
+    def _read_meta_fd(self, key: int, fd: int, found: dict[int, float], held: set[int]) -> None:
+        """Read an opened meta file (and close it) into ``found`` and ``held``."""
+        try:
+            try:
+                data = os.read(fd, 4096)
+                if len(data) == 4096:
+                    while chunk := os.read(fd, 65536):
+                        data += chunk
+            finally:
+                os.close(fd)
+            timestamp, is_held = _schedule_fields(data)
+        except _CorruptError as exc:
+            self._quarantine(key_id(key), str(exc))
+            return
+        except OSError as exc:
+            self._unreadable_meta(key, exc)
+            return
+        found[key] = timestamp
+        if is_held:
+            held.add(key)
+
+    def _unreadable_meta(self, key: int, exc: OSError) -> None:
+        """A meta file load() could not open or read: gone, not a file, or an I/O error."""
+        if isinstance(exc, FileNotFoundError):
+            return  # removed meanwhile
+        id = key_id(key)
+        if exc.errno in (errno.ELOOP, errno.EISDIR):
+            self._quarantine(id, str(exc))
+        else:  # maybe transient (EIO, EMFILE): leave the files for the next load
+            log.error("cannot read queue entry %s: %s", id, exc)
 
     def _env_keys(self) -> set[int]:
         with os.scandir(self.env_dir) as it:
@@ -1290,32 +1324,68 @@ class DiskStorage(LocallyScheduled):
             raise _queue_error("cannot read messages", exc) from exc
 
     def _read_infos(self, ids: list[str]) -> list[MessageInfo]:
+        """The records of ``ids``, their files asked for _INFO_AHEAD messages before they are
+        read (as load() does, see _SCAN_AHEAD): a listing of messages that are not in the
+        page cache waits for many reads at once, not for one after another."""
         self._dirs()
-        infos = []
-        for id in ids:
-            try:
-                infos.append(self._read_info(id))
-            except (KeyError, _CorruptError, EnvelopeFormatError):
-                continue  # gone, or damaged: its attempt (get_entry) quarantines it
-            except OSError as exc:
-                if exc.errno not in (errno.ELOOP, errno.EISDIR):
-                    raise
+        infos: list[MessageInfo] = []
+        ahead: deque[tuple[str, int | OSError, int | OSError]] = deque()
+        try:
+            for id in ids:
+                meta = self._open_ahead(id + _META_SUFFIX, "meta", 0)
+                ahead.append((id, meta, self._open_ahead(id + _ENV_SUFFIX, "env", _HEAD_READ)))
+                if len(ahead) > _INFO_AHEAD:
+                    self._read_info_into(infos, *ahead.popleft())
+            while ahead:
+                self._read_info_into(infos, *ahead.popleft())
+        finally:
+            for _, *fds in ahead:
+                for fd in fds:
+                    if isinstance(fd, int):
+                        os.close(fd)
         return infos
 
-    def _read_info(self, id: str) -> MessageInfo:
+    def _open_ahead(self, name: str, role: str, length: int) -> int | OSError:
+        """Open a file and ask for its first ``length`` bytes (0: all of it) to be read in the
+        background; the fd, or the error that opening it raised."""
         try:
-            meta = _decode_meta(self._read(id + _META_SUFFIX, "meta"))
-            fd = self._open_read(id + _ENV_SUFFIX, self._dfd["env"])
-        except FileNotFoundError:
-            raise KeyError(id) from None
+            fd = self._open_read(name, self._dfd[role])
+        except OSError as exc:
+            return exc
+        if hasattr(os, "posix_fadvise"):
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, 0, length, os.POSIX_FADV_WILLNEED)
+        return fd
+
+    def _read_info_into(
+        self, infos: list[MessageInfo], id: str, meta: int | OSError, env: int | OSError
+    ) -> None:
+        """Append the record of message ``id`` from its opened files (which it closes), unless
+        it is gone or damaged."""
         try:
-            data = os.read(fd, _HEAD_READ)
+            infos.append(self._read_info(id, meta, env))
+        except (KeyError, _CorruptError, EnvelopeFormatError):
+            pass  # gone, or damaged: its attempt (get_entry) quarantines it
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EISDIR):
+                raise
+
+    def _read_info(self, id: str, meta_fd: int | OSError, env_fd: int | OSError) -> MessageInfo:
+        try:
+            meta_in, env_in = _opened(id, meta_fd), _opened(id, env_fd)
+            data = os.read(meta_in, 65536)
+            while chunk := os.read(meta_in, 65536):
+                data += chunk
+            meta = _decode_meta(data)
+            data = os.read(env_in, _HEAD_READ)
             if len(data) >= HEAD_MIN:
                 need = Envelope.head_size(data)
-                while len(data) < need and (chunk := os.read(fd, need - len(data))):
+                while len(data) < need and (chunk := os.read(env_in, need - len(data))):
                     data += chunk
         finally:
-            os.close(fd)
+            for fd in (meta_fd, env_fd):
+                if isinstance(fd, int):
+                    os.close(fd)
         envelope, size = Envelope.from_head(data)
         delivered = set(meta.delivered)
         return MessageInfo(
@@ -1421,6 +1491,29 @@ class DiskStorage(LocallyScheduled):
             os.close(fd)
 
     # -- schedule ------------------------------------------------------------------------------
+
+    async def claim(self, now: float, limit: int) -> list[str]:
+        """See :meth:`QueueStorage.claim`. The files of several messages claimed at once are
+        asked for at once, in the background (see _SCAN_AHEAD): messages that fall due after
+        days in a big queue are not in the page cache, and their attempts, each reading its
+        message in turn, would otherwise wait for one disk read after another."""
+        ids = await super().claim(now, limit)
+        if len(ids) > 1 and not self._closed:
+            with contextlib.suppress(RuntimeError):  # the pool is shut down: closing
+                self._io_pool.submit(self._ask_ahead, ids)
+        return ids
+
+    def _ask_ahead(self, ids: list[str]) -> None:
+        """Ask for the files of messages ``ids`` to be read into the page cache (I/O pool)."""
+        try:
+            self._dirs()
+            for id in ids:
+                for name, role in ((id + _META_SUFFIX, "meta"), (id + _ENV_SUFFIX, "env")):
+                    fd = self._open_ahead(name, role, 0)
+                    if isinstance(fd, int):
+                        os.close(fd)
+        except Exception:  # only a hint: the attempts read the files and report what fails
+            log.debug("reading ahead failed", exc_info=True)
 
     async def flush(self, now: float, ids: Sequence[str] | None = None) -> int:
         """See :meth:`QueueStorage.flush`; as in DictStorage the new time is kept in memory."""

@@ -66,6 +66,9 @@ class LocalSchedule:
         self._time: dict[int, float] = {}
         self._leased: set[int] = set()
         self._held: set[int] = set()
+        # The smallest key (the oldest message), None until stats() looks for it again: found
+        # once, not once per call, as long as the oldest message stays.
+        self._oldest: int | None = None
         self._changed = asyncio.Event()
 
     def __len__(self) -> int:
@@ -114,6 +117,7 @@ class LocalSchedule:
         self._time = {}
         self._leased = set()
         self._held = set()
+        self._oldest = None
 
     def add(
         self, id: str, timestamp: float, *, held: bool = False, lease_until: float | None = None
@@ -130,6 +134,8 @@ class LocalSchedule:
             self.notify()
 
     def _add(self, key: int, timestamp: float, held: bool, lease_until: float | None) -> None:
+        if self._oldest is not None and key < self._oldest:
+            self._oldest = key
         self._leased.discard(key)
         if held:
             self._held.add(key)
@@ -157,6 +163,7 @@ class LocalSchedule:
         """
         time_map = {key: times.pop(key) for key in held if key in times}
         self._score, self._time, self._held, self._leased = times, time_map, set(time_map), set()
+        self._oldest = None
         self._heap = [(score, key) for key, score in times.items()]
         heapq.heapify(self._heap)
         for id, until in (leases or {}).items():
@@ -212,6 +219,8 @@ class LocalSchedule:
         self._time.pop(key, None)
         self._leased.discard(key)
         self._held.discard(key)
+        if key == self._oldest:
+            self._oldest = None
 
     def hold(self, id: str, held: bool) -> None:
         """Hold or release a message; a leased message stays leased until its attempt ends."""
@@ -284,7 +293,10 @@ class LocalSchedule:
     def stats(self) -> dict[str, float | int | None]:
         """Counts for operators: ``held``, ``active`` (leased), ``oldest`` arrival time."""
         # Ids grow with their arrival time: the oldest message has the smallest key.
-        oldest = min(min(self._score, default=_NONE), min(self._time, default=_NONE))
+        oldest = self._oldest
+        if oldest is None:
+            oldest = min(min(self._score, default=_NONE), min(self._time, default=_NONE))
+            self._oldest = oldest if oldest != _NONE else None
         return {
             "held": len(self._held),
             "active": len(self._leased),
