@@ -46,9 +46,15 @@ from smtpq.reply import Reply  # noqa: E402
 from smtpq.storage.base import QueueStorage, new_id  # noqa: E402
 
 DAY = 86400.0
-#: How far back arrivals are spread, and how far ahead the next attempts: nothing is due.
+#: How far back arrivals are spread, and how far ahead the next attempts: nothing is due, for
+#: days, so that a kept queue can be measured again (see REUSE_FOR).
 ARRIVAL_SPREAD = 4 * DAY
-NEXT_MIN, NEXT_SPREAD = 3600.0, 4 * DAY
+NEXT_MIN, NEXT_SPREAD = 2 * DAY, 4 * DAY
+#: A kept queue is reused this long after it was populated, and populated again after that:
+#: later, some of its messages could fall due during a run, and the queue under test would
+#: deliver them along with the messages it measures (and lose them).
+REUSE_FOR = NEXT_MIN - 6 * 3600
+PLAN_TIMES = {"arrival_spread": ARRIVAL_SPREAD, "next_min": NEXT_MIN, "next_spread": NEXT_SPREAD}
 BODY = b"".join(b"Line %02d of a message body of about one kilobyte, like most mail.\r\n" % i
                 for i in range(9))  # fmt: skip
 DEFERRED_REPLY = Reply("451", "4.7.1 Greylisted, please try again later", "RCPT",
@@ -167,28 +173,40 @@ def run_child(task: str, args: dict[str, Any], timeout: float = 3600) -> Any:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# Runs a command (its output discarded) and prints its wall time and rusage as JSON. Linux
+# keeps a process's peak RSS across exec, and a child starts with its parent's: a command
+# started by the bench process itself (hundreds of MB after populating) would report the
+# bench's peak as its own. This wrapper is a small process of its own (python -S).
+_MEASURE = """
+import json, os, sys, time
+started = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps({"wall": time.perf_counter() - started, "code": os.waitstatus_to_exitcode(status),
+                  "maxrss_kb": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime}))
+"""
+
+
 def timed_command(command: Sequence[str], timeout: float = 3600) -> dict[str, Any]:
-    """Run a command with its output discarded: wall time, peak RSS (ru_maxrss), exit code."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = started + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() > deadline:
-            proc.kill()
-            raise RuntimeError(f"{command} timed out")
-        time.sleep(0.01)
-    wall = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.returncode != 0:
-        raise RuntimeError(f"{command} exited {proc.returncode}: {stderr[-2000:]}")
+    """Run a command with its output discarded: wall time, peak RSS (ru_maxrss), CPU time."""
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", _MEASURE, *command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if done.returncode != 0 or not done.stdout.strip():
+        raise RuntimeError(f"{command}: measuring failed: {done.stderr[-2000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    if out["code"] != 0:
+        raise RuntimeError(f"{command} exited {out['code']}: {done.stderr[-2000:]}")
     return {
-        "wall_s": round(wall, 3),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "wall_s": round(out["wall"], 3),
+        "peak_rss_mb": round(out["maxrss_kb"] / 1024, 1),
+        "cpu_s": round(out["cpu"], 2),
     }
 
 
@@ -277,13 +295,23 @@ def populate_disk(root: Path, n: int, samples: int) -> dict[str, Any]:
     marker = root / "populated.json"
     if marker.exists():
         info: dict[str, Any] = json.loads(marker.read_text())
-        if info["n"] == n:
+        if info["n"] != n:
+            raise SystemExit(f"{root} holds a queue of {info['n']} messages, not {n}: use another")
+        if info.get("plan") != PLAN_TIMES:
+            print(f"{root}: populated with other times: again", flush=True)
+        elif time.time() - info["t0"] < REUSE_FOR:
             if len(info["sample"]) < samples:  # an earlier run with fewer: sample more
                 info["sample"] += resample_disk(root, info, samples - len(info["sample"]))
                 marker.write_text(json.dumps(info))
             restore_disk(root, info)
-            return info
-        raise SystemExit(f"{root} holds a queue of {info['n']} messages, not {n}: use another")
+            stored = count_disk(root)
+            if stored == n:
+                return info
+            print(f"{root}: {stored:,} messages stored, not {n:,}: populating again", flush=True)
+        else:
+            print(f"{root}: populated too long ago (messages may be due): again", flush=True)
+        marker.unlink()
+        shutil.rmtree(root / "shard-0")
     check_disk_format(Path(tempfile.mkdtemp(prefix="scale-format-", dir=root.parent)))
     env_dir, meta_dir = disk_dirs(root)
 
@@ -304,9 +332,19 @@ def populate_disk(root: Path, n: int, samples: int) -> dict[str, Any]:
     with multiprocessing.get_context("fork").Pool(2) as pool:
         sample = [row for part in pool.map(_write_disk_range, jobs) for row in part]
     took = time.perf_counter() - started
-    info = {"n": n, "t0": t0, "sample": sample[:samples], "populate_s": round(took, 1)}
+    # Written back before anything is measured: gigabytes of dirty pages being written back
+    # would slow down every durable write and every read of the run.
+    os.sync()
+    info = {"n": n, "t0": t0, "sample": sample[:samples], "populate_s": round(took, 1),
+            "plan": PLAN_TIMES}  # fmt: skip
     marker.write_text(json.dumps(info))
     return info
+
+
+def count_disk(root: Path) -> int:
+    """The messages stored in a populated queue (its meta files)."""
+    with os.scandir(disk_dirs(root)[1]) as it:
+        return sum(1 for entry in it if entry.name.endswith(".meta"))
 
 
 def resample_disk(root: Path, info: dict[str, Any], more: int) -> list[list[Any]]:
@@ -461,6 +499,7 @@ def evict_messages(spec: dict[str, Any], ids: Sequence[str]) -> None:
         for id in ids:
             with contextlib.suppress(FileNotFoundError):
                 fd = os.open(directory / f"{id}{suffix}", os.O_RDONLY | os.O_NOATIME)
+                os.fdatasync(fd)  # written back first (restore_disk): dirty pages stay
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 os.close(fd)
 

@@ -7,8 +7,8 @@ in the shared backends. Heap entries are invalidated lazily (the score map is th
 
 Sized for a million deferred messages: an id is kept as the integer of its 128 bits (44 bytes
 instead of an 81-byte string), shared by the score map and the heap entry, and a message's next
-attempt time is stored once — as its score, unless it is leased or held. About 170 bytes per
-deferred message in all (see bench/RESULTS.md, "Scale").
+attempt time is stored once — as its score, unless it is leased or held. About 195 bytes per
+deferred message in all (see bench/RESULTS.md, "Scale (issue 7)").
 """
 
 from __future__ import annotations
