@@ -346,9 +346,10 @@ class _EdgeProtocol(SMTP):
             size += len(chunk)
             if not too_much:
                 chunks.append(chunk)
-            if (tail + chunk)[-5:] == b"\r\n.\r\n":
+            end = (tail + chunk[-5:])[-5:]  # the last bytes so far, across chunks
+            if end == b"\r\n.\r\n":
                 break
-            tail = (tail + chunk)[-4:]
+            tail = end[-4:]
             if limit and size > limit + 3:  # over the limit, whatever the end adds
                 too_much = True
                 chunks.clear()  # drain the rest, keep nothing

@@ -239,6 +239,17 @@ def _opened(id: str, fd: int | OSError) -> int:
     return fd
 
 
+def _read_all(fd: int) -> bytes:
+    """The whole of an open file (a meta file is one read)."""
+    data = os.read(fd, 65536)
+    if len(data) == 65536:
+        chunks = [data]
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        data = b"".join(chunks)
+    return data
+
+
 def _check_id(id: object) -> str:
     """The id if it has this storage's form; KeyError otherwise (it cannot name a stored file)."""
     if not isinstance(id, str) or not is_valid_id(id):
@@ -690,10 +701,7 @@ class DiskStorage(LocallyScheduled):
     def _read(self, name: str, role: str) -> bytes:
         fd = self._open_read(name, self._dfd[role])
         try:
-            chunks = []
-            while chunk := os.read(fd, 65536):
-                chunks.append(chunk)
-            return b"".join(chunks)
+            return _read_all(fd)
         finally:
             os.close(fd)
 
@@ -1212,23 +1220,15 @@ class DiskStorage(LocallyScheduled):
     def _read_metas(self, keys: list[int], found: dict[int, float], held: set[int]) -> None:
         """Read the meta files of ``keys`` into ``found`` and ``held``, each file asked for
         _SCAN_AHEAD files before it is read (see there)."""
-        meta_fd = self._dfd["meta"]
-        advise = getattr(os, "posix_fadvise", None)
         ahead: deque[tuple[int, int]] = deque()  # (key, fd): opened, read asked for
         try:
             for key in keys:
                 if self._closed:  # closing: a load of a million files need not run to its end
                     raise QueueError("the queue storage is closed")
-                try:
-                    fd = self._open_read(f"{key:032x}.meta", meta_fd)
-                except OSError as exc:
-                    self._unreadable_meta(key, exc)
+                fd = self._open_ahead(f"{key:032x}{_META_SUFFIX}", "meta", 0)
+                if isinstance(fd, OSError):
+                    self._unreadable_meta(key, fd)
                     continue
-                if advise is not None:
-                    try:
-                        advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-                    except OSError:
-                        advise = None  # not on this filesystem: read without asking ahead
                 ahead.append((key, fd))
                 if len(ahead) > _SCAN_AHEAD:
                     key, fd = ahead.popleft()
@@ -1244,10 +1244,7 @@ class DiskStorage(LocallyScheduled):
         """Read an opened meta file (and close it) into ``found`` and ``held``."""
         try:
             try:
-                data = os.read(fd, 4096)
-                if len(data) == 4096:
-                    while chunk := os.read(fd, 65536):
-                        data += chunk
+                data = _read_all(fd)
             finally:
                 os.close(fd)
             timestamp, is_held = _schedule_fields(data)
@@ -1373,10 +1370,7 @@ class DiskStorage(LocallyScheduled):
     def _read_info(self, id: str, meta_fd: int | OSError, env_fd: int | OSError) -> MessageInfo:
         try:
             meta_in, env_in = _opened(id, meta_fd), _opened(id, env_fd)
-            data = os.read(meta_in, 65536)
-            while chunk := os.read(meta_in, 65536):
-                data += chunk
-            meta = _decode_meta(data)
+            meta = _decode_meta(_read_all(meta_in))
             data = os.read(env_in, _HEAD_READ)
             if len(data) >= HEAD_MIN:
                 need = Envelope.head_size(data)
