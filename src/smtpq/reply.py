@@ -7,10 +7,31 @@ split out), and optionally the command that provoked it and the remote host that
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from enum import Enum
+from typing import Any, TypedDict, Unpack
 
 _ESC = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 _CODE = re.compile(r"^[2-5]\d\d$")
+
+
+class ReplyChanges(TypedDict, total=False):
+    """What :meth:`Reply.replace` may change."""
+
+    code: str | None
+    message: str | None
+    command: str | None
+    address: str | None
+    remote_host: str | None
+    remote_ip: str | None
+    remote_dsn: bool | None
+    enhanced_status_code: str
+
+
+#: A reply as plain values (:meth:`Reply.to_dict`), as storages keep it.
+ReplyDict = dict[str, str | bool | None]
+
+_FIELDS = ("code", "command", "address", "remote_host", "remote_ip", "remote_dsn")
 
 
 class ReplyClass(Enum):
@@ -36,14 +57,41 @@ def classify(code: str | None) -> ReplyClass:
 
 
 class Reply:
-    """An SMTP reply.
+    """An SMTP reply, immutable: changes make a new one (:meth:`replace`).
 
     ``Reply('250', 'Ok').message == '2.0.0 Ok'``: a leading enhanced status code in ``message`` is
     split into :attr:`enhanced_status_code`, and one is filled in from the code's class where the
     text has none (or where its class contradicts the code's).
+
+    :ivar code: the three-digit code (a string, as in python-slimta), or None.
+    :ivar command: the command the reply answered (``"RCPT TO"``), when known.
+    :ivar address: the envelope address the reply is about (the RCPT TO address, say).
+    :ivar remote_host: the host that gave the reply (its name), for a DSN's Remote-MTA; None
+        when the reply is smtpq's own.
+    :ivar remote_ip: that host's address, when the reply came over a connection.
+    :ivar remote_dsn: for a success from a next hop: whether it advertised DSN (RFC 3461), so
+        that the DSN parameters were passed on; None when unknown (not an SMTP relay).
     """
 
-    __slots__ = ("_esc", "_text", "address", "code", "command", "remote_host")
+    __slots__ = (
+        "_esc",
+        "_text",
+        "address",
+        "code",
+        "command",
+        "remote_dsn",
+        "remote_host",
+        "remote_ip",
+    )
+
+    code: str | None
+    command: str | None
+    address: str | None
+    remote_host: str | None
+    remote_ip: str | None
+    remote_dsn: bool | None
+    _esc: str | None
+    _text: str
 
     def __init__(
         self,
@@ -53,16 +101,46 @@ class Reply:
         address: str | None = None,
         *,
         remote_host: str | None = None,
+        remote_ip: str | None = None,
+        remote_dsn: bool | None = None,
     ) -> None:
-        self.code = code
-        self.command = command
-        #: The envelope address the reply is about (the RCPT TO address, say), as in slimta.
-        self.address = address
-        #: The host that gave the reply, for a DSN's Remote-MTA; None when the reply is ours.
-        self.remote_host = remote_host
-        self._esc: str | None = None
-        self._text = ""
-        self.message = message
+        text = message or ""
+        esc: str | None = None
+        match = _ESC.match(text)
+        if match:
+            esc = ".".join(match.groups())
+            text = text[match.end() :]
+        cls = code[0] if code and _CODE.match(code) else None
+        if cls in ("2", "4", "5") and (esc is None or esc[0] != cls):
+            esc = f"{cls}.0.0" if esc is None else cls + esc[1:]
+        init = object.__setattr__
+        init(self, "code", code)
+        init(self, "command", command)
+        init(self, "address", address)
+        init(self, "remote_host", remote_host)
+        init(self, "remote_ip", remote_ip)
+        init(self, "remote_dsn", remote_dsn)
+        init(self, "_esc", esc)
+        init(self, "_text", text)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Reply is immutable; use replace({name}=...)")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("Reply is immutable")
+
+    def replace(self, **changes: Unpack[ReplyChanges]) -> Reply:
+        """A copy with the given fields changed. ``enhanced_status_code`` replaces the code in
+        front of the text (the new ``message``'s, or the old text)."""
+        fields: dict[str, Any] = {name: getattr(self, name) for name in _FIELDS}
+        fields["message"] = None
+        fields.update(changes)
+        esc = fields.pop("enhanced_status_code", None)
+        if "message" not in changes:
+            fields["message"] = self._text if esc else self.message
+        if esc:
+            fields["message"] = f"{esc} {fields['message'] or ''}".rstrip()
+        return Reply(**fields)
 
     @property
     def message(self) -> str | None:
@@ -70,20 +148,6 @@ class Reply:
         if self._esc is None:
             return self._text if self._text or self.code else None
         return f"{self._esc} {self._text}".rstrip()
-
-    @message.setter
-    def message(self, value: str | None) -> None:
-        text = value or ""
-        esc: str | None = None
-        match = _ESC.match(text)
-        if match:
-            esc = ".".join(match.groups())
-            text = text[match.end() :]
-        cls = self.code[0] if self.code and _CODE.match(self.code) else None
-        if cls in ("2", "4", "5") and (esc is None or esc[0] != cls):
-            esc = f"{cls}.0.0" if esc is None else cls + esc[1:]
-        self._esc = esc
-        self._text = text
 
     @property
     def text(self) -> str:
@@ -94,10 +158,6 @@ class Reply:
     def enhanced_status_code(self) -> str | None:
         """The RFC 3463 status code (``'5.1.1'``), or None for codes that carry none."""
         return self._esc
-
-    @enhanced_status_code.setter
-    def enhanced_status_code(self, value: str | None) -> None:
-        self._esc = value
 
     @property
     def reply_class(self) -> ReplyClass:
@@ -120,31 +180,38 @@ class Reply:
         """A 4xx or 5xx reply."""
         return self.reply_class in (ReplyClass.TRANSIENT, ReplyClass.PERMANENT)
 
-    def copy(self) -> Reply:
-        """An independent copy."""
-        new = Reply(self.code, None, self.command, self.address, remote_host=self.remote_host)
-        new._esc, new._text = self._esc, self._text
-        return new
-
-    def to_dict(self) -> dict[str, str | None]:
+    def to_dict(self) -> ReplyDict:
         """Plain values, for storage."""
-        return {
+        data: ReplyDict = {
             "code": self.code,
             "message": self.message,
             "command": self.command,
             "address": self.address,
             "remote_host": self.remote_host,
         }
+        if self.remote_ip is not None:
+            data["remote_ip"] = self.remote_ip
+        if self.remote_dsn is not None:
+            data["remote_dsn"] = self.remote_dsn
+        return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, str | None]) -> Reply:
+    def from_dict(cls, data: Mapping[str, str | bool | None]) -> Reply:
         """The inverse of :meth:`to_dict`."""
+
+        def text(key: str) -> str | None:
+            value = data.get(key)
+            return value if isinstance(value, str) else None
+
+        dsn = data.get("remote_dsn")
         return cls(
-            data.get("code"),
-            data.get("message"),
-            data.get("command"),
-            data.get("address"),
-            remote_host=data.get("remote_host"),
+            text("code"),
+            text("message"),
+            text("command"),
+            text("address"),
+            remote_host=text("remote_host"),
+            remote_ip=text("remote_ip"),
+            remote_dsn=dsn if isinstance(dsn, bool) else None,
         )
 
     def __str__(self) -> str:

@@ -71,3 +71,33 @@ def test_queue_error_reply() -> None:
     assert err.reply.code == "451"
     assert err.reply.enhanced_status_code == "4.3.0"
     assert "disk full" not in str(err.reply)
+
+
+def test_reply_is_immutable() -> None:
+    r = Reply("250", "Ok")
+    with pytest.raises(AttributeError):
+        r.code = "550"
+    with pytest.raises(AttributeError):
+        del r.address
+
+
+def test_replace_makes_a_changed_copy() -> None:
+    r = Reply(
+        "452", "4.2.2 Mailbox full", "RCPT TO", "a@b", remote_host="mx", remote_ip="192.0.2.9"
+    )
+    expired = r.replace(enhanced_status_code="4.4.7")
+    assert expired.message == "4.4.7 Mailbox full"
+    assert (expired.code, expired.command, expired.address) == ("452", "RCPT TO", "a@b")
+    assert (expired.remote_host, expired.remote_ip) == ("mx", "192.0.2.9")
+    assert r.message == "4.2.2 Mailbox full"
+    other = r.replace(address="c@d", code="552", message="5.2.2 Full")
+    assert (other.address, str(other)) == ("c@d", "552 5.2.2 Full")
+    assert r.replace(remote_dsn=True).remote_dsn is True
+    assert r.replace(remote_host=None).remote_host is None
+
+
+def test_round_trip_keeps_remote_ip_and_dsn() -> None:
+    r = Reply("250", "2.0.0 Ok", "DATA", "a@b", remote_host="mx", remote_ip="::1", remote_dsn=False)
+    back = Reply.from_dict(r.to_dict())
+    assert (back.remote_ip, back.remote_dsn) == ("::1", False)
+    assert "remote_ip" not in Reply("250", "Ok").to_dict()

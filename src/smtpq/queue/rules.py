@@ -120,9 +120,9 @@ def exhausted_reply(last: Reply, attempts: int, expired: bool) -> tuple[Reply, s
     The status is the last reply's (a 4.x.x with Action: failed is right, RFC 3464), or 4.4.7
     when the message's lifetime ran out.
     """
-    reply = last.copy()
+    reply = last
     if expired:
-        reply.enhanced_status_code = "4.4.7"
+        reply = last.replace(enhanced_status_code="4.4.7")
         why = f"message expired in the queue after {attempts} attempts; giving up"
     else:
         why = f"retries exhausted after {attempts} attempts; giving up"

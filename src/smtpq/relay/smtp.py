@@ -172,9 +172,7 @@ def reply_for_error(exc: BaseException, *, host: str | None, command: str) -> Re
     if isinstance(exc, aiosmtplib.SMTPServerDisconnected | OSError | EOFError):
         return reply("451", f"4.4.2 Bad connection: connection lost during {command}")
     log.error("unexpected error talking to %s during %s", host, command, exc_info=exc)
-    unexpected = unexpected_error_reply()
-    unexpected.command, unexpected.remote_host = command, host
-    return unexpected
+    return unexpected_error_reply().replace(command=command, remote_host=host)
 
 
 @dataclass
@@ -601,10 +599,8 @@ def _encoded_params(params: Mapping[str, str], encoding: str) -> list[bytes]:
 
 
 def addressed(reply: Reply, rcpt: str) -> Reply:
-    """A copy of ``reply`` about ``rcpt`` (one Reply object per recipient)."""
-    copy = reply.copy()
-    copy.address = rcpt
-    return copy
+    """``reply``, about ``rcpt``."""
+    return reply.replace(address=rcpt)
 
 
 class StaticSmtpRelay(Relay):

@@ -89,7 +89,7 @@ from typing import Any, Literal
 
 from smtpq.envelope import HEAD_MIN, Envelope
 from smtpq.errors import EnvelopeFormatError, QueueError
-from smtpq.reply import Reply
+from smtpq.reply import Reply, ReplyDict
 from smtpq.storage.base import MessageInfo, StoredMessage, is_valid_id, new_id
 from smtpq.storage.schedule import LocallyScheduled, LocalSchedule, id_key, key_id
 
@@ -154,7 +154,7 @@ class _Meta:
     attempts: int = 0
     delivered: list[int] = field(default_factory=list)
     held: bool = False
-    last_reply: dict[str, str | None] | None = None
+    last_reply: ReplyDict | None = None
 
 
 def _encode_meta(meta: _Meta) -> bytes:
