@@ -229,15 +229,18 @@ async def test_actions_are_logged_with_the_peer_uid(
     # Nothing is logged for what was not done: a message that is gone.
     await admin.client.post("/queue/hold", {"ids": [c]})
     assert f"held id={c} {by}" not in [r.getMessage() for r in caplog.records]
-    # An operator's bounce counts as a bounce.
+    # An operator's bounce counts as a bounce; every action is counted per message.
     text = await admin.client.get_text("/metrics")
-    bounced_total = [
-        s.value
+    samples = {
+        (s.name, s.labels.get("action")): s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name == "smtpq_recipients_bounced_total"
-    ]
-    assert bounced_total == [1]
+    }
+    assert samples[("smtpq_recipients_bounced_total", None)] == 1
+    actions = {a: v for (n, a), v in samples.items() if n == "smtpq_operator_actions_total"}
+    assert actions == {
+        "held": 1, "released": 1, "flushed": 1, "deleted": 1, "requeued": 1, "bounced": 1
+    }  # fmt: skip
 
 
 async def _tcp_post(port: int, path: str, body: dict[str, Any], token: str) -> tuple[int, Any]:
