@@ -282,3 +282,31 @@ async def test_redis_commands_create_nothing_in_the_working_directory(
         code, _, err = await smtpq("queue", *args, "-c", str(config), cwd=work)
         assert code == 0, err
     assert os.listdir(work) == []
+
+
+async def test_offline_actions_on_every_shard(daemon_factory: DaemonFactory, sink: Sink) -> None:
+    sink.behaviour.rcpt["stuck"] = "451 4.2.1 Mailbox busy"
+    daemon = await daemon_factory(
+        {
+            "workers": 2,
+            "routes": {"dest.example": f"[127.0.0.1]:{sink.port}"},
+            "retry": {"initial": 3600.0, "maximum": 3600.0},
+        }
+    )
+    await until(lambda: daemon.logs().count("smtpq ready") == 2, timeout=30)
+    await asyncio.gather(*(send(daemon, f"s{n}") for n in range(20)))
+    await until(lambda: daemon.logs().count(" deferred id=") == 20, timeout=30)
+    assert (await daemon.stop()) == 0
+    per_shard = [len(os.listdir(daemon.queue_dir / f"shard-{k}" / "env")) for k in (0, 1)]
+    assert sum(per_shard) == 20
+    assert all(per_shard)  # the kernel spread the connections over both workers
+
+    code, out, err = await daemon.cli("queue", "hold", "--all")
+    assert (code, out) == (0, "hold: 20 messages\n")
+    held = [line for line in err.splitlines() if line.startswith("smtpq: held id=")]
+    assert len(held) == len(set(held)) == 20  # each message once, from both shards
+    await daemon.start()
+    await until(lambda: daemon.logs().count("smtpq ready") == 4, timeout=30)
+    code, out, _ = await daemon.cli("queue", "list", "--json", "--state", "held")
+    assert code == 0
+    assert len(out.splitlines()) == 20

@@ -401,7 +401,6 @@ def _action_command(name: str, doc: str, confirm: bool = False) -> None:
             return result
 
         async def offline(q: Any) -> dict[str, Any]:
-            _log_offline_actions()
             by = f"uid:{os.getuid()}"
             try:
                 # A disk queue's schedule is rebuilt from its files at the next start: a flush
@@ -411,6 +410,7 @@ def _action_command(name: str, doc: str, confirm: bool = False) -> None:
             except admin.HttpError as exc:
                 raise click.ClickException(str(exc)) from None
 
+        _log_offline_actions()  # only the offline path logs in this process
         results = _run(QueueAccess(config).each(online, offline))
         count = sum(r["count"] for r in results)
         click.echo(f"{name}: {count} message{'s' if count != 1 else ''}")
