@@ -66,11 +66,14 @@ def subjects(received: list[Received]) -> list[str]:
     return found
 
 
-async def deferred_queue(daemon_factory: DaemonFactory, sink: Sink, n: int) -> DaemonProcess:
+async def deferred_queue(
+    daemon_factory: DaemonFactory, sink: Sink, n: int, workers: int = 1
+) -> DaemonProcess:
     """A daemon whose next hop defers ``n`` messages ``m1``..: retried only in an hour."""
     sink.behaviour.rcpt["stuck"] = "451 4.2.1 Mailbox busy"
     daemon = await daemon_factory(
         {
+            "workers": workers,
             "routes": {
                 "dest.example": f"[127.0.0.1]:{sink.port}",
                 "origin.example": f"[127.0.0.1]:{sink.port}",  # bounces reach the sink too
@@ -78,6 +81,7 @@ async def deferred_queue(daemon_factory: DaemonFactory, sink: Sink, n: int) -> D
             "retry": {"initial": 3600.0, "maximum": 3600.0},
         }
     )
+    await until(lambda: daemon.logs().count("smtpq ready") == workers, timeout=30)
     for i in range(1, n + 1):
         await send(daemon, f"m{i}")
     for _ in range(300):
@@ -198,16 +202,7 @@ async def test_serve_and_queue_read_the_default_configuration(
             [sys.executable, "-m", "smtpq.daemon.cli", "serve"],
             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env={**os.environ, **env},
         )  # fmt: skip
-    async with asyncio.timeout(30):
-        while True:
-            assert daemon.proc.poll() is None, daemon.logs()
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            break
+    await daemon.wait_ready()
     code, out, err = await smtpq("queue", "list", env=env, cwd=tmp_path)
     assert (code, out, err) == (0, "Mail queue is empty\n", "")
     assert daemon.queue_dir.is_dir()  # the configured queue, not ./smtpq-queue
@@ -285,17 +280,7 @@ async def test_redis_commands_create_nothing_in_the_working_directory(
 
 
 async def test_offline_actions_on_every_shard(daemon_factory: DaemonFactory, sink: Sink) -> None:
-    sink.behaviour.rcpt["stuck"] = "451 4.2.1 Mailbox busy"
-    daemon = await daemon_factory(
-        {
-            "workers": 2,
-            "routes": {"dest.example": f"[127.0.0.1]:{sink.port}"},
-            "retry": {"initial": 3600.0, "maximum": 3600.0},
-        }
-    )
-    await until(lambda: daemon.logs().count("smtpq ready") == 2, timeout=30)
-    await asyncio.gather(*(send(daemon, f"s{n}") for n in range(20)))
-    await until(lambda: daemon.logs().count(" deferred id=") == 20, timeout=30)
+    daemon = await deferred_queue(daemon_factory, sink, 20, workers=2)
     assert (await daemon.stop()) == 0
     per_shard = [len(os.listdir(daemon.queue_dir / f"shard-{k}" / "env")) for k in (0, 1)]
     assert sum(per_shard) == 20
