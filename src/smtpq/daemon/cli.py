@@ -14,12 +14,15 @@ import math
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlencode
 
 import click
 
 from smtpq.daemon.config import Config, ConfigError, default_config_path, load_config
+
+if TYPE_CHECKING:  # the server's modules are imported by the commands that need them
+    from smtpq.daemon.server import Shard
 
 __all__ = ["main"]
 
@@ -146,7 +149,7 @@ class QueueAccess:
     def __init__(self, config: Config) -> None:
         self.config = config
 
-    def shards(self) -> list[Any]:
+    def shards(self) -> list[Shard]:
         """The queues to visit: for disk storage, the shard directories that exist."""
         from smtpq.daemon.server import shards
 
