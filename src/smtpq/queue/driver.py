@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -41,6 +42,30 @@ _DETAIL_EVENTS = frozenset({"attempted", "removed"})
 BOUNCE_RETRY_DELAY = 60.0
 
 
+_MESSAGE_ID = re.compile(rb"(?:^|\n)message-id[ \t]*:[ \t]*((?:[^\r\n]|\r?\n[ \t])*)", re.I)
+#: The longest Message-ID logged: a sender's header must not make a log line of any length.
+_MESSAGE_ID_MAX = 250
+
+
+def _origin(env: Envelope) -> dict[str, str]:
+    """Where a message came from, for its ``accepted`` line: the sender, the client's address
+    and the Message-ID (Postfix's ``client=`` and ``message-id=``), so that a sender's
+    Message-ID leads to the queue id. The header is found in the raw block, not parsed."""
+    origin = {"sender": f"<{env.sender}>"}
+    ip = env.client.get("ip")
+    if ip:
+        origin["client"] = f"[{ip}]"
+    head, _ = env.flatten()
+    match = _MESSAGE_ID.search(head)
+    if match is not None:
+        # The first word of the unfolded value, printable ASCII only: one key=value in the line.
+        words = match.group(1).decode("ascii", "replace").split()
+        value = "".join(c for c in words[0] if c.isprintable() and c.isascii()) if words else ""
+        if value:
+            origin["message-id"] = value[:_MESSAGE_ID_MAX]
+    return origin
+
+
 class BounceFactoryType(Protocol):
     """``bounce_factory(envelope, reply) -> Envelope | None``."""
 
@@ -62,7 +87,8 @@ class QueueEvent:
         reply: Reply | None = None,
         **detail: Any,
     ) -> None:
-        #: accepted, attempted, delivered, deferred, bounced, expired, failed, removed.
+        #: accepted, attempted, delivered, deferred, bounced, expired, failed, removed; and the
+        #: operators' flushed, held, released, deleted, requeued (see smtpq.daemon.ops).
         self.kind = kind
         self.id = id
         self.recipients = tuple(recipients)
@@ -272,9 +298,7 @@ class Queue:
             log.exception("store failed for message from <%s>", env.sender)
             return QueueError(f"storage failure: {exc!r}")
         took = time.perf_counter() - started
-        self._emit(
-            QueueEvent("accepted", id, env.recipients, sender=f"<{env.sender}>", seconds=took)
-        )
+        self._emit(QueueEvent("accepted", id, env.recipients, None, **_origin(env), seconds=took))
         if deliver:
             pending = tuple(range(len(env.recipients)))
             self._spawn(id, self._attempt(_Attempt(id, env.copy(), 0, pending, now)))
@@ -546,6 +570,11 @@ class Queue:
         dsn = ",".join(ids) or "none"
         self._emit(QueueEvent("bounced", id, envelope.recipients, reply, dsn=dsn))
         return True
+
+    def emit(self, event: QueueEvent) -> None:
+        """Log an event and pass it to the observers: for what others do to the queue (the
+        operators' actions), so that one log and one set of metrics tell all of it."""
+        self._emit(event)
 
     def _emit(self, event: QueueEvent) -> None:
         # One INFO line per message outcome; the attempt itself and the removal that follows
