@@ -21,9 +21,10 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _TYPED = re.compile(rf"^({_ATOM})[ \t]*;[ \t]*(.*)$")  # type ";" *text
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 _ACTIONS = frozenset({"failed", "delayed", "delivered", "relayed", "expanded"})
+# RFC 5322 §3.3 date-time (folding white space between its parts), a comment after it.
 _DATE = re.compile(
-    r"^(?:(Mon|Tue|Wed|Thu|Fri|Sat|Sun), )?\d{1,2} (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|"
-    r"Dec) \d{4} \d\d:\d\d(:\d\d)? [+-]\d{4}( \(.*\))?$"
+    r"^(?:(Mon|Tue|Wed|Thu|Fri|Sat|Sun), *)? *\d{1,2} +(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|"
+    r"Nov|Dec) +\d{4} +\d\d:\d\d(:\d\d)? +[+-]\d{4}( +\(.*\))?$"
 )
 _FIELD_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext
 
@@ -165,4 +166,6 @@ def check_dsn(data: bytes) -> Dsn:
     payload = human.get_payload(decode=True)
     assert isinstance(payload, bytes)
     text = payload.decode(human.get_content_charset() or "us-ascii")
+    for line in text.splitlines():
+        assert len(line) <= 78 or len(line.split()) == 1, f"human part line too long: {line!r}"
     return Dsn(msg, text, report_type, per_message, recipients, returned)

@@ -306,52 +306,49 @@ def _subject(envelope: Envelope) -> str | None:
 
 
 def _intro(notice: Notice, headers_only: bool) -> list[str]:
+    """What happened, as paragraphs (each wrapped at 78 characters by the caller)."""
     action = notice.action
-    if action is Action.FAILED:
-        what = "Its header is" if headers_only else "It is"
-        lines = [
-            "Your message could not be delivered to the recipients listed below.",
-            f"{what} attached to this report.",
-        ]
-        quit = [o for o in notice.outcomes if o.gave_up]
-        arrival = notice.envelope.timestamp
-        if quit and arrival is not None:
-            why = (
-                "the message expired, its time in the queue ran out"
-                if any(o.expired for o in quit)
-                else "retries exhausted, every attempt failed temporarily"
-            )
-            who = "" if len(quit) == len(notice.outcomes) else " to those with a temporary reply"
-            attempts = f"{notice.attempts} attempt{'s' if notice.attempts != 1 else ''}"
-            lines += _wrap(
-                f"Delivery{who} was given up after {duration(notice.now - arrival)} and "
-                f"{attempts}: {why}.",
-                indent="",
-            )
-        return lines
     if action is Action.DELAYED:
         late = duration(notice.delayed_for or 0)
-        lines = [
+        until = notice.retry_until
+        return [
             "THIS IS A WARNING ONLY: you do not need to send your message again.",
-            "",
-            f"Your message has not been delivered after {late} to the recipients listed below;",
-            "delivery is still being attempted.",
+            f"Your message has not been delivered after {late} to the recipients listed "
+            "below; delivery is still being attempted"
+            + (f", until {_date(until)}." if until is not None else "."),
         ]
-        if notice.retry_until is not None:
-            lines.append(f"It will be retried until {_date(notice.retry_until)}.")
-        return lines
     if action is Action.RELAYED:
         return [
-            "Your message was delivered to the mail systems listed below. They do not send",
-            "delivery notifications, so this is the last one you will have for these",
-            "recipients, unless delivery fails further on.",
+            "Your message was delivered to the mail systems listed below. They do not send "
+            "delivery notifications, so this is the last one you will have for these "
+            "recipients, unless delivery fails further on."
         ]
-    return ["Your message was delivered to the recipients listed below."]
+    if action is Action.DELIVERED:
+        return ["Your message was delivered to the recipients listed below."]
+    what = "Its header is" if headers_only else "It is"
+    paragraph = "Your message could not be delivered to the recipients listed below. "
+    paragraph += f"{what} attached to this report."
+    quit = [o for o in notice.outcomes if o.gave_up]
+    arrival = notice.envelope.timestamp
+    if quit and arrival is not None:
+        why = (
+            "the message expired, its time in the queue ran out"
+            if any(o.expired for o in quit)
+            else "retries exhausted, every attempt failed temporarily"
+        )
+        who = "" if len(quit) == len(notice.outcomes) else " to those with a temporary reply"
+        attempts = f"{notice.attempts} attempt{'s' if notice.attempts != 1 else ''}"
+        paragraph += (
+            f" Delivery{who} was given up after {duration(notice.now - arrival)} and "
+            f"{attempts}: {why}."
+        )
+    return [paragraph]
 
 
 def _human(notice: Notice, host: str, headers_only: bool) -> str:
-    lines = [f"This is the mail system at host {host}.", ""]
-    lines += _intro(notice, headers_only)
+    lines = [f"This is the mail system at host {host}."]
+    for paragraph in _intro(notice, headers_only):
+        lines += ["", *_wrap(paragraph, indent="")]
     if notice.note:
         lines += ["", _CONTROLS.sub(" ", notice.note)]
     subject = _subject(notice.envelope)
