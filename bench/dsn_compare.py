@@ -32,6 +32,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from email.message import Message
 from email.policy import compat32
 from pathlib import Path
@@ -209,20 +210,28 @@ class PrivatePostfix:
         subprocess.run(["postfix", "-c", str(self.etc), "stop"], check=False, capture_output=True)
 
 
+async def scenarios(
+    hop: NextHop, port: int, late: Callable[[], Awaitable[list[bytes]]]
+) -> dict[str, bytes]:
+    """Both scenarios against the MTA on ``port``; ``late`` brings the delayed and expired DSNs
+    (by waiting, or by moving a clock)."""
+    hop.dsns.clear()
+    hop.replies = dict(REFUSED)
+    await asyncio.to_thread(submit, port, [f"{x}@dest.example" for x in REFUSED])
+    [failed] = await hop.wait_dsns(1, 60)
+    hop.dsns.clear()
+    hop.replies = dict(FULL)
+    await asyncio.to_thread(submit, port, ["late@dest.example"])
+    delayed, expired = await late()
+    return {"failed": failed, "delayed": delayed, "expired": expired}
+
+
 async def postfix_dsns(hop: NextHop) -> dict[str, bytes]:
     root = Path(tempfile.mkdtemp(prefix="smtpq-dsn-postfix-"))
     postfix = PrivatePostfix(root, free_port(), hop.port)
     try:
         await asyncio.to_thread(postfix.start)
-        hop.dsns.clear()
-        hop.replies = dict(REFUSED)
-        await asyncio.to_thread(submit, postfix.port, [f"{x}@dest.example" for x in REFUSED])
-        [failed] = await hop.wait_dsns(1, 60)
-        hop.dsns.clear()
-        hop.replies = dict(FULL)
-        await asyncio.to_thread(submit, postfix.port, ["late@dest.example"])
-        delayed, expired = await hop.wait_dsns(2, 120)
-        return {"failed": failed, "delayed": delayed, "expired": expired}
+        return await scenarios(hop, postfix.port, lambda: hop.wait_dsns(2, 120))
     finally:
         await asyncio.to_thread(postfix.stop)
         shutil.rmtree(root, ignore_errors=True)
@@ -239,20 +248,17 @@ async def smtpq_dsns(hop: NextHop) -> dict[str, bytes]:
     )
     config = EdgeConfig(port=0, hostname="mta.test.example", reverse_lookup=False)
     edge = SmtpEdge(queue, config, clock=clock)
-    async with queue, edge:
-        hop.dsns.clear()
-        hop.replies = dict(REFUSED)
-        await asyncio.to_thread(submit, edge.port, [f"{x}@dest.example" for x in REFUSED])
-        [failed] = await hop.wait_dsns(1, 30)
-        hop.dsns.clear()
-        hop.replies = dict(FULL)
-        await asyncio.to_thread(submit, edge.port, ["late@dest.example"])
-        while len(hop.dsns) < 2:  # the days pass, ten minutes at a time
+
+    async def days_pass() -> list[bytes]:
+        while len(hop.dsns) < 2:  # ten minutes at a time
             await clock.advance(600)
             await asyncio.sleep(0.02)
-        delayed, expired = hop.dsns[:2]
+        return hop.dsns[:2]
+
+    async with queue, edge:
+        dsns = await scenarios(hop, edge.port, days_pass)
     await relay.close()
-    return {"failed": failed, "delayed": delayed, "expired": expired}
+    return dsns
 
 
 # -- the table -----------------------------------------------------------------------------------
