@@ -96,6 +96,15 @@ def notify_wants(envelope: Envelope, recipient: str, kind: str) -> bool:
     return "NEVER" not in values and kind in values
 
 
+#: The NOTIFY keyword (RFC 3461 §4.1) that asks for each kind of notice.
+_NOTIFY_KIND = {
+    Action.FAILED: "FAILURE",
+    Action.DELAYED: "DELAY",
+    Action.RELAYED: "SUCCESS",
+    Action.DELIVERED: "SUCCESS",
+}
+
+
 class Notifier(Protocol):
     """What the queue asks for: the DSNs reporting one event of one message."""
 
@@ -148,7 +157,7 @@ class BounceFactory:
         """The bounce of ``envelope``'s recipients that want one (NOTIFY), or None."""
         if not envelope.sender:
             return None
-        kind = "FAILURE" if action == Action.FAILED else "DELAY"
+        kind = _NOTIFY_KIND[Action(action)]
         wanted = [r for r in envelope.recipients if notify_wants(envelope, r, kind)]
         if not wanted:
             return None

@@ -178,3 +178,15 @@ def test_function_notifier_calls_a_slimta_factory_once_per_reply() -> None:
     [warning] = notifier.notify(_notice(Action.DELAYED, outcomes[:1]))
     assert len(calls) == 2
     assert b"Action: delayed" in b"".join(warning.flatten())
+
+
+def test_slimta_call_form_for_a_success_report_honours_notify_success() -> None:
+    env = _original(["a@x", "b@x"])
+    env.rcpt_params["a@x"] = {"NOTIFY": "SUCCESS"}
+    report = BounceFactory("m")(env, Reply("250", "2.0.0 Ok"), action="relayed")
+    assert report is not None
+    dsn = check_dsn(b"".join(report.flatten()))
+    assert [r["Final-Recipient"] for r in dsn.recipients] == ["rfc822; a@x"]
+    assert dsn.recipients[0]["Action"] == "relayed"
+    del env.rcpt_params["a@x"]
+    assert BounceFactory("m")(env, Reply("250", "2.0.0 Ok"), action="relayed") is None
