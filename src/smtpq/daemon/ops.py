@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smtpq.queue import Queue, QueueEvent
+from smtpq.queue.event import EventKind
 from smtpq.reply import Reply
 from smtpq.storage.base import MessageInfo, QueueStorage, id_time, is_valid_id
 
@@ -156,7 +157,7 @@ async def flush(queue: Queue, ids: Sequence[str] | None, by: str, *, stored: boo
         done = await (_flush_stored(queue.store, [id], now) if stored else queue.flush([id]))
         if done:
             count += done
-            queue.emit(QueueEvent("flushed", id, by=by))
+            queue.emit(QueueEvent(EventKind.FLUSHED, id, by=by))
     return count
 
 
@@ -183,7 +184,7 @@ async def delete(queue: Queue, ids: Iterable[str], by: str) -> int:
         except KeyError:
             continue
         await queue.store.remove(id)
-        queue.emit(QueueEvent("deleted", id, entry.envelope.recipients, by=by))
+        queue.emit(QueueEvent(EventKind.DELETED, id, entry.envelope.recipients, by=by))
         count += 1
     return count
 
@@ -196,7 +197,7 @@ async def hold(queue: Queue, ids: Iterable[str], held: bool, by: str) -> int:
             await queue.store.set_held(id, held)
         except KeyError:
             continue
-        queue.emit(QueueEvent("held" if held else "released", id, by=by))
+        queue.emit(QueueEvent(EventKind.HELD if held else EventKind.RELEASED, id, by=by))
         count += 1
     return count
 
@@ -224,7 +225,7 @@ async def bounce_now(queue: Queue, ids: Iterable[str], by: str) -> int:
         await queue.store.remove(id)
         queue.emit(
             QueueEvent(
-                "bounced", id, entry.envelope.recipients, CANCELLED,
+                EventKind.BOUNCED, id, entry.envelope.recipients, CANCELLED,
                 dsn=",".join(dsn) or "none", by=by,
             )
         )  # fmt: skip
@@ -242,7 +243,7 @@ async def requeue(queue: Queue, ids: Iterable[str], by: str) -> list[str]:
             continue
         new = await queue.store.write(entry.envelope, queue.clock.time())
         await queue.store.remove(id)
-        queue.emit(QueueEvent("requeued", id, entry.envelope.recipients, new=new, by=by))
+        queue.emit(QueueEvent(EventKind.REQUEUED, id, entry.envelope.recipients, new=new, by=by))
         new_ids.append(new)
     return new_ids
 
