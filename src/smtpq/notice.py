@@ -241,7 +241,7 @@ def _report(notice: Notice, host: str, utf8: bool) -> str:
             out.append(fold("Remote-MTA", f"dns; {text(reply.remote_host)}"))
         if reply is not None and reply.code:
             kind = "smtp" if reply.remote_host else "x-local"
-            out.append(fold("Diagnostic-Code", f"{kind}; {text(str(reply))}"))
+            out.append(fold("Diagnostic-Code", f"{kind}; {text(reply.as_sent())}"))
         out.append(fold("Last-Attempt-Date", _date(notice.now)))
         if notice.action is Action.DELAYED and notice.retry_until is not None:
             out.append(fold("Will-Retry-Until", _date(notice.retry_until)))

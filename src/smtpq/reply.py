@@ -75,6 +75,7 @@ class Reply:
 
     __slots__ = (
         "_esc",
+        "_raw",
         "_text",
         "address",
         "code",
@@ -91,6 +92,7 @@ class Reply:
     remote_ip: str | None
     remote_dsn: bool | None
     _esc: str | None
+    _raw: str | None
     _text: str
 
     def __init__(
@@ -121,6 +123,7 @@ class Reply:
         init(self, "remote_ip", remote_ip)
         init(self, "remote_dsn", remote_dsn)
         init(self, "_esc", esc)
+        init(self, "_raw", message)
         init(self, "_text", text)
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -137,7 +140,7 @@ class Reply:
         fields.update(changes)
         esc = fields.pop("enhanced_status_code", None)
         if "message" not in changes:
-            fields["message"] = self._text if esc else self.message
+            fields["message"] = self._text if esc else self._raw
         if esc:
             fields["message"] = f"{esc} {fields['message'] or ''}".rstrip()
         return Reply(**fields)
@@ -148,6 +151,11 @@ class Reply:
         if self._esc is None:
             return self._text if self._text or self.code else None
         return f"{self._esc} {self._text}".rstrip()
+
+    def as_sent(self) -> str:
+        """The reply as its sender gave it: the code and the text without the enhanced status
+        code filled in or corrected here (for a DSN's Diagnostic-Code, RFC 3464 §2.3.6)."""
+        return f"{self.code or ''} {self._raw or ''}".strip()
 
     @property
     def text(self) -> str:
@@ -184,7 +192,7 @@ class Reply:
         """Plain values, for storage."""
         data: ReplyDict = {
             "code": self.code,
-            "message": self.message,
+            "message": self._raw,
             "command": self.command,
             "address": self.address,
             "remote_host": self.remote_host,

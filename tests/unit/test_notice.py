@@ -262,7 +262,7 @@ def test_any_report_parses_and_keeps_to_the_grammar(
         assert outcome.reply is not None
         kind, said = typed(fields["Diagnostic-Code"])
         assert kind == ("smtp" if outcome.reply.remote_host else "x-local")
-        quoted = str(outcome.reply).strip()
+        quoted = outcome.reply.as_sent()
         if quoted.isprintable() and (utf8 or quoted.isascii()):
             assert said == quoted  # the reply exactly as given
     if envid and utf8 and envid.isprintable() and envid == envid.strip():

@@ -101,3 +101,15 @@ def test_round_trip_keeps_remote_ip_and_dsn() -> None:
     back = Reply.from_dict(r.to_dict())
     assert (back.remote_ip, back.remote_dsn) == ("::1", False)
     assert "remote_ip" not in Reply("250", "Ok").to_dict()
+
+
+def test_as_sent_keeps_the_text_as_given() -> None:
+    bare = Reply("550", "No such user here")
+    assert bare.message == "5.0.0 No such user here"
+    assert bare.as_sent() == "550 No such user here"
+    assert Reply("452", "4.2.2 Mailbox full").as_sent() == "452 4.2.2 Mailbox full"
+    assert Reply("450", "5.1.1 odd").as_sent() == "450 5.1.1 odd"
+    back = Reply.from_dict(bare.to_dict())
+    assert (back.as_sent(), back.message) == (bare.as_sent(), bare.message)
+    assert bare.replace(address="a@b").as_sent() == "550 No such user here"
+    assert bare.replace(enhanced_status_code="5.1.1").as_sent() == "550 5.1.1 No such user here"
