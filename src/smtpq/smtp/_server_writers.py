@@ -1,0 +1,34 @@
+"""Replies to bytes: one line per text line, the enhanced status code on each (RFC 2034). Pure."""
+
+from __future__ import annotations
+
+from smtpq.reply import Reply
+from smtpq.smtp.errors import LocalProtocolError
+
+__all__ = ["render"]
+
+
+def render(reply: Reply, *, enhanced: bool = True) -> bytes:
+    """``reply`` as it goes on the wire.
+
+    Lines of its text (split at ``\\n``) become the lines of a multi-line reply. ``enhanced``
+    False leaves the enhanced status code out, as RFC 2034 §3 wants for the greeting and the
+    answer to HELO/EHLO.
+    """
+    code = reply.code
+    if code is None or len(code) != 3 or not code.isdigit() or code[0] not in "2345":
+        raise LocalProtocolError(f"not a reply code: {code!r}", reply)
+    text = reply.text
+    if "\r" in text:  # a stray CR would end a line early on some clients
+        text = text.replace("\r", "")
+    esc = reply.enhanced_status_code if enhanced else None
+    if "\n" not in text:
+        if esc:
+            return f"{code} {esc} {text}\r\n".encode() if text else f"{code} {esc}\r\n".encode()
+        return f"{code} {text}\r\n".encode() if text else f"{code}\r\n".encode()
+    lines = text.split("\n")
+    prefix = f"{esc} " if esc else ""
+    last = len(lines) - 1
+    return "".join(
+        f"{code}{' ' if i == last else '-'}{prefix}{line}\r\n" for i, line in enumerate(lines)
+    ).encode()
