@@ -267,6 +267,16 @@ class ServerConnection:
         if target is Then.END:
             self._end_transaction()
 
+    def close(self, reply: Reply | None = None) -> None:
+        """End the session from the server's side (a timeout, a shutdown): ``reply``, a
+        ``421``, is queued for :meth:`data_to_send`; nothing more is read or answered."""
+        if self._state is S.CLOSED:
+            return
+        if reply is not None:
+            self._out.append(render(reply))
+        self._pending = None
+        self._state = S.CLOSED
+
     def data_to_send(self) -> bytes:
         """Every reply queued since the last call, as one block of bytes."""
         out = self._out
@@ -301,8 +311,10 @@ class ServerConnection:
         return keywords
 
     def tls_established(self) -> None:
-        """The driver's TLS handshake after STARTTLS succeeded: the session starts over
-        (RFC 3207 §4.2: the client greets again; nothing learnt before counts)."""
+        """The TLS layer has taken over after STARTTLS (the handshake is done, or under way on
+        a socket that no longer yields clear text): the session starts over, RFC 3207 §4.2 —
+        the client greets again, nothing learnt before counts, nothing read before is acted on;
+        what :meth:`receive_data` gets from now on is read as coming through TLS."""
         if self._state is not S.TLS:
             raise LocalProtocolError("no STARTTLS in progress", Replies.SERVER_ERROR)
         self.tls = True
