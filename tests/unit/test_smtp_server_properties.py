@@ -130,7 +130,9 @@ def test_unstuffing_matches_the_reference(case: tuple[bytes, list[bytes]]) -> No
 
 
 @given(
-    st.lists(st.integers(990, 1004), min_size=1, max_size=4).flatmap(
+    st.lists(
+        st.one_of(st.integers(0, 80), st.integers(990, 1004)), min_size=1, max_size=10
+    ).flatmap(
         lambda sizes: st.tuples(st.just(sizes), splits(b"".join(b"x" * n + b"\r\n" for n in sizes)))
     )
 )

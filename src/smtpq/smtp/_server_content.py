@@ -98,20 +98,40 @@ class DotReader:
         return (content[start:] if start else content), end
 
     def _count(self, sent: bytes) -> None:
-        self.size += len(sent)
+        size = len(sent)
+        self.size += size
         if self.limit and self.size > self.limit:
             self.too_big = True
         if self.too_long:
             return
         carried = self._line
-        if carried + len(sent) <= _MAX_TEXT:  # no line in here can be too long
-            last = sent.rfind(b"\r\n")
-            self._line = carried + len(sent) if last < 0 else len(sent) - last - 2
-            return
-        lines = sent.split(b"\r\n")
-        # The first line goes on from the last piece; the last one goes on in the next.
-        first = carried + len(lines[0])
-        self._line = len(lines[-1]) if len(lines) > 1 else first
-        middle = max(map(len, lines[1:-1]), default=0)
-        if max(first, middle, self._line) > _MAX_TEXT:
+        last = sent.rfind(b"\r\n")
+        if last < 0:
+            self._line = carried + size
+        else:
+            self._line = size - last - 2
+            first = sent.find(b"\r\n")
+            if carried + first > _MAX_TEXT or not _lines_fit(sent, first, last):
+                self.too_long = True
+        if self._line > _MAX_TEXT:
             self.too_long = True
+
+
+# Every window of this many octets holds the start of a CRLF: then no line is over 998.
+_WINDOW: Final = 500
+
+
+def _lines_fit(data: bytes, first: int, last: int) -> bool:
+    """Whether no line between the CRLFs at ``first`` and ``last`` is over 998 octets.
+
+    A line of 999 octets or more spans a whole window (501 positions, a step of 500), so if
+    each window holds a CRLF no line is too long; that takes a few finds per kilobyte, where
+    splitting into lines would make an object of each. Only a window without one is measured.
+    """
+    if last - first - 2 <= _MAX_TEXT:
+        return True
+    find = data.find
+    for start in range(first + 2, last, _WINDOW):
+        if find(b"\r\n", start, start + _WINDOW + 2) < 0:
+            return max(map(len, data[first + 2 : last].split(b"\r\n"))) <= _MAX_TEXT
+    return True

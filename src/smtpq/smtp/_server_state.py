@@ -53,6 +53,10 @@ class ServerState(Enum):
     #: QUIT answered, a 421 sent, or the client gone.
     CLOSED = "closed"
 
+    # Members are singletons compared by identity: hash them so too, not by Enum's __hash__
+    # (a Python-level call on every set and dict lookup of the state, several per command).
+    __hash__ = object.__hash__
+
 
 S = ServerState
 

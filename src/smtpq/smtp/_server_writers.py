@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
-from smtpq.reply import Reply
+import functools
+from typing import Final
+
+from smtpq.reply import Replies, Reply
 from smtpq.smtp.errors import LocalProtocolError
 
 __all__ = ["render"]
 
 
 def render(reply: Reply, *, enhanced: bool = True) -> bytes:
+    """``reply`` as it goes on the wire (see :func:`_render`); the standard replies are
+    rendered once."""
+    if not enhanced:
+        return _render_plain(reply)
+    known = _RENDERED.get(id(reply))
+    if known is not None and known[0] is reply:
+        return known[1]
+    return _render(reply, enhanced)
+
+
+@functools.lru_cache(maxsize=128)
+def _render_plain(reply: Reply) -> bytes:
+    # The greeting and the answers to HELO/EHLO: a few distinct ones per configuration.
+    return _render(reply, False)
+
+
+def _render(reply: Reply, enhanced: bool) -> bytes:
     """``reply`` as it goes on the wire.
 
     Lines of its text (split at ``\\n``) become the lines of a multi-line reply. ``enhanced``
@@ -32,3 +52,11 @@ def render(reply: Reply, *, enhanced: bool = True) -> bytes:
     return "".join(
         f"{code}{' ' if i == last else '-'}{prefix}{line}\r\n" for i, line in enumerate(lines)
     ).encode()
+
+
+# The table's replies live as long as the process, so their ids stay theirs.
+_RENDERED: Final = {
+    id(reply): (reply, _render(reply, True))
+    for reply in vars(Replies).values()
+    if isinstance(reply, Reply)
+}

@@ -17,6 +17,7 @@ and :attr:`~ServerConnection.commands`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -105,6 +106,17 @@ class ServerConfig:
         unknown = set(self.auth_mechanisms) - set(MECHANISMS)
         if unknown:
             raise ValueError(f"unsupported AUTH mechanisms: {sorted(unknown)}")
+
+
+@functools.lru_cache(maxsize=64)
+def _helo_reply(hostname: str) -> Reply:
+    return Reply("250", hostname)
+
+
+@functools.lru_cache(maxsize=64)
+def _ehlo_reply(hostname: str, keywords: tuple[str, ...]) -> Reply:
+    # A few distinct replies per process (by TLS state and configuration): made once each.
+    return Reply("250", "\n".join([hostname, *keywords]))
 
 
 class _Marker:
@@ -293,8 +305,8 @@ class ServerConnection:
         if not isinstance(pending, Hello):
             raise LocalProtocolError("no HELO/EHLO to answer", Replies.SERVER_ERROR)
         if not pending.extended:
-            return Reply("250", hostname)
-        return Reply("250", "\n".join([hostname, *self.extensions()]))
+            return _helo_reply(hostname)
+        return _ehlo_reply(hostname, tuple(self.extensions()))
 
     def extensions(self) -> list[str]:
         """The EHLO keywords this session offers now (STARTTLS until TLS; AUTH over TLS)."""
