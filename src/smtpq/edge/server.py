@@ -26,6 +26,7 @@ from smtpq.edge.auth import PasswordFile
 from smtpq.edge.session import EdgeSession
 from smtpq.envelope import Envelope
 from smtpq.errors import QueueError
+from smtpq.reply import greeting_reply
 from smtpq.smtp import ServerConfig
 from smtpq.smtp._server_auth import MECHANISMS
 
@@ -110,11 +111,21 @@ class EdgeSettings:
         :class:`ssl.SSLError` when the certificate cannot be loaded.
     """
 
-    __slots__ = ("config", "hostname", "implicit_tls", "passwords", "relay", "server", "tls")
+    __slots__ = (
+        "config",
+        "greeting",
+        "hostname",
+        "implicit_tls",
+        "passwords",
+        "relay",
+        "server",
+        "tls",
+    )
 
     def __init__(self, config: EdgeConfig) -> None:
         self.config = config
         self.hostname = config.hostname or socket.getfqdn()
+        self.greeting = greeting_reply(self.hostname)
         self.tls = config.tls_context()
         if (config.implicit_tls or config.require_tls) and self.tls is None:
             raise ValueError("implicit_tls and require_tls need tls_cert")

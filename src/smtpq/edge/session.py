@@ -20,7 +20,6 @@ from smtpq.reply import (
     Reply,
     accepted_reply,
     chunk_received_reply,
-    greeting_reply,
     relay_denied_reply,
     timeout_reply,
 )
@@ -75,6 +74,7 @@ class EdgeSession(asyncio.Protocol):
         "_chunks",
         "_conn",
         "_edge",
+        "_ended",
         "_helo",
         "_ip",
         "_last_read",
@@ -101,6 +101,7 @@ class EdgeSession(asyncio.Protocol):
         self._recipients: dict[str, dict[str, str]] = {}
         self._chunks: list[bytes] = []
         self._busy = False
+        self._ended = False  # the client shut its side
         self._reverse: asyncio.Task[str | None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._last_read = 0.0
@@ -114,7 +115,7 @@ class EdgeSession(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self._ip = str(peer[0]) if isinstance(peer, tuple) and peer else None
         self._edge._sessions.add(self)
-        self._conn.send(greeting_reply(self._settings.hostname))
+        self._conn.send(self._settings.greeting)
         transport.write(self._conn.data_to_send())
         self._last_read = self._loop.time()
         self._timer = self._loop.call_later(self._settings.config.timeout, self._check_idle)
@@ -128,6 +129,9 @@ class EdgeSession(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         """The client shut its side: finish what it sent, and send a reply still due."""
+        if self._ended:
+            return None
+        self._ended = True
         self._conn.receive_data(b"")
         if self._busy:
             # Keep the socket open for writing until the reply (to the final dot, say) is out;
@@ -219,7 +223,7 @@ class EdgeSession(asyncio.Protocol):
             return  # the client went, or the edge closed the session
         self._busy = False
         self._conn.send(reply)
-        if not self._transport.is_closing():
+        if not self._ended and not self._transport.is_closing():
             self._transport.resume_reading()
         self._process()
 
