@@ -1,4 +1,5 @@
-"""SMTP replies as values, and the one place where a reply is classified.
+"""SMTP replies as values, the one place where a reply is classified, and the one table of the
+standard replies smtpq gives (:class:`Replies`, with :class:`ReplyCode` naming the bare codes).
 
 A :class:`Reply` carries the three-digit code, the text (with its RFC 3463 enhanced status code
 split out), and optionally the command that provoked it and the remote host that gave it.

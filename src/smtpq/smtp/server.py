@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from smtpq.reply import Replies, Reply, syntax_reply
+from smtpq.reply import Replies, Reply, ReplyCode, syntax_reply
 from smtpq.smtp._server_auth import MECHANISMS, SaslExchange
 from smtpq.smtp._server_content import DotReader
 from smtpq.smtp._server_events import (
@@ -76,6 +76,8 @@ _BEFORE_TLS: Final = frozenset({b"NOOP", b"EHLO", b"STARTTLS", b"QUIT"})
 # RFC 5321 commands smtpq does not implement (502, not the 500 of an unknown command).
 _NOT_IMPLEMENTED: Final = frozenset({b"EXPN", b"TURN", b"ETRN", b"ATRN", b"SEND", b"SOML", b"SAML"})
 _CLOSED: Final = ConnectionClosed()
+_OK: Final = str(ReplyCode.OK)
+_START_MAIL_INPUT: Final = str(ReplyCode.START_MAIL_INPUT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,13 +112,13 @@ class ServerConfig:
 
 @functools.lru_cache(maxsize=64)
 def _helo_reply(hostname: str) -> Reply:
-    return Reply("250", hostname)
+    return Reply(_OK, hostname)
 
 
 @functools.lru_cache(maxsize=64)
 def _ehlo_reply(hostname: str, keywords: tuple[str, ...]) -> Reply:
     # A few distinct replies per process (by TLS state and configuration): made once each.
-    return Reply("250", "\n".join([hostname, *keywords]))
+    return Reply(_OK, "\n".join([hostname, *keywords]))
 
 
 class _Marker:
@@ -265,7 +267,7 @@ class ServerConnection:
         assert isinstance(pending, Event)
         kind = type(pending)
         if kind is DataStart:
-            positive = code == "354"
+            positive = code == _START_MAIL_INPUT
         elif code[:1] == "3":
             raise LocalProtocolError(f"{reply} cannot answer {pending!r}", reply)
         else:
