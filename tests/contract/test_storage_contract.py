@@ -74,6 +74,25 @@ async def test_set_timestamp_is_loaded(backend: Backend) -> None:
     assert entry.last_reply == Reply("451", "4.7.1 greylisted")
 
 
+async def test_last_reply_keeps_every_field_across_a_reopen(backend: Backend) -> None:
+    store = backend.storage
+    id = await store.write(make_envelope(), NOW)
+    reply = Reply(
+        "250", "2.0.0 Ok", "DATA", "a@b", remote_host="mx", remote_ip="::1", remote_dsn=False
+    )
+    await store.set_timestamp(id, NOW + 300, last_reply=reply)
+    other = await backend.reopen()
+    try:
+        assert (NOW + 300, id) in await other.load()
+        kept = (await other.get_entry(id)).last_reply
+        assert kept is not None
+        assert (kept.as_sent(), kept.remote_ip, kept.remote_dsn) == ("250 2.0.0 Ok", "::1", False)
+        assert (await other.get_info()).get("corrupt", 0) == 0
+    finally:
+        if other is not store:
+            await other.close()
+
+
 async def test_delivered_recipients_are_omitted_with_original_indexes(backend: Backend) -> None:
     store = backend.storage
     id = await store.write(make_envelope(4), NOW)

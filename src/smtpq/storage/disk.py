@@ -200,7 +200,10 @@ def _decode_meta(data: bytes) -> _Meta:
         or type(held) is not bool
         or not (
             reply is None
-            or (isinstance(reply, dict) and all(isinstance(v, str | None) for v in reply.values()))
+            or (
+                isinstance(reply, dict)
+                and all(isinstance(v, str | bool | None) for v in reply.values())
+            )
         )
     ):
         raise _CorruptError("meta has wrong field types")
