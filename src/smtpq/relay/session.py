@@ -414,7 +414,8 @@ class SmtpSession(asyncio.Protocol):
         """AUTH; ReplyError if refused."""
         event = await self.exchange(Auth(username, password), "AUTH")
         assert isinstance(event, AuthDone)
-        if event.reply.code != "235":
+        # 235 is RFC 4954's success; a 2xx (smtp-sink's 250) is taken as one too.
+        if not event.reply.is_success():
             raise StepFailed("AUTH", ReplyError(event.reply))
 
     async def transaction(self, transaction: Transaction) -> TransactionDone:

@@ -179,7 +179,7 @@ async def test_connection_refused_is_transient(relay_factory: RelayFactory) -> N
     result = await relay_factory("127.0.0.1", free_port()).attempt(envelope("a@x.example"), 0)
     r = reply(result["a@x.example"])
     assert (r.code, r.enhanced_status_code, r.command) == ("451", "4.4.1", "CONNECT")
-    assert r.remote_host == "127.0.0.1"
+    assert (r.remote_host, r.remote_ip, r.address) == ("127.0.0.1", "127.0.0.1", "a@x.example")
 
 
 async def test_silent_server_times_out_transient(relay_factory: RelayFactory) -> None:
