@@ -179,6 +179,8 @@ class SmtpPool:
         self._busy = 0
         self._slots = asyncio.Semaphore(config.pool_size) if config.pool_size else None
         self._closing: set[asyncio.Future[None]] = set()
+        # One timer for the idle connections: the oldest one's expiry (see _sweep).
+        self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def empty(self) -> bool:
@@ -206,9 +208,6 @@ class SmtpPool:
         """
         while self._idle:
             session = self._idle.pop()
-            if session.idle_timer is not None:
-                session.idle_timer.cancel()
-                session.idle_timer = None
             if not session.usable:
                 session.abort()
                 continue
@@ -237,19 +236,28 @@ class SmtpPool:
             self._retire(session)
             return
         loop = asyncio.get_running_loop()
-        session.idle_timer = loop.call_later(cfg.idle_timeout, self._expire, session)
+        session.idle_since = loop.time()
         self._idle.append(session)
+        if self._sweeper is None:
+            self._sweeper = loop.call_at(session.idle_since + cfg.idle_timeout, self._sweep)
 
-    def _expire(self, session: SmtpSession) -> None:
-        if session in self._idle:
-            self._idle.remove(session)
-            self._retire(session)
+    def _sweep(self) -> None:
+        """Retire the connections idle for ``idle_timeout``, then wait for the next to be.
+
+        The idle list is a stack (the most recently used connection is taken first), so its
+        bottom is the oldest: one timer serves them all, instead of one per release.
+        """
+        self._sweeper = None
+        idle, timeout = self._idle, self.config.idle_timeout
+        loop = asyncio.get_running_loop()
+        expired = loop.time() - timeout
+        while idle and idle[0].idle_since <= expired:
+            self._retire(idle.pop(0))
+        if idle:
+            self._sweeper = loop.call_at(idle[0].idle_since + timeout, self._sweep)
 
     def _retire(self, session: SmtpSession) -> None:
         """QUIT politely (the session closes when answered), or close at once if unusable."""
-        if session.idle_timer is not None:
-            session.idle_timer.cancel()
-            session.idle_timer = None
         session.quit()
         closed = session.closed
         if not closed.done():
@@ -258,6 +266,9 @@ class SmtpPool:
 
     async def close(self) -> None:
         """Close the idle connections (QUIT) and wait for closings under way."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         while self._idle:
             self._retire(self._idle.pop())
         if self._closing:

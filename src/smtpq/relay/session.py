@@ -25,6 +25,7 @@ import logging
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 from smtpq.reply import Reply
 from smtpq.smtp.client import (
@@ -192,7 +193,7 @@ class SmtpSession(asyncio.Protocol):
 
     :ivar conn: the protocol state.
     :ivar uses: transactions made on it (for the pool's ``max_messages``).
-    :ivar idle_timer: closes it when it has been idle too long (the pool's).
+    :ivar idle_since: when it was last put back idle (loop time; the pool's).
     """
 
     __slots__ = (
@@ -206,7 +207,7 @@ class SmtpSession(asyncio.Protocol):
         "_transport",
         "_waiter",
         "conn",
-        "idle_timer",
+        "idle_since",
         "uses",
     )
 
@@ -215,7 +216,7 @@ class SmtpSession(asyncio.Protocol):
     ) -> None:
         self.conn = conn
         self.uses = 0
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0
         self._timeouts = timeouts
         self._loop = loop
         self._transport: asyncio.Transport | None = None
@@ -231,8 +232,8 @@ class SmtpSession(asyncio.Protocol):
     # asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport (uvloop's is one without being an asyncio.Transport subclass).
+        self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if peer:
             self.conn.remote_ip = str(peer[0])
@@ -241,19 +242,19 @@ class SmtpSession(asyncio.Protocol):
         self.conn.receive_data(data)
         self._progress = now = self._loop.time()
         self._pump()
-        timer = self._timer
-        if timer is not None and self._waiter is not None and not self._waiter.done():
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
             # Still waiting, perhaps now for a command with a shorter timeout (DATA after
             # MAIL): the timer must not fire later than that one's deadline.
-            deadline = now + self._timeout()
-            if deadline < timer.when():
-                timer.cancel()
-                self._timer = self._loop.call_at(deadline, self._expire)
+            self._arm(now + self._timeout())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self.conn.receive_data(b"")
         self._pump()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if not self._closed.done():
             self._closed.set_result(None)
 
@@ -303,30 +304,39 @@ class SmtpSession(asyncio.Protocol):
         loop = self._loop
         waiter: asyncio.Future[ClientEvent] = loop.create_future()
         self._waiter = waiter
-        self._progress = loop.time()
-        self._timer = loop.call_later(self._timeout(), self._expire)
+        self._progress = now = loop.time()
+        self._arm(now + self._timeout())
         try:
             return await waiter
         finally:
             self._waiter = None
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
 
     def _timeout(self) -> float:
         return self._timeouts.get(self.conn.awaiting or "", HOUSEKEEPING_TIMEOUT)
 
+    def _arm(self, deadline: float) -> None:
+        """Make sure the timer fires by ``deadline``.
+
+        One timer per session, re-armed lazily: a wait that ends leaves it running (a reply
+        comes in milliseconds, a timeout is minutes), and when it fires it checks the deadline
+        of the wait then under way, if any. So most waits cost no timer at all.
+        """
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._expire)
+
     def _expire(self) -> None:
-        """The wait's timer: fires the timeout, or re-arms when bytes came meanwhile (cheaper
-        than re-arming at every read)."""
+        """The timer: fails the wait under way if its deadline passed, else waits for it."""
+        self._timer = None
         waiter = self._waiter
         if waiter is None or waiter.done():
+            return  # nobody waits: the next wait arms it again
+        deadline = self._progress + self._timeout()
+        if deadline > self._loop.time():
+            self._arm(deadline)
             return
-        remaining = self._progress + self._timeout() - self._loop.time()
-        if remaining > 0:
-            self._timer = self._loop.call_later(remaining, self._expire)
-            return
-        self._timer = None
         waiter.set_exception(SessionTimeout(self.conn.awaiting))
 
     async def exchange(self, command: ClientCommand | None, name: str) -> ClientEvent:
@@ -405,8 +415,7 @@ class SmtpSession(asyncio.Protocol):
             transport = await self._loop.start_tls(
                 self._transport, self, context, server_hostname=server_name
             )
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)
         self.conn.tls_started()
         return True
 

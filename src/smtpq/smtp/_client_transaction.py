@@ -88,7 +88,8 @@ class TransactionRun:
         self._final = b""
         self._content = b""
         self._mail_ok = False
-        #: Per recipient, the outcome so far (RCPT refusals stand if the session fails later).
+        #: Per recipient, the outcome so far: refusals (which stand if the session fails
+        #: later), then the content's reply for the accepted.
         self.replies: dict[str, Reply] = {}
         #: The server said 421.
         self.closing = False
@@ -214,9 +215,10 @@ class TransactionRun:
                 out = self._next_rcpt()
         elif step == _RCPT:
             if self._mail_ok and rcpt is not None:
-                self.replies[rcpt] = self._make(code, text, command, rcpt)
-                if success:
+                if success:  # its outcome will be the content's reply
                     self._accepted.append(rcpt)
+                else:
+                    self.replies[rcpt] = self._make(code, text, command, rcpt)
             if self._mail_ok and not self._pipelined:
                 out = self._next_rcpt()
         elif step == _DATA and code == "354":
@@ -245,8 +247,7 @@ class TransactionRun:
     def _closing(self, code: str, text: str, command: str) -> None:
         """A 421: every recipient not refused carries it; nothing more comes."""
         for rcpt in self.transaction.recipients:
-            known = self.replies.get(rcpt)
-            if known is None or known.is_success():
+            if rcpt not in self.replies:
                 self.replies[rcpt] = self._make(code, text, command, rcpt)
         self._expected.clear()
         self.closing = self.done = True

@@ -65,7 +65,9 @@ def encoded_params(params: Mapping[str, str], encoding: str) -> list[bytes]:
 
 def sendable(address: str) -> bool:
     """Whether an address can go on a command line as ``<address>``."""
-    return not _UNSENDABLE.search(_QUOTED_LOCAL.sub("", address, count=1))
+    if address.startswith('"'):
+        address = _QUOTED_LOCAL.sub("", address, count=1)
+    return not _UNSENDABLE.search(address)
 
 
 def needs_smtputf8(declared: bool, sender: str, recipients: Iterable[str], header: bytes) -> bool:

@@ -19,7 +19,9 @@ __all__ = ["MAX_REPLY_LINE", "BadReply", "ReplyReader", "parse_extensions", "rep
 #: RFC 5321 §4.5.3.1.5: a reply line, its CRLF included.
 MAX_REPLY_LINE = 512
 _FIRST_DIGITS = frozenset(b"2345")
-_SEPARATORS = (b" ", b"-", b"")
+_DIGITS = frozenset(b"0123456789")
+_SPACE, _HYPHEN, _CR = ord(" "), ord("-"), ord("\r")
+_NO_REPLY: tuple[str, list[str]] = ("", [])
 
 
 class BadReply(ValueError):
@@ -34,7 +36,7 @@ class ReplyReader:
 
     def __init__(self) -> None:
         self._buffer = bytearray()
-        self._code: bytes | None = None
+        self._code = ""
         self._lines: list[str] = []
 
     def feed(self, data: bytes) -> None:
@@ -45,50 +47,41 @@ class ReplyReader:
         """Forget everything buffered (after STARTTLS, RFC 3207 §4.2: nothing sent before the
         handshake may be taken as said under TLS)."""
         self._buffer.clear()
-        self._code = None
+        self._code = ""
         self._lines = []
-
-    @property
-    def pending(self) -> bool:
-        """Bytes are buffered that make no whole reply yet."""
-        return bool(self._buffer) or self._code is not None
 
     def next_reply(self) -> tuple[str, list[str]]:
         """The next whole reply, or ``('', [])`` when more bytes are needed; raises
         :class:`BadReply` when the stream breaks the grammar."""
         buffer = self._buffer
-        start = 0
-        try:
-            while True:
-                end = buffer.find(b"\n", start)
-                if end < 0:
-                    if len(buffer) - start >= MAX_REPLY_LINE:
-                        raise BadReply(f"reply line over {MAX_REPLY_LINE} octets")
-                    return "", []
-                line = bytes(buffer[start:end])
-                start = end + 1
-                if len(line) >= MAX_REPLY_LINE:  # with its LF, over the limit
+        while True:
+            end = buffer.find(b"\n")
+            if end < 0:
+                if len(buffer) >= MAX_REPLY_LINE:
                     raise BadReply(f"reply line over {MAX_REPLY_LINE} octets")
-                if line.endswith(b"\r"):
-                    line = line[:-1]
-                code, separator = line[:3], line[3:4]
-                if not (
-                    len(code) == 3
-                    and code[0] in _FIRST_DIGITS
-                    and code.isdigit()
-                    and separator in _SEPARATORS
-                ):
-                    raise BadReply(f"malformed reply line {line[:40]!r}")
-                if self._code is not None and code != self._code:
-                    raise BadReply("multi-line reply with differing codes")
-                self._lines.append(line[4:].decode("utf-8", "replace"))
-                if separator == b"-":
-                    self._code = code
-                    continue
-                lines, self._lines, self._code = self._lines, [], None
-                return code.decode("ascii"), lines
-        finally:
-            del buffer[:start]
+                return _NO_REPLY
+            if end >= MAX_REPLY_LINE:  # with its LF, over the limit
+                raise BadReply(f"reply line over {MAX_REPLY_LINE} octets")
+            stop = end - 1 if end and buffer[end - 1] == _CR else end
+            separator = buffer[3] if stop > 3 else _SPACE
+            if not (
+                stop >= 3
+                and buffer[0] in _FIRST_DIGITS
+                and buffer[1] in _DIGITS
+                and buffer[2] in _DIGITS
+                and separator in (_SPACE, _HYPHEN)
+            ):
+                raise BadReply(f"malformed reply line {bytes(buffer[: min(stop, 40)])!r}")
+            code = buffer[:3].decode("ascii")
+            if self._code and code != self._code:
+                raise BadReply("multi-line reply with differing codes")
+            self._lines.append(buffer[4:stop].decode("utf-8", "replace"))
+            del buffer[: end + 1]
+            if separator == _HYPHEN:
+                self._code = code
+                continue
+            lines, self._lines, self._code = self._lines, [], ""
+            return code, lines
 
 
 def reply_text(lines: Sequence[str]) -> str:

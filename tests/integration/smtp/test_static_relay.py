@@ -13,6 +13,7 @@ from smtpq.edge import EdgeConfig, SmtpEdge
 from smtpq.policy import AddReceivedHeader
 from smtpq.relay import SmtpRelayConfig, StaticSmtpRelay, TlsMode
 from smtpq.relay.base import RecipientResult
+from tests.helpers import until
 from tests.integration.smtp.conftest import SinkFactory, TlsFiles, free_port
 from tests.integration.smtp.sink import RawServer, Sink
 
@@ -163,6 +164,19 @@ async def test_no_reuse_without_idle_time(sink: Sink, relay_factory: RelayFactor
     for i in range(2):
         await relay.attempt(envelope(f"r{i}@x.example"), 0)
     assert sink.connections == 2
+
+
+async def test_idle_connections_close_after_idle_timeout(
+    sink: Sink, relay_factory: RelayFactory
+) -> None:
+    relay = relay_factory("127.0.0.1", sink.port, idle_timeout=0.05)
+    await asyncio.gather(*(relay.attempt(envelope(f"r{i}@x.example"), 0) for i in range(3)))
+    assert not relay.pool.empty  # kept idle for the next message...
+    await until(lambda: relay.pool.empty)  # ...until idle_timeout passed: QUIT, closed
+    assert (
+        reply((await relay.attempt(envelope("late@x.example"), 0))["late@x.example"]).code == "250"
+    )
+    assert sink.connections == 4
 
 
 async def test_broken_idle_connection_is_replaced(sink: Sink, relay_factory: RelayFactory) -> None:
