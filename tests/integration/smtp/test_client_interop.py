@@ -19,6 +19,7 @@ from smtpq.relay.smtp import SmtpPool
 from tests.helpers import until
 from tests.integration.smtp.conftest import SinkFactory, TlsFiles, free_port
 from tests.integration.smtp.postfix_sink import SMTP_SINK, PostfixSink
+from tests.integration.smtp.sink import Sink
 
 MESSAGE = (
     b"From: a@example.org\r\nSubject: interop\r\n\r\n"
@@ -288,3 +289,23 @@ async def test_into_smtp_sink_closing_with_421(
     assert (reply.code, reply.command, reply.remote_ip) == ("421", "RCPT TO", "127.0.0.1")
     assert delivery.host_failed  # another host may do better
     assert sink.dumps() == []
+
+
+# -- on uvloop, the daemon's loop ----------------------------------------------------------------
+
+
+def test_on_uvloop_with_starttls(tls_files: TlsFiles) -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def deliver() -> tuple[str | None, bool]:
+        sink = await Sink(tls=tls_files.server_context(), pipelining=True).start()
+        pool = SmtpPool("127.0.0.1", sink.port, SmtpRelayConfig(helo_name="relay.smtpq.test"))
+        try:
+            delivery = await pool.deliver(envelope(), ["a@x.example"])
+        finally:
+            await pool.close()
+            await sink.stop()
+        return delivery.replies["a@x.example"].code, sink.received[0].tls
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(deliver()) == ("250", True)
