@@ -4,7 +4,8 @@ reach 3x this one in the same run). Nothing in ``src`` imports it.
 
 It is the relay of main up to the protocol core, unchanged but for its names (``AiosmtplibPool``,
 ``AiosmtplibRelay``) and for what it now shares with smtpq: the configuration, ``Delivery``,
-``addressed`` and the DATA content (``data_content``, which was its ``wire_content``).
+``addressed``, the DATA content (``data_content``, which was its ``wire_content``) and the
+checks on addresses and parameters, the same functions as before.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 import socket
 import ssl
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Sequence
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
@@ -26,6 +26,7 @@ from smtpq.envelope import Envelope
 from smtpq.relay.base import RecipientResult, Relay
 from smtpq.relay.smtp import Delivery, SmtpRelayConfig, TlsMode, addressed
 from smtpq.reply import Reply, unexpected_error_reply
+from smtpq.smtp._client_writers import encoded_params, sendable
 from smtpq.smtp.client import data_content
 
 __all__ = ["AiosmtplibPool", "AiosmtplibRelay", "reply_for_error"]
@@ -34,9 +35,6 @@ log = logging.getLogger("bench.aiosmtplib_relay")
 
 #: Commands that set the session up; a failure there concerns the host, not the message.
 SETUP_COMMANDS = frozenset({"CONNECT", "EHLO", "HELO", "STARTTLS", "AUTH"})
-# Characters that would end an address on the command line (after a quoted local part).
-_UNSENDABLE = re.compile(r"[\s<>\x00-\x1f\x7f]")
-_QUOTED_LOCAL = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"')
 # Idle connections kept per host without a pool_size. Generous: a busy smarthost sees dozens of
 # deliveries at once, and a connection dropped only to be opened again for the next message
 # costs a connect, EHLO and QUIT (each closes after idle_timeout anyway).
@@ -92,11 +90,6 @@ def reply_for_error(exc: BaseException, *, host: str | None, command: str) -> Re
         return reply("451", f"4.4.2 Bad connection: connection lost during {command}")
     log.error("unexpected error talking to %s during %s", host, command, exc_info=exc)
     return unexpected_error_reply().replace(command=command, remote_host=host)
-
-
-def _sendable(address: str) -> bool:
-    """Whether an address can go on a command line as ``<address>``."""
-    return not _UNSENDABLE.search(_QUOTED_LOCAL.sub("", address, count=1))
 
 
 def _needs_smtputf8(envelope: Envelope, recipients: Sequence[str]) -> bool:
@@ -386,7 +379,7 @@ class AiosmtplibPool:
                 replies[rcpt] = Reply("554", text, "MAIL FROM", rcpt, remote_host=host)
             return False
         encoding = "utf-8" if utf8 else "ascii"
-        if not _sendable(envelope.sender):
+        if not sendable(envelope.sender):
             for rcpt in recipients:
                 replies[rcpt] = Reply("553", "5.1.7 Bad sender address syntax", "MAIL FROM", rcpt)
             return False
@@ -410,7 +403,7 @@ class AiosmtplibPool:
         dsn = smtp.supports_extension("dsn")
         accepted: list[str] = []
         for rcpt in recipients:
-            if not _sendable(rcpt):
+            if not sendable(rcpt):
                 text = "5.1.3 Bad destination mailbox address syntax"
                 replies[rcpt] = Reply("553", text, "RCPT TO", rcpt)
                 continue
@@ -420,7 +413,7 @@ class AiosmtplibPool:
                 smtp.execute_command(
                     b"RCPT",
                     b"TO:<" + rcpt.encode(encoding) + b">",
-                    *_encoded_params(params, encoding),
+                    *encoded_params(params, encoding),
                     timeout=cfg.command_timeout,
                 ),
             )
@@ -479,15 +472,6 @@ class AiosmtplibPool:
 def _closed(failed: _StepFailed) -> bool:
     """The command failed because the connection was found closed."""
     return isinstance(failed.error, (aiosmtplib.SMTPServerDisconnected, ConnectionError))
-
-
-def _encoded_params(params: Mapping[str, str], encoding: str) -> list[bytes]:
-    """``KEY=value`` parameters; one the session cannot carry (UTF-8 in ASCII) is left out."""
-    out: list[bytes] = []
-    for key, value in sorted(params.items()):
-        with contextlib.suppress(UnicodeEncodeError):
-            out.append(f"{key}={value}".encode(encoding))
-    return out
 
 
 class AiosmtplibRelay(Relay):
