@@ -254,6 +254,7 @@ def test_pipelined_transaction_is_one_write() -> None:
         False,
     )
     assert ok.message == "2.0.0 Ok: queued as X"
+    assert done(event).replies["gone@x.example"].remote_dsn is None  # only successes say
     assert not done(event).closing
     assert state(conn) is ClientState.READY
 

@@ -289,7 +289,8 @@ class ClientConnection:
                 address,
                 remote_host=self.remote_host,
                 remote_ip=self.remote_ip,
-                remote_dsn=dsn,
+                # What a success means for NOTIFY=SUCCESS; a refusal says nothing of it.
+                remote_dsn=dsn if code[0] == "2" else None,
             )
 
         run = TransactionRun(command, self.extensions, make, self.chunking)
