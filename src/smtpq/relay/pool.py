@@ -321,7 +321,7 @@ class SmtpPool:
     ) -> Delivery:
         """Every recipient the host had not refused gets the failure's reply."""
         answered: dict[str, Reply] = {}
-        ip = ip_literal(self.address)
+        ip = failed.ip or ip_literal(self.address)
         if session is not None:
             answered = session.conn.replies_so_far(transaction)
             ip = session.conn.remote_ip

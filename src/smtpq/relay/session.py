@@ -167,12 +167,16 @@ class SessionTimeout(TimeoutError):
 
 
 class StepFailed(Exception):
-    """A step failed; names the command for :func:`~smtpq.relay.pool.reply_for_error`."""
+    """A step failed; names the command for :func:`~smtpq.relay.pool.reply_for_error`.
+
+    :ivar ip: the peer's address, when the connection was made (the set-up failed after it).
+    """
 
     def __init__(self, command: str, error: BaseException) -> None:
         super().__init__(command)
         self.command = command
         self.error = error
+        self.ip: str | None = None
 
 
 def _failed_command(exc: BaseException, default: str) -> str:
@@ -522,6 +526,7 @@ async def open_session(
         if session is not None:
             session.abort()
         failed = exc if isinstance(exc, StepFailed) else StepFailed(command, exc)
+        failed.ip = conn.remote_ip
         broken_tls = failed.command == "STARTTLS" and isinstance(failed.error, ssl.SSLError)
         if broken_tls and mode is TlsMode.OPPORTUNISTIC:
             # Opportunistic: a host whose TLS is broken still gets the mail, in plain text.

@@ -285,6 +285,7 @@ async def test_tls_verification(
     untrusted = relay_factory("127.0.0.1", sink.port, tls=TlsMode.REQUIRED, tls_verify=True)
     r = reply((await untrusted.attempt(envelope("b@x.example"), 0))["b@x.example"])
     assert (r.code, r.enhanced_status_code, r.command) == ("451", "4.7.5", "STARTTLS")
+    assert (r.remote_host, r.remote_ip) == ("127.0.0.1", "127.0.0.1")
     assert len(sink.received) == 1
 
 
@@ -309,9 +310,10 @@ async def test_auth(
     r = reply((await bad.attempt(envelope("b@x.example"), 0))["b@x.example"])
     assert (r.code, r.enhanced_status_code, r.command) == ("451", "4.7.8", "AUTH")
     # Without TLS the sink does not offer AUTH at all.
-    plain = relay_factory("127.0.0.1", sink.port, tls=TlsMode.NONE, username="relay", password="x")
+    plain = relay_factory("localhost", sink.port, tls=TlsMode.NONE, username="relay", password="x")
     r = reply((await plain.attempt(envelope("c@x.example"), 0))["c@x.example"])
     assert (r.code, r.enhanced_status_code, r.command) == ("451", "4.7.4", "AUTH")
+    assert (r.remote_host, r.remote_ip, r.address) == ("localhost", "127.0.0.1", "c@x.example")
     assert len(sink.received) == 1
 
 
