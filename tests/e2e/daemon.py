@@ -73,6 +73,11 @@ class DaemonProcess:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
+        return await self.wait_ready(timeout)
+
+    async def wait_ready(self, timeout: float = 20.0) -> DaemonProcess:
+        """Wait until the SMTP port of the started process accepts connections."""
+        assert self.proc is not None
         async with asyncio.timeout(timeout):
             while True:
                 if self.proc.poll() is not None:

@@ -54,8 +54,10 @@ A config error is reported as one clear message (:class:`ConfigError`), never a 
 from __future__ import annotations
 
 import enum
+import os
 import socket
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -65,12 +67,14 @@ from smtpq.relay.mx import MxRelayConfig, Route
 from smtpq.relay.smtp import SmtpRelayConfig
 
 __all__ = [
+    "DEFAULT_CONFIG_PATH",
     "AdminConfig",
     "Config",
     "ConfigError",
     "RelayChoice",
     "RetryConfig",
     "StorageConfig",
+    "default_config_path",
     "load_config",
     "parse_hostport",
 ]
@@ -307,6 +311,24 @@ def _validate(config: Config) -> None:
     for path in (config.edge.tls_cert, config.edge.tls_key, config.edge.credentials_file):
         if path and not Path(path).is_file():
             raise ConfigError(f"file {path} not found")
+
+
+#: The configuration file of a configured host, used when no ``-c`` is given.
+DEFAULT_CONFIG_PATH = Path("/etc/smtpq/smtpq.toml")
+
+
+def default_config_path(environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The file ``smtpq serve`` and ``smtpq queue`` read when no ``-c`` is given.
+
+    ``$SMTPQ_CONFIG`` when set (it must exist: a name given on purpose that is wrong is an
+    error, not a silent fall-back to the defaults), else :data:`DEFAULT_CONFIG_PATH` when it
+    exists, else None: the built-in defaults. So the daemon and the operators' commands on a
+    configured host agree on the queue and its admin socket without being told.
+    """
+    named = environ.get("SMTPQ_CONFIG")
+    if named:
+        return Path(named)
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
 
 
 def load_config(path: str | Path | None, **overrides: Any) -> Config:

@@ -159,6 +159,7 @@ def build_queue(config: Config, storage: QueueStorage, relay: Relay | None, cloc
         hostname=config.hostname,
         policies=[AddReceivedHeader(config.hostname), AddMissingHeaders(config.hostname)],
         delay_warnings=t.delay_warnings,
+        lifetime=t.lifetime,
     )
 
 

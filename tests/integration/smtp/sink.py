@@ -1,5 +1,6 @@
 """Real SMTP servers on loopback for the relay tests: an aiosmtpd sink that records what it
-receives and answers as told, and raw servers that misbehave (bad greetings, silence).
+receives and answers as told (per recipient), raw servers that misbehave (bad greetings,
+silence), and Postfix's own ``smtp-sink`` (which, unlike aiosmtpd, advertises DSN).
 
 aiosmtpd reads commands one at a time from a stream, so it handles pipelined input, but it does
 not advertise PIPELINING, nor offer CHUNKING: the sink can add both (``pipelining=True``,
@@ -8,8 +9,14 @@ not advertise PIPELINING, nor offer CHUNKING: the sink can add both (``pipelinin
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import signal
 import ssl
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
@@ -100,6 +107,7 @@ class _SinkHandler:
         options: list[str],
     ) -> str:
         reply = self.sink.behaviour.rcpt.get(address.split("@")[0])
+        self.sink.rcpt_log.append((address, reply or "250 2.1.5 Ok"))
         if reply:
             return reply
         envelope.rcpt_tos.append(address)
@@ -204,6 +212,8 @@ class Sink:
         self.arrived = asyncio.Event()
         self.connections = 0
         self.resets = 0
+        #: Every RCPT TO address with the reply it was given, in order.
+        self.rcpt_log: list[tuple[str, str]] = []
         self.protocols: list[SMTP] = []
         self._server: asyncio.Server | None = None
 
@@ -288,3 +298,89 @@ class RawServer:
             for writer in self._writers:
                 writer.close()
             await self._server.wait_closed()
+
+
+#: Postfix's test server, where installed (Debian: /usr/sbin; else Postfix's daemon directory).
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/lib/postfix/sbin/smtp-sink"
+
+
+@dataclass(frozen=True)
+class Dump:
+    """One transaction smtp-sink took."""
+
+    mail_args: str
+    rcpt_args: list[str]
+    #: The message as smtp-sink wrote it: dot-stuffing undone, lines ending in LF.
+    message: bytes
+
+
+class PostfixSink:
+    """Postfix's ``smtp-sink`` on ``host:port``: accepts everything, advertises PIPELINING,
+    8BITMIME, AUTH (any password), ENHANCEDSTATUSCODES and DSN, and dumps each transaction
+    (with its ``X-Mail-Args`` and ``X-Rcpt-Args``) to a file. ``flags`` turn extensions off
+    (``-p``, ``-8``, ``-a``, ``-N``, ...) or make commands fail (``-f``, ``-Q``): ``man smtp-sink``.
+
+    Started and stopped by its pid. As root it drops to ``nobody`` (its ``-u``): its dump
+    directory is a fresh one in the system's temporary directory, which ``nobody`` can reach
+    (a test's own tmp_path is private to root), removed by :meth:`stop`.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *flags: str) -> None:
+        self.host, self.port, self.flags = host, port, flags
+        self.directory = Path(tempfile.mkdtemp(prefix="smtpq-smtp-sink-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> PostfixSink:
+        """Start and wait until it accepts connections."""
+        command = [SMTP_SINK, "-d", f"{self.directory}/%M.", "-h", "sink.postfix.test"]
+        if os.geteuid() == 0:
+            self.directory.chmod(0o777)
+            command += ["-u", "nobody"]
+        # A short, one-off spawn: blocking is harmless here and keeps the pid ours to signal.
+        self.proc = subprocess.Popen(  # noqa: ASYNC220
+            [*command, *self.flags, f"{self.host}:{self.port}", "16"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        async with asyncio.timeout(20):
+            while True:
+                try:
+                    _, writer = await asyncio.open_connection(self.host, self.port)
+                except OSError:
+                    if self.proc.poll() is not None:
+                        raise RuntimeError(f"smtp-sink exited {self.proc.returncode}") from None
+                    await asyncio.sleep(0.02)
+                    continue
+                writer.close()
+                await writer.wait_closed()
+                return self
+
+    def transactions(self) -> list[str]:
+        """The dumped transactions, as text (generated headers, then the message)."""
+        return [p.read_text(errors="replace") for p in sorted(self.directory.iterdir())]
+
+    def dumps(self) -> list[Dump]:
+        """The transactions whose content was taken, parsed, in no particular order
+        (smtp-sink opens a dump at MAIL: one with no content, or not ended yet, is left out)."""
+        found = []
+        for path in sorted(self.directory.iterdir()):
+            head, received, rest = path.read_bytes().partition(b"\nReceived: ")
+            if not received or not rest.endswith(b"\n\n"):
+                continue
+            fields = [line.split(b": ", 1) for line in head.split(b"\n")]
+            message = rest.split(b"\n", 3)[3]  # after the three lines of its Received:
+            found.append(
+                Dump(
+                    mail_args=next(v.decode() for k, v in fields if k == b"X-Mail-Args"),
+                    rcpt_args=[v.decode() for k, v in fields if k == b"X-Rcpt-Args"],
+                    message=message[:-1],  # smtp-sink ends a dump with an empty line
+                )
+            )
+        return found
+
+    async def stop(self) -> None:
+        """SIGTERM by pid, wait, and remove the dump directory."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(self.proc.wait, 10)
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import tempfile
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,8 +17,7 @@ from smtpq.relay import SmtpRelayConfig
 from smtpq.relay.smtp import SmtpPool
 from tests.helpers import until
 from tests.integration.smtp.conftest import SinkFactory, TlsFiles, free_port
-from tests.integration.smtp.postfix_sink import SMTP_SINK, PostfixSink
-from tests.integration.smtp.sink import Sink
+from tests.integration.smtp.sink import SMTP_SINK, PostfixSink, Sink
 
 MESSAGE = (
     b"From: a@example.org\r\nSubject: interop\r\n\r\n"
@@ -193,21 +191,18 @@ SinkStarter = Callable[..., Awaitable[PostfixSink]]
 @pytest.fixture
 async def smtp_sink() -> AsyncIterator[SinkStarter]:
     """``start(*flags)``: smtp-sink with those flags; stopped (by pid) after the test."""
-    if SMTP_SINK is None:
+    if not os.access(SMTP_SINK, os.X_OK):
         pytest.skip("Postfix's smtp-sink is not installed")
     sinks: list[PostfixSink] = []
-    with tempfile.TemporaryDirectory(prefix="smtpq-sink-") as where:
 
-        async def start(*flags: str) -> PostfixSink:
-            directory = Path(where) / str(len(sinks))
-            directory.mkdir()
-            sink = PostfixSink(directory, *flags)
-            sinks.append(sink)
-            return await sink.start(free_port())
+    async def start(*flags: str) -> PostfixSink:
+        sink = PostfixSink("127.0.0.1", free_port(), *flags)
+        sinks.append(sink)
+        return await sink.start()
 
-        yield start
-        for sink in sinks:
-            sink.stop()
+    yield start
+    for sink in sinks:
+        await sink.stop()
 
 
 @pytest.mark.parametrize("flags", [(), ("-p",)], ids=["pipelined", "one-by-one"])
