@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from smtpq import Envelope, Reply
+from smtpq import DictStorage, Envelope, Queue, Reply
+from smtpq.edge import EdgeConfig, SmtpEdge
 from smtpq.relay import SmtpRelayConfig
 from smtpq.relay.smtp import SmtpPool
 from tests.helpers import until
@@ -115,6 +116,25 @@ async def test_into_aiosmtpd_with_starttls_and_auth(
     assert delivery.replies["a@x.example"].code == "250"
     [got] = sink.received
     assert (got.tls, got.login, got.data, got.pipelined) == (True, "relay", MESSAGE, pipelining)
+
+
+# -- smtpq's own edge (its sans-IO server core: PIPELINING, CHUNKING, DSN) ---------------------
+
+
+@pytest.mark.parametrize("chunking", [True, False], ids=["bdat", "data"])
+async def test_into_smtpq_edge(pool_factory: PoolFactory, chunking: bool) -> None:
+    store = DictStorage()
+    async with Queue(store) as queue, SmtpEdge(queue, EdgeConfig(port=0)) as edge:
+        pool = pool_factory(edge.port, chunking=chunking)
+        env = envelope(data=MESSAGE.replace(b"\r\n", b"\n"))  # bare LFs: made CRLF on the wire
+        env.rcpt_params = {"a@x.example": {"NOTIFY": "SUCCESS"}}
+        delivery = await pool.deliver(env, ["a@x.example", "b@x.example"])
+        assert {r.command for r in delivery.replies.values()} == {"BDAT" if chunking else "DATA"}
+        assert {(r.code, r.remote_dsn) for r in delivery.replies.values()} == {("250", True)}
+        [(_, id)] = await store.load()
+        got, _ = await store.get(id)
+    assert b"".join(got.flatten()) == MESSAGE  # byte for byte, in canonical form
+    assert got.rcpt_params == {"a@x.example": {"NOTIFY": "SUCCESS"}}
 
 
 # -- a server that misbehaves -----------------------------------------------------------------
