@@ -20,10 +20,14 @@ per connection failure, and stays within ``[1, concurrency]`` (20).
 greeting, a temporary DNS failure) make a destination dead for its cool-down (5 min); a
 message-level 4xx never counts, and any answer from the host resets the count. While dead,
 its messages are deferred without connecting (:func:`unreachable_reply`, counted as their
-attempt: see the driver). When the cool-down is over one attempt, the probe, starts while the
-others wait for it: a probe the host answers revives the destination (window back to its
-initial size); a failed probe makes it dead again with the cool-down doubled, up to
-``max_cool_down`` (1 h). So a dead destination gets at most one probe per cool-down.
+attempt: see the driver) — all but one, the *probe candidate*, which is given back to the
+schedule for the end of the cool-down (:attr:`Destination.probe_wanted`), unattempted and not
+counted, so that the probe comes when it is due however the messages' own retries are spaced.
+When the cool-down is over one attempt, the probe, starts while the others wait for it: a
+probe the host answers revives the destination (window back to its initial size); a failed
+probe makes it dead again with the cool-down doubled, up to ``max_cool_down`` (1 h). So a
+dead destination gets at most one probe per cool-down, and one that comes back is used again
+within one.
 
 **Rates** (Postfix's ``*_destination_rate_delay``, KumoMTA's traffic shaping). Optional limits
 on attempts and on new connections per second, enforced by the destination store
@@ -323,6 +327,8 @@ class Destination:
     last_used: float = 0.0
     #: When the last postponed message comes back (postponements are spread from there).
     postponed_until: float = 0.0
+    #: Dead, and no message is kept for the probe yet: the next one deferred is.
+    probe_wanted: bool = False
     #: Successes since the window last changed.
     _credit: int = 0
     _recent: deque[list[float]] = field(default_factory=deque, repr=False)
@@ -397,6 +403,7 @@ class Destination:
     def _die(self, now: float) -> Transition:
         self.state = State.DEAD
         self.dead_until = now + self.cool_down
+        self.probe_wanted = True
         return Transition.DIED
 
     def mark(self) -> DeadMark:
@@ -412,6 +419,7 @@ class Destination:
         dead = self.state is State.DEAD
         self.state = State.DEAD
         self.dead_until = max(self.dead_until, mark.until) if dead else mark.until
+        self.probe_wanted = self.probe_wanted or not dead
         self.cool_down = max(self.limits.cool_down, min(self.limits.max_cool_down, mark.cool_down))
         self.last_error = mark.error or self.last_error
 

@@ -9,12 +9,15 @@ could use. A destination leaves the ring while it cannot start (at its window, p
 blocked by the destination store until a time) and comes back when that changes.
 
 Dead destinations use no slots: their waiting messages come out of :meth:`~Dispatcher.take`
-as :class:`Defer` decisions at once, with the reply to record. A ready queue holds at most
-:data:`BACKLOG_FACTOR` times its destination's concurrency limit of *postponable* messages
-(:meth:`~Dispatcher.push` refuses more of them), and :meth:`~Dispatcher.sweep` hands back the ones
-that waited longer than the policy's ``max_wait`` (:class:`Release`): the driver gives those
-back to the schedule for later, so that a slow destination's backlog neither fills memory nor
-keeps the schedule from reaching other destinations' mail.
+as :class:`Defer` decisions at once, with the reply to record; the first postponable one of
+each dead spell carries the time of the probe (``probe_at``), to be kept for it.
+
+A ready queue holds at most :data:`BACKLOG_FACTOR` times its destination's concurrency limit
+(:meth:`~Dispatcher.push` refuses more *postponable* messages), and :meth:`~Dispatcher.sweep`
+hands back the postponable ones that waited longer than the policy's ``max_wait``
+(:class:`Release`): the driver gives those back to the schedule for later, so that a slow
+destination's backlog neither fills memory nor keeps the schedule from reaching other
+destinations' mail.
 
 Times are given, never read.
 """
@@ -61,11 +64,16 @@ class Start(Generic[T]):
 
 @dataclass(frozen=True, slots=True)
 class Defer(Generic[T]):
-    """Defer ``item`` without connecting: its destination is dead; ``reply`` says so."""
+    """Defer ``item`` without connecting: its destination is dead; ``reply`` says so.
+
+    With ``probe_at``, it is the probe candidate: give it back for that time, unattempted
+    (or, if it may not wait, defer it and :meth:`Dispatcher.want_probe` another).
+    """
 
     destination: str
     item: T
     reply: Reply
+    probe_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +203,13 @@ class Dispatcher(Generic[T]):
             self._visit(name, now)
             return []
         reply = unreachable_reply(name, dest.last_error)
-        out: list[Decision[T]] = [Defer(name, w.item, reply) for w in queue]
+        out: list[Decision[T]] = []
+        for w in queue:
+            if dest.probe_wanted and w.postponable:
+                dest.probe_wanted = False
+                out.append(Defer(name, w.item, reply, dest.dead_until))
+            else:
+                out.append(Defer(name, w.item, reply))
         dest.deferred += len(queue)
         self.waiting -= len(queue)
         queue.clear()
@@ -235,6 +249,10 @@ class Dispatcher(Generic[T]):
             self._blocked[name] = until
             heapq.heappush(self._timers, (until, name))
         self.push(name, item, now, postponable=postponable, front=True)
+
+    def want_probe(self, name: str) -> None:
+        """The probe candidate could not be kept: the next message deferred is."""
+        self.destination(name).probe_wanted = True
 
     def learn(self, name: str, mark: DeadMark, now: float) -> None:
         """Another worker marked the destination dead."""
