@@ -26,10 +26,13 @@ from smtpq.backoff import DefaultBackoff
 from smtpq.clock import Clock, SystemClock
 from smtpq.daemon.admin import AdminServer
 from smtpq.daemon.config import Config, ConfigError, parse_hostport
+from smtpq.daemon.destinations import destination_setup
 from smtpq.daemon.metrics import Metrics
 from smtpq.edge.server import SmtpEdge
 from smtpq.policy import AddMissingHeaders, AddReceivedHeader
 from smtpq.queue import Queue
+from smtpq.queue.destinations import DestinationPolicy
+from smtpq.queue.shared import DestinationStore
 from smtpq.relay.base import Relay
 from smtpq.relay.mx import MxSmtpRelay
 from smtpq.relay.smtp import StaticSmtpRelay
@@ -142,8 +145,16 @@ def build_relay(config: Config) -> Relay:
     return MxSmtpRelay(config.mx, smtp)
 
 
-def build_queue(config: Config, storage: QueueStorage, relay: Relay | None, clock: Clock) -> Queue:
-    """The Queue with the daemon's backoff and the trace/missing-header policies."""
+def build_queue(
+    config: Config,
+    storage: QueueStorage,
+    relay: Relay | None,
+    clock: Clock,
+    destinations: tuple[DestinationPolicy, DestinationStore] | None = None,
+) -> Queue:
+    """The Queue with the daemon's backoff and the trace/missing-header policies (and the
+    worker's destination policy and store, :func:`~smtpq.daemon.destinations.destination_setup`)."""
+    policy, shared = destinations or (config.destinations, None)
     t = config.retry
     backoff = DefaultBackoff(
         initial=t.initial, factor=t.factor, maximum=t.maximum, lifetime=t.lifetime,
@@ -160,6 +171,8 @@ def build_queue(config: Config, storage: QueueStorage, relay: Relay | None, cloc
         policies=[AddReceivedHeader(config.hostname), AddMissingHeaders(config.hostname)],
         delay_warnings=t.delay_warnings,
         lifetime=t.lifetime,
+        destinations=policy,
+        destination_store=shared,
     )
 
 
@@ -200,6 +213,7 @@ class Daemon:
         config = self.config
         owned = shards(config, self.worker, self.workers)
         relay = build_relay(config)
+        policy, shared = destination_setup(config, self.workers)
         queues: list[Queue] = []
         admins: list[AdminServer] = []
         edges: list[SmtpEdge] = []
@@ -207,6 +221,7 @@ class Daemon:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 stack.push_async_callback(relay.close)
+                stack.push_async_callback(shared.close)
                 for shard in owned:
                     storage = build_storage(config, shard)
                     stack.push_async_callback(storage.close)
@@ -215,8 +230,8 @@ class Daemon:
                     # messages are delivered once it is loaded.
                     loads.append(asyncio.create_task(self._load(shard, storage)))
                     stack.callback(loads[-1].cancel)
-                    queue = build_queue(config, storage, relay, self.clock)
-                    metrics = Metrics(storage, self.clock)
+                    queue = build_queue(config, storage, relay, self.clock, (policy, shared))
+                    metrics = Metrics(storage, self.clock, destinations=queue.destination_views)
                     queue.observers.append(metrics.observe)
                     tcp = None
                     if config.admin.listen and shard.index == 0:
