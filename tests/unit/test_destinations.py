@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from smtpq.queue.destinations import (
     RATE_TOLERANCE,
+    UNLIMITED,
     DeadMark,
     Destination,
     DestinationLimits,
@@ -25,7 +26,7 @@ from smtpq.queue.destinations import (
     parse_rate,
     unreachable_reply,
 )
-from smtpq.relay.base import is_connection_failure, next_hop_name
+from smtpq.relay.base import DEFAULT_DESTINATION, is_connection_failure, next_hop_name
 from smtpq.relay.pool import reply_for_error
 from smtpq.relay.session import ReplyError
 from smtpq.reply import Reply, missing_recipient_reply, unexpected_error_reply
@@ -83,6 +84,14 @@ def test_patterns_exact_name_then_longest_glob_then_default() -> None:
     assert policy.limits_for("b.mx.example.net") is medium  # the longer glob wins
     assert policy.limits_for("example.org") is policy.default
     assert policy.limits_for("x.EXAMPLE.net") is small
+
+
+def test_a_relay_that_names_no_destination_is_limited_only_by_the_pool() -> None:
+    policy = DestinationPolicy(patterns=(("*", DestinationLimits(concurrency=2)),))
+    assert policy.limits_for(DEFAULT_DESTINATION) is UNLIMITED
+    assert policy.limits_for("example.com").concurrency == 2
+    named = DestinationPolicy(patterns=((DEFAULT_DESTINATION, DestinationLimits(concurrency=7)),))
+    assert named.limits_for(DEFAULT_DESTINATION).concurrency == 7
 
 
 def test_next_hop_names() -> None:

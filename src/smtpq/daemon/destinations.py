@@ -6,9 +6,9 @@ destination: messages queued for it (a scan of the stored queue, each message's 
 recipients mapped to their destinations by the relay), the worker's own view (waiting for a
 slot, in flight, window and limit, recent attempt rate, counters), and its state: active, dead
 until a time with the last error (probing: its probe runs), or idle — not attempted since the
-daemon started, or no daemon runs — and not marked dead. A running daemon answers from its scheduler and the
-stored queue; without one the command scans the stored queue, and reads the dead marks where
-they are shared (Redis).
+daemon started, or no daemon runs — and not marked dead. A running daemon answers from its
+scheduler and the stored queue; without one the command scans the stored queue, and reads the
+dead marks where they are shared (Redis).
 
 How the daemon shares destination limits (:func:`destination_setup`): with Redis storage every
 worker and node uses one :class:`~smtpq.storage.redis_destinations.RedisDestinationStore`, so
@@ -30,7 +30,7 @@ from smtpq.daemon import ops
 from smtpq.daemon.config import Config, ConfigError
 from smtpq.envelope import Envelope
 from smtpq.queue import Queue
-from smtpq.queue.destinations import DestinationPolicy, format_rate
+from smtpq.queue.destinations import UNLIMITED, DestinationPolicy, format_rate
 from smtpq.queue.shared import DestinationStore, LocalDestinationStore
 from smtpq.relay.base import Relay
 from smtpq.storage.redis_destinations import RedisDestinationStore
@@ -152,7 +152,9 @@ def render_destinations(data: Mapping[str, Any]) -> str:
     lines = [f"{head} {'RATE':>8}  STATE"]
     for r in rows:
         queued = "-" if r.get("queued") is None else str(r["queued"])
-        window = f"{r['window']}/{r['limit']}" if r.get("window") is not None else "-"
+        window = "-"
+        if r.get("window") is not None:
+            window = f"{r['window']}/{r['limit']}" if r["limit"] < UNLIMITED.concurrency else "-"
         rate = f"{r['rate']:.1f}/s" if r.get("rate") is not None else "-"
         state = r.get("state", "idle")
         if state in ("dead", "probing"):

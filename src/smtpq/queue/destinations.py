@@ -8,7 +8,10 @@ decisions out. docs/scheduling.md tells the whole story; in short (DESIGN §4):
 **Destinations.** A delivery's destination is its next hop, as the relay names it
 (:meth:`smtpq.relay.base.Relay.destinations`): the smarthost, a route, or the recipient
 domain for MX delivery. :class:`DestinationPolicy` gives each its :class:`DestinationLimits`:
-the defaults, or those of the most specific pattern that matches its name.
+the defaults, or those of the most specific pattern that matches its name. A relay that names
+no destinations puts everything in :data:`~smtpq.relay.base.DEFAULT_DESTINATION`, whose next
+hops the queue cannot know: it is :data:`UNLIMITED` (only ``relay_pool`` bounds it, as before
+destinations existed) unless a pattern names it exactly.
 
 **Windows** (Postfix's feedback scheduler, simplified). At most ``window`` attempts run at
 once. The window starts at ``initial_window`` (5), grows by one after a full window of
@@ -46,11 +49,12 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from smtpq.relay.base import is_connection_failure
+from smtpq.relay.base import DEFAULT_DESTINATION, is_connection_failure
 from smtpq.reply import Reply, missing_recipient_reply, unexpected_error_reply
 
 __all__ = [
     "RATE_TOLERANCE",
+    "UNLIMITED",
     "DeadMark",
     "Destination",
     "DestinationLimits",
@@ -162,6 +166,11 @@ class DestinationLimits:
         )
 
 
+#: The limits of a relay's default destination: none but the queue's ``relay_pool``, and never
+#: dead (the queue does not know what is behind it).
+UNLIMITED = DestinationLimits(concurrency=1 << 31, initial_window=1 << 31, dead_after=0)
+
+
 @dataclass(frozen=True)
 class DestinationPolicy:
     """The limits of every destination: defaults, and overrides per name pattern.
@@ -170,7 +179,8 @@ class DestinationPolicy:
     :ivar patterns: ``(pattern, limits)`` pairs. A pattern is a destination name
         (``example.com``, ``smtp.example.net:587``) or a shell-style glob (``*.example.net``
         matches the subdomains, not ``example.net`` itself), compared in lower case. An exact
-        name wins over globs; among globs, the longest pattern.
+        name wins over globs; among globs, the longest pattern. Globs never match
+        :data:`~smtpq.relay.base.DEFAULT_DESTINATION` (see :data:`UNLIMITED`).
     :ivar max_wait: seconds a message may wait in a destination's ready queue for a slot before
         it is postponed (given back to the schedule, not counted as an attempt).
     """
@@ -197,6 +207,8 @@ class DestinationPolicy:
         exact = [limits for pattern, limits in self.patterns if pattern == lowered]
         if exact:
             found = exact[0]
+        elif name == DEFAULT_DESTINATION:
+            found = UNLIMITED
         else:
             globs = [(len(p), limits) for p, limits in self.patterns if _glob(p, lowered)]
             found = max(globs, key=lambda pair: pair[0])[1] if globs else self.default
