@@ -14,6 +14,10 @@ Two sides:
 Recipient indexes always refer to the recipient list *as first written*. ``get`` returns only the
 pending recipients; :attr:`StoredMessage.pending` gives the original index of each of them.
 
+A record method or ``set_held`` given the id of a message that is not stored (removed,
+quarantined, never written) raises :class:`~smtpq.errors.MessageGone`, a :class:`KeyError`;
+``remove`` (idempotent) and the lease methods (``renew``, ``release``) do not.
+
 Times are Unix epoch seconds as floats, given by the caller (the Queue's clock), never read here
 from the event loop, so that they mean the same after a restart or on another host.
 """
@@ -135,16 +139,19 @@ class QueueStorage(abc.ABC):
         """Set the next attempt time (and remember the reply that deferred it).
 
         This ends the attempt: the lease, if any, is released, and the message is due again at
-        ``timestamp``. Waiters are woken.
+        ``timestamp``. Waiters are woken. :class:`~smtpq.errors.MessageGone` when it is gone.
         """
 
     @abc.abstractmethod
     async def increment_attempts(self, id: str) -> int:
-        """Add one to the attempt count and return the new count."""
+        """Add one to the attempt count and return the new count; MessageGone when gone."""
 
     @abc.abstractmethod
     async def set_recipients_delivered(self, id: str, indexes: Iterable[int]) -> None:
-        """Mark recipients (indexes into the list as first written) as done; idempotent."""
+        """Mark recipients (indexes into the list as first written) as done; idempotent.
+
+        :class:`~smtpq.errors.MessageGone` when the message is gone.
+        """
 
     @abc.abstractmethod
     async def load(self) -> list[tuple[float, str]]:
@@ -189,10 +196,12 @@ class QueueStorage(abc.ABC):
 
     @abc.abstractmethod
     async def get_entry(self, id: str) -> StoredMessage:
-        """Everything stored about a message; :class:`KeyError` when it is gone."""
+        """Everything stored about a message; :class:`~smtpq.errors.MessageGone` when it is
+        gone."""
 
     async def get(self, id: str) -> tuple[Envelope, int]:
-        """The envelope (pending recipients only) and the attempt count; KeyError when gone."""
+        """The envelope (pending recipients only) and the attempt count; MessageGone when
+        gone."""
         entry = await self.get_entry(id)
         return entry.envelope, entry.attempts
 
@@ -247,4 +256,7 @@ class QueueStorage(abc.ABC):
 
     @abc.abstractmethod
     async def set_held(self, id: str, held: bool) -> None:
-        """Hold a message (never claimed, across restarts) or release it (due at its time)."""
+        """Hold a message (never claimed, across restarts) or release it (due at its time).
+
+        :class:`~smtpq.errors.MessageGone` when the message is gone.
+        """

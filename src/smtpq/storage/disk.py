@@ -15,8 +15,9 @@ swaps it in atomically (``renameat2(RENAME_EXCHANGE)``, or a plain rename where 
 has no exchange).
 
 Ids are those of :func:`~smtpq.storage.base.new_id` (32 lowercase hex digits, time-ordered).
-Only that form is accepted from callers (anything else is a :class:`KeyError`), so an id typed
-into an admin tool cannot name a path outside the queue directories.
+Only that form is accepted from callers (anything else is gone:
+:class:`~smtpq.errors.MessageGone`), so an id typed into an admin tool cannot name a path outside
+the queue directories.
 
 Meta file format, version 1 — one header line, then a JSON object (UTF-8), then a newline::
 
@@ -88,7 +89,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from smtpq.envelope import HEAD_MIN, Envelope
-from smtpq.errors import EnvelopeFormatError, QueueError
+from smtpq.errors import EnvelopeFormatError, MessageGone, QueueError
 from smtpq.reply import Reply, ReplyDict
 from smtpq.storage.base import MessageInfo, StoredMessage, is_valid_id, new_id
 from smtpq.storage.schedule import LocallyScheduled, LocalSchedule, id_key, key_id
@@ -234,9 +235,9 @@ def _schedule_fields(data: bytes) -> tuple[float, bool]:
 
 
 def _opened(id: str, fd: int | OSError) -> int:
-    """The fd of a file opened ahead; or what opening it raised (KeyError if it was gone)."""
+    """The fd of a file opened ahead; or what opening it raised (MessageGone if it was gone)."""
     if isinstance(fd, FileNotFoundError):
-        raise KeyError(id)
+        raise MessageGone(id)
     if isinstance(fd, OSError):
         raise fd
     return fd
@@ -254,9 +255,9 @@ def _read_all(fd: int) -> bytes:
 
 
 def _check_id(id: object) -> str:
-    """The id if it has this storage's form; KeyError otherwise (it cannot name a stored file)."""
+    """The id if it has this storage's form; MessageGone otherwise (it names no stored file)."""
     if not isinstance(id, str) or not is_valid_id(id):
-        raise KeyError(id)
+        raise MessageGone(str(id))
     return id
 
 
@@ -709,12 +710,12 @@ class DiskStorage(LocallyScheduled):
             os.close(fd)
 
     def _read_meta(self, id: str) -> _Meta:
-        """The meta of a stored message: KeyError if it does not exist, _CorruptError if bad."""
+        """The meta of a stored message: MessageGone if it does not exist, _CorruptError if bad."""
         try:
             data = self._read(id + _META_SUFFIX, "meta")
             os.stat(id + _ENV_SUFFIX, dir_fd=self._dfd["env"], follow_symlinks=False)
         except FileNotFoundError:
-            raise KeyError(id) from None
+            raise MessageGone(id) from None
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EISDIR):
                 raise _CorruptError(str(exc)) from exc
@@ -757,7 +758,7 @@ class DiskStorage(LocallyScheduled):
             if unit.quarantine:
                 for op in unit.ops:
                     if op.kind != _QUARANTINE:
-                        op.error = KeyError(unit.id)
+                        op.error = MessageGone(unit.id)
                 return
             meta: _Meta | None = None
             original = b""
@@ -765,7 +766,7 @@ class DiskStorage(LocallyScheduled):
                 if op.kind == _REMOVE:
                     unit.remove = True  # idempotent: a second removal is no error
                 elif unit.remove:
-                    op.error = KeyError(unit.id)
+                    op.error = MessageGone(unit.id)
                 else:
                     assert op.fn is not None
                     if meta is None:
@@ -778,10 +779,10 @@ class DiskStorage(LocallyScheduled):
             data = _encode_meta(meta)
             if data != original:  # an idempotent change needs no write
                 unit.meta_scratch = self._scratch(data, unit)
-        except KeyError as exc:
+        except MessageGone as exc:
             unit.fail(exc)
         except _CorruptError as exc:
-            unit.fail(KeyError(unit.id))
+            unit.fail(MessageGone(unit.id))
             self._quarantine(unit.id, str(exc))
             unit.quarantine = True
         except OSError as exc:
@@ -1012,7 +1013,7 @@ class DiskStorage(LocallyScheduled):
                     self._note(op.id, None)
                 elif op.meta is not None:
                     self._apply_update(op)
-            elif isinstance(op.error, KeyError) and op.kind == _UPDATE:
+            elif isinstance(op.error, MessageGone) and op.kind == _UPDATE:
                 schedule.discard(op.id)  # gone, or quarantined
                 self._note(op.id, None)
             if not op.future.done():
@@ -1364,7 +1365,7 @@ class DiskStorage(LocallyScheduled):
         it is gone or damaged."""
         try:
             infos.append(self._read_info(id, meta, env))
-        except (KeyError, _CorruptError, EnvelopeFormatError):
+        except (MessageGone, _CorruptError, EnvelopeFormatError):
             pass  # gone, or damaged: its attempt (get_entry) quarantines it
         except OSError as exc:
             if exc.errno not in (errno.ELOOP, errno.EISDIR):
@@ -1401,7 +1402,7 @@ class DiskStorage(LocallyScheduled):
         """See :meth:`QueueStorage.get_entry`.
 
         An entry whose files are damaged is moved to the corrupt directory and is gone
-        (:class:`KeyError`).
+        (:class:`~smtpq.errors.MessageGone`).
         """
         id = _check_id(id)
         loop = asyncio.get_running_loop()
@@ -1411,7 +1412,7 @@ class DiskStorage(LocallyScheduled):
             raise _queue_error("cannot read message", exc) from exc
         except _CorruptError:
             await self._submit(_Op(_QUARANTINE, id, loop.create_future()))
-            raise KeyError(id) from None
+            raise MessageGone(id) from None
 
     def _read_entry(self, id: str) -> StoredMessage:
         self._dirs()
@@ -1419,7 +1420,7 @@ class DiskStorage(LocallyScheduled):
         try:
             data = self._read(id + _ENV_SUFFIX, "env")
         except FileNotFoundError:
-            raise KeyError(id) from None
+            raise MessageGone(id) from None
         try:
             envelope = Envelope.from_bytes(data)
         except EnvelopeFormatError as exc:
