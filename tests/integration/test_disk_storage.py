@@ -19,7 +19,8 @@ import pytest
 from smtpq.envelope import Envelope
 from smtpq.errors import QueueError
 from smtpq.reply import Reply
-from smtpq.storage import DiskStorage, disk
+from smtpq.storage import DiskStorage
+from smtpq.storage.disk import committer, reader, scan
 
 NOW = 1_800_000_000.0
 
@@ -531,7 +532,7 @@ async def test_auto_flushes_big_batches_with_syncfs_and_small_ones_with_fsync(
 async def test_a_removal_waits_for_the_next_write_to_share_its_commit(
     store: DiskStorage, dirs: Dirs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(disk, "_REMOVE_LINGER", 60.0)  # longer than the test
+    monkeypatch.setattr(committer, "REMOVE_LINGER", 60.0)  # longer than the test
     first = await store.write(make_envelope(1), NOW)
     before = (await store.get_info())["batches"]
     removal = asyncio.ensure_future(store.remove(first))
@@ -551,7 +552,7 @@ async def test_a_lone_removal_is_committed_and_close_commits_a_waiting_one(
     one, two = [await store.write(make_envelope(i), NOW) for i in range(2)]
     await store.remove(one)  # nothing else comes: it goes on its own, after the short wait
     assert dirs.ids(dirs.meta, ".meta") == {two}
-    monkeypatch.setattr(disk, "_REMOVE_LINGER", 60.0)
+    monkeypatch.setattr(committer, "REMOVE_LINGER", 60.0)
     waiting = asyncio.ensure_future(store.remove(two))
     await asyncio.sleep(0)
     await store.close()  # does not leave the waiting removal behind
@@ -667,7 +668,7 @@ def _open_fds() -> int | None:
 async def test_load_reading_ahead_finds_every_entry_once(
     dirs: Dirs, monkeypatch: pytest.MonkeyPatch, ahead: int
 ) -> None:
-    monkeypatch.setattr(disk, "_SCAN_AHEAD", ahead)  # files opened before the one read
+    monkeypatch.setattr(scan, "SCAN_AHEAD", ahead)  # files opened before the one read
     store = dirs.open(sync="none")
     ids = [await store.write(make_envelope(i), NOW + i) for i in range(30)]
     for id in ids[::7]:
@@ -695,28 +696,24 @@ async def test_load_reading_ahead_finds_every_entry_once(
 
 
 async def test_first_uses_at_once_load_the_queue_once(
-    store: DiskStorage, dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+    store: DiskStorage, dirs: Dirs, caplog: pytest.LogCaptureFixture
 ) -> None:
     ids = [await store.write(make_envelope(i), NOW) for i in range(3)]
     again = dirs.open()
-    scans = 0
-    scan = again._scan
 
-    def counted() -> tuple[dict[int, float], set[int]]:
-        nonlocal scans
-        scans += 1
-        return scan()
+    def scans() -> int:  # each scan logs what it loaded, once
+        return sum(r.getMessage().startswith("loaded ") for r in caplog.records)
 
-    monkeypatch.setattr(again, "_scan", counted)
+    caplog.set_level("INFO", logger=scan.__name__)
     try:
         claimed, _, info, flushed = await asyncio.gather(
             again.claim(NOW, 10), again.next_due(), again.get_info(), again.flush(NOW)
         )
-        assert scans == 1
+        assert scans() == 1
         assert (sorted(claimed), info["size"]) == (sorted(ids), 3)
         assert flushed in (0, 3)  # before or after the claim
         await again.load()  # an explicit load always scans again
-        assert scans == 2
+        assert scans() == 2
     finally:
         await again.close()
 
@@ -744,7 +741,7 @@ async def test_listing_reads_the_envelope_metadata_not_the_message(
 async def test_listing_reads_ahead_and_skips_what_is_gone(
     store: DiskStorage, dirs: Dirs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(disk, "_INFO_AHEAD", 2)  # messages opened before the one read
+    monkeypatch.setattr(reader, "INFO_AHEAD", 2)  # messages opened before the one read
     ids = [await store.write(make_envelope(i), NOW + i) for i in range(12)]
     (dirs.meta / f"{ids[1]}.meta").unlink()  # gone, as a removal leaves it half-way
     (dirs.env / f"{ids[5]}.env").unlink()  # gone, as a write leaves it half-way

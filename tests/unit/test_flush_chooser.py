@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from smtpq.storage.disk import _SYNCFS_FROM, _FlushChooser
+from smtpq.storage.disk.sync import SYNCFS_FROM, FlushChooser
 
 
 def test_few_files_are_always_fsynced() -> None:
-    chooser = _FlushChooser()
+    chooser = FlushChooser()
     chooser.record(True, 100, 0.001)
-    assert not chooser.use_syncfs(_SYNCFS_FROM)
+    assert not chooser.use_syncfs(SYNCFS_FROM)
 
 
 def test_each_way_is_tried_then_the_cheaper_one_is_used_and_the_other_retried() -> None:
-    chooser = _FlushChooser()
+    chooser = FlushChooser()
     assert chooser.use_syncfs(200)
     chooser.record(True, 200, 0.050)  # syncfs: 50 ms (much foreign dirty data)
     assert not chooser.use_syncfs(200)
