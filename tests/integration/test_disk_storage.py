@@ -20,7 +20,7 @@ from smtpq.envelope import Envelope
 from smtpq.errors import QueueError
 from smtpq.reply import Reply
 from smtpq.storage import DiskStorage
-from smtpq.storage.disk import committer, reader, scan
+from smtpq.storage.disk import committer, libc, reader, scan, sync
 
 NOW = 1_800_000_000.0
 
@@ -501,27 +501,131 @@ def test_sync_auto_needs_a_syncfs_that_reports_errors(dirs: Dirs) -> None:
     assert DiskStorage(dirs.env, dirs.meta).sync == expected
 
 
-async def test_auto_flushes_big_batches_with_syncfs_and_small_ones_with_fsync(
-    dirs: Dirs, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = dirs.open()
-    if store.sync != "auto":
+class SyncSpy:
+    """Records, in order, the renames into the queue directories and every sync call (which
+    thread made it), while the real calls go on: how the kernel sees a commit."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, dirs: Dirs) -> None:
+        self.dirs = dirs
+        self.calls: list[tuple[str, str]] = []  # (call, what: env, meta, tmp or file)
+        self.threads: list[int] = []
+        self._roles: dict[int, str] = {}
+        real_rename, real_fsync, real_fdatasync = os.rename, os.fsync, os.fdatasync
+
+        def rename(*args: Any, **kwargs: Any) -> None:
+            real_rename(*args, **kwargs)
+            self._note("rename", kwargs.get("dst_dir_fd"))
+
+        def fsync(fd: int) -> None:
+            real_fsync(fd)
+            self._note("fsync", fd)
+
+        def fdatasync(fd: int) -> None:
+            real_fdatasync(fd)
+            self._note("fdatasync", fd)
+
+        def syncfs_function() -> Callable[[int], None] | None:
+            inner = libc.syncfs_function()
+            if inner is None:
+                return None
+
+            def syncfs(fd: int) -> None:
+                inner(fd)
+                self._note("syncfs", fd)
+
+            return syncfs
+
+        monkeypatch.setattr(os, "rename", rename)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        monkeypatch.setattr(sync, "syncfs_function", syncfs_function)
+
+    def start(self) -> None:
+        """Forget what was recorded; from now on, tell the queue directories by their inodes."""
+        self._roles = {
+            self.dirs.env.stat().st_ino: "env",
+            self.dirs.meta.stat().st_ino: "meta",
+            self.dirs.tmp.stat().st_ino: "tmp",
+        }
+        self.calls.clear()
+        self.threads.clear()
+
+    def _note(self, call: str, fd: int | None) -> None:
+        if self._roles:
+            what = "file" if fd is None else self._roles.get(os.fstat(fd).st_ino, "file")
+            self.calls.append((call, what))
+            self.threads.append(threading.get_ident())
+
+    def syncs(self) -> list[tuple[str, str]]:
+        return [c for c in self.calls if c[0] != "rename"]
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch, dirs: Dirs) -> SyncSpy:
+    return SyncSpy(monkeypatch, dirs)
+
+
+async def opened(dirs: Dirs, spy: SyncSpy, sync: str) -> DiskStorage:
+    store = dirs.open(sync=sync)
+    if store.sync != sync:
+        await store.close()
         pytest.skip("no syncfs that reports errors here")
-    fsynced: list[int] = []
-    real_fsync = os.fsync
+    await store.load()  # creates the directories
+    spy.start()
+    return store
 
-    def fsync(fd: int) -> None:
-        fsynced.append(fd)
-        real_fsync(fd)
 
-    await store.write(make_envelope(), NOW)  # creates the directories
-    monkeypatch.setattr(os, "fsync", fsync)
+async def test_a_lone_write_by_syncfs_makes_two_sync_calls(dirs: Dirs, spy: SyncSpy) -> None:
+    store = await opened(dirs, spy, "syncfs")
     try:
         await store.write(make_envelope(), NOW)
-        assert len(fsynced) == 4  # the two files, env_dir, meta_dir
-        fsynced.clear()
+        # Wave 1 makes both new files and the envelope's name durable, then the meta is put
+        # in place; wave 2 makes its name durable. The meta never names a file not durable.
+        assert spy.calls == [
+            ("rename", "env"),
+            ("syncfs", "tmp"),
+            ("rename", "meta"),
+            ("fsync", "meta"),
+        ]
+    finally:
+        await store.close()
+
+
+async def test_a_lone_write_by_fsync_makes_one_wave_of_three_then_one(
+    dirs: Dirs, spy: SyncSpy
+) -> None:
+    store = await opened(dirs, spy, "fsync")
+    try:
+        await store.write(make_envelope(), NOW)
+        assert spy.calls[0] == ("rename", "env")
+        wave1 = spy.calls[1:4]
+        assert sorted(wave1) == [("fdatasync", "file"), ("fdatasync", "file"), ("fsync", "env")]
+        assert len(set(spy.threads[1:4])) > 1  # at once, not one after the other
+        assert spy.calls[4:] == [("rename", "meta"), ("fsync", "meta")]
+    finally:
+        await store.close()
+
+
+async def test_auto_flushes_a_lone_write_in_two_waves_either_way(dirs: Dirs, spy: SyncSpy) -> None:
+    store = await opened(dirs, spy, "auto")
+    by_syncfs = [("rename", "env"), ("syncfs", "tmp"), ("rename", "meta"), ("fsync", "meta")]
+    try:
+        for i in range(20):
+            spy.calls.clear()
+            await store.write(make_envelope(i), NOW)
+            if spy.calls != by_syncfs:
+                assert spy.calls[0] == ("rename", "env")
+                assert sorted(spy.syncs()) == [
+                    ("fdatasync", "file"),
+                    ("fdatasync", "file"),
+                    ("fsync", "env"),
+                    ("fsync", "meta"),
+                ]
+                assert spy.calls[-2:] == [("rename", "meta"), ("fsync", "meta")]
+        # A batch of 50 writes, a size class not tried yet: one syncfs, then meta_dir.
+        spy.calls.clear()
         await asyncio.gather(*(store.write(make_envelope(i), NOW) for i in range(50)))
-        assert len(fsynced) == 1  # one syncfs (files and env_dir), then meta_dir
+        assert spy.syncs() == [("syncfs", "tmp"), ("fsync", "meta")]
     finally:
         await store.close()
 

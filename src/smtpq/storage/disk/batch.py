@@ -1,15 +1,27 @@
-"""One commit batch of a disk queue, carried out in the commit thread.
+"""One commit batch of a disk queue, carried out in the commit thread: two flush waves.
 
-A batch writes its new files in tmp_dir, makes them durable, renames the envelopes into place
-and fsyncs env_dir, then renames the metas into place (and takes those of removed messages away)
-and fsyncs meta_dir: two directory fsyncs per batch, whatever its size. A message exists iff
-both of its files exist, so the order of the renames is what makes a crash harmless: a write
-renames its ``.env`` then its ``.meta`` into place, a removal takes the ``.meta`` then the
-``.env`` away, and :func:`~smtpq.storage.disk.scan.scan_spool` resolves what a crash left between
-the two. A meta update writes a new file and swaps it in atomically.
+A message exists iff both of its files exist. A batch, whatever its size, goes:
+
+1. the new files (a write's envelope and meta, an update's new meta) are written in tmp_dir;
+   the new envelopes are renamed into env_dir, the metas of removed messages moved out;
+2. **wave 1** makes the new files and env_dir's names durable: one ``syncfs``, or the files'
+   fdatasyncs and env_dir's fsync at once (:class:`~smtpq.storage.disk.sync.Flusher`);
+3. the new metas are renamed into meta_dir (updates swap theirs in atomically);
+4. **wave 2** fsyncs meta_dir (and corrupt_dir after a quarantine): the batch is durable, and
+   only then do its callers learn that it is;
+5. the envelopes of removed messages are moved out (not synced).
+
+What a crash (of the machine) leaves, by step: (1) scratch files, which the next load deletes,
+and maybe an envelope in env_dir without its meta, not a message: an *orphan* the load deletes;
+(2, 3) the same, or a meta in place whose files were durable — a whole message, not yet
+acknowledged; a removed message still whole (its removal was not acknowledged), or without its
+meta (an orphan); an update's old meta or its new one, both durable; (4, 5) the batch as
+acknowledged, and maybe a removed message's envelope without its meta (an orphan). A meta never
+names a file that is not durable, so nothing acknowledged is lost, and an envelope alone is
+never a message.
 
 The Python work of a batch runs in one thread: spread over threads it would only contend for
-the GIL. Only the fsyncs, which wait on the device, run in parallel (:class:`Flusher`).
+the GIL. Only the syncs, which wait on the device, run in parallel.
 """
 
 from __future__ import annotations
@@ -308,17 +320,20 @@ class BatchWriter:
             if not writes and not any(u.meta_scratch for u in live):
                 return
             try:
-                self._flusher.syncfs(self._spool.fd("tmp"), files)
+                self._flusher.syncfs(self._spool.fd("tmp"), files=files)
             except OSError as exc:
                 failed.append((live, exc))
         else:
-            jobs: list[tuple[_Unit | None, int]] = [(u, fd) for u in live for fd in u.fds]
+            fds = [fd for u in live for fd in u.fds]
+            owners: list[_Unit | None] = [u for u in live for _ in u.fds]
+            dirs: list[int] = []
             if writes:
-                jobs.append((None, self._spool.fd("env")))
-            errors = self._flusher.fsync([fd for _, fd in jobs], files)
+                dirs.append(self._spool.fd("env"))
+                owners.append(None)
+            errors = self._flusher.fsync(fds, dirs, files=files)
             for unit in live:
                 self._close_files(unit)
-            for (owner, _), error in zip(jobs, errors, strict=True):
+            for owner, error in zip(owners, errors, strict=True):
                 if error is not None:  # env_dir's failure is every new envelope's
                     failed.append((writes if owner is None else [owner], error))
         for units, problem in failed:

@@ -1,15 +1,16 @@
 """How a disk queue makes new files durable: the sync modes and the first flush of a batch.
 
-* ``"fsync"``: each new file is fsynced, in parallel threads when there are several (the device
-  merges the flushes of concurrent fsyncs), before a meta names it.
+* ``"fsync"``: each new file is fdatasynced and env_dir fsynced, in parallel threads (the
+  device merges the flushes of concurrent syncs), before a meta names the files.
 * ``"syncfs"``: one ``syncfs(2)`` per batch makes its new files durable. This flushes everything
   dirty on the filesystem, other programs' data included, so a spool that shares its
   filesystem with a heavy writer waits for that writer's data too. Only since Linux 5.8 does
   syncfs report write-back errors, hence the version check.
-* ``"auto"`` (default): per batch, ``"fsync"`` for a few new files (a lone write does not wait
-  for other programs' data); for more than :data:`SYNCFS_FROM`, whichever of the two cost
-  less lately (one syncfs usually, unless other programs keep much dirty data on the same
-  filesystem); ``"fsync"`` where syncfs is not usable.
+* ``"auto"`` (default): per batch of two new files or more, one syncfs — a lone write's too:
+  one device flush where fsyncs need three — unless it has cost much more than the fsyncs
+  lately for batches of about that size, as when other programs keep much dirty data on the
+  same filesystem (:class:`FlushChooser`); a batch of one new file (a meta update) is
+  fsynced; ``"fsync"`` where syncfs is not usable.
 * ``"none"``: **unsafe** — no fsync at all. Renames stay atomic, so a killed process loses
   nothing, but a power failure or kernel crash can lose or empty messages that were
   acknowledged. For tests and benchmarks only.
@@ -19,20 +20,33 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 
 from smtpq.storage.disk.libc import syncfs_function
 
-__all__ = ["SYNCFS_FROM", "FlushChooser", "Flusher", "SyncMode", "resolve_sync_mode"]
+__all__ = [
+    "EXPLORE_EVERY",
+    "RECHECK_EVERY",
+    "SAMPLES",
+    "SYNCFS_TOLERANCE",
+    "FlushChooser",
+    "Flusher",
+    "SyncMode",
+    "resolve_sync_mode",
+]
 
-#: In "auto" mode, a batch with more new files than this may be flushed by one syncfs.
-SYNCFS_FROM = 16
-# At most this many fsyncs of a batch are made one after the other in the calling thread; more
-# go to the sync pool in parallel.
-_INLINE_FSYNCS = 3
-_EXPLORE_EVERY = 16  # batches between tries of the way that has been dearer lately
+#: Flushes of each way and size class whose median cost is compared.
+SAMPLES = 5
+#: syncfs is used while it costs less than this many times the fsyncs (see FlushChooser).
+SYNCFS_TOLERANCE = 2.0
+#: While the fsyncs are used for batches of a size, one such batch in this many tries syncfs.
+EXPLORE_EVERY = 16
+#: While syncfs is used, one batch in this many tries the fsyncs (syncfs's own timings already
+#: show when it gets dearer: only a stale estimate of the fsyncs needs refreshing).
+RECHECK_EVERY = 256
 
 
 class SyncMode(StrEnum):
@@ -64,44 +78,61 @@ def resolve_sync_mode(mode: SyncMode | str) -> tuple[SyncMode, Callable[[int], N
 
 
 class FlushChooser:
-    """For ``sync="auto"``: per batch, the cheaper way to make its new files durable.
+    """For ``sync="auto"``: per batch, the cheaper way lately to make its new files durable.
 
-    A few files are fsynced (a lone write must not wait for other programs' dirty data). For
-    more, one syncfs usually costs far less than their fsyncs, unless the filesystem holds much
-    of other programs' dirty data, which syncfs must write too. So both are timed, on batches
-    of more than :data:`SYNCFS_FROM` files, and the one that cost less lately is used, the
-    other tried now and then to follow changes.
+    One syncfs makes one device flush where the fsyncs of a batch make one per file (and one
+    for env_dir), each a thread's wake-up; but it waits for all the dirty data of the
+    filesystem, other programs' too, and then costs many times more than the fsyncs. So both
+    ways are timed, per size class (batches of 2, 3 or 4, 5 to 8 ... new files), and syncfs is
+    used while its last :data:`SAMPLES` flushes of the class cost less than
+    :data:`SYNCFS_TOLERANCE` times the fsyncs' (their medians: one slow flush is not a trend);
+    the way not in use is tried again now and then (:data:`EXPLORE_EVERY`,
+    :data:`RECHECK_EVERY`) to follow changes. A batch of one new file is always fsynced: one
+    syncfs could not flush it with fewer calls.
     """
 
-    __slots__ = ("_fsync_per_file", "_syncfs", "_turn")
+    __slots__ = ("_classes",)
 
     def __init__(self) -> None:
-        self._fsync_per_file: float | None = None  # seconds, moving averages
-        self._syncfs: float | None = None
-        self._turn = 0
+        self._classes: dict[int, _Costs] = {}
 
     def use_syncfs(self, files: int) -> bool:
         """Whether to flush a batch of ``files`` new files with one syncfs."""
-        if files <= SYNCFS_FROM:
+        if files <= 1:
             return False
-        if self._syncfs is None or self._fsync_per_file is None:
-            return self._syncfs is None  # try each once
-        self._turn += 1
-        cheaper = self._syncfs < self._fsync_per_file * files
-        return cheaper != (self._turn % _EXPLORE_EVERY == 0)
+        costs = self._classes.setdefault(_size_class(files), _Costs())
+        if not costs.syncfs or not costs.fsync:
+            return not costs.syncfs  # try each once
+        costs.turn += 1
+        if _median(costs.syncfs) < SYNCFS_TOLERANCE * _median(costs.fsync):
+            return costs.turn % RECHECK_EVERY != 0
+        return costs.turn % EXPLORE_EVERY == 0
 
     def record(self, syncfs: bool, files: int, seconds: float) -> None:
-        """What flushing a batch cost."""
-        if files <= SYNCFS_FROM:
+        """What flushing a batch of ``files`` new files cost, one way or the other."""
+        if files <= 1:
             return
-        if syncfs:
-            self._syncfs = _average(self._syncfs, seconds)
-        else:
-            self._fsync_per_file = _average(self._fsync_per_file, seconds / files)
+        costs = self._classes.setdefault(_size_class(files), _Costs())
+        (costs.syncfs if syncfs else costs.fsync).append(seconds / files)
 
 
-def _average(old: float | None, new: float) -> float:
-    return new if old is None else 0.7 * old + 0.3 * new
+class _Costs:
+    """The last seconds per file that each way cost, for one size class."""
+
+    __slots__ = ("fsync", "syncfs", "turn")
+
+    def __init__(self) -> None:
+        self.fsync: deque[float] = deque(maxlen=SAMPLES)
+        self.syncfs: deque[float] = deque(maxlen=SAMPLES)
+        self.turn = 0
+
+
+def _size_class(files: int) -> int:
+    return (files - 1).bit_length()
+
+
+def _median(samples: deque[float]) -> float:
+    return sorted(samples)[len(samples) // 2]
 
 
 class Flusher:
@@ -129,23 +160,23 @@ class Flusher:
             self.mode == SyncMode.AUTO and self._chooser.use_syncfs(files)
         )
 
-    def syncfs(self, fd: int, files: int) -> None:
-        """Flush the whole filesystem holding ``fd`` (a batch of ``files`` new files)."""
+    def syncfs(self, fd: int, *, files: int) -> None:
+        """Flush the whole filesystem holding ``fd``, for a batch of ``files`` new files."""
         assert self._syncfs is not None
         started = time.monotonic()
         self._syncfs(fd)
         self._chooser.record(True, files, time.monotonic() - started)
 
-    def fsync(self, fds: Sequence[int], files: int) -> list[OSError | None]:
-        """Fsync ``fds`` (a batch of ``files`` new files); each one's error, or None."""
+    def fsync(self, fds: Sequence[int], dirs: Sequence[int], *, files: int) -> list[OSError | None]:
+        """Make the open files ``fds`` (their data) and the names in ``dirs`` durable, for a
+        batch of ``files`` new files: all at once, one in this thread and the others in the
+        sync pool. Each one's error, or None, in the order of ``fds`` then ``dirs``."""
         started = time.monotonic()
-        # A lone write (two files and env_dir) is flushed here, in order: handing three fsyncs
-        # to the pool cost more CPU (thread wake-ups, GIL hand-offs) than their overlap saved
-        # (bench/RESULTS.md, 1 session).
-        if len(fds) > _INLINE_FSYNCS:
-            errors = list(self._pool.map(_fsync, fds))
-        else:
-            errors = [_fsync(fd) for fd in fds]
+        jobs = [(os.fdatasync, fd) for fd in fds] + [(os.fsync, fd) for fd in dirs]
+        if not jobs:
+            return []
+        others = [self._pool.submit(_sync, *job) for job in jobs[1:]]
+        errors = [_sync(*jobs[0]), *(future.result() for future in others)]
         self._chooser.record(False, files, time.monotonic() - started)
         return errors
 
@@ -154,9 +185,9 @@ class Flusher:
         self._pool.shutdown(wait=True)
 
 
-def _fsync(fd: int) -> OSError | None:
+def _sync(how: Callable[[int], None], fd: int) -> OSError | None:
     try:
-        os.fsync(fd)
+        how(fd)
     except OSError as exc:
         return exc
     return None
