@@ -649,6 +649,36 @@ async def test_a_removal_waits_for_the_next_write_to_share_its_commit(
     assert dirs.ids(dirs.env, ".env") == {second}
 
 
+async def test_a_removal_submitted_during_a_commit_waits_for_the_next_write(
+    store: DiskStorage, dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(committer, "REMOVE_LINGER", 60.0)  # longer than the test
+    first = await store.write(make_envelope(1), NOW)
+    before = (await store.get_info())["batches"]
+    # Hold the next commit in its first rename, so that the removal comes while it runs.
+    inside, go = threading.Event(), threading.Event()
+    real_rename = os.rename
+
+    def rename(*args: Any, **kwargs: Any) -> None:
+        inside.set()
+        go.wait(30)
+        real_rename(*args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    second = asyncio.ensure_future(store.write(make_envelope(2), NOW))
+    assert await asyncio.get_running_loop().run_in_executor(None, inside.wait, 30)
+    removal = asyncio.ensure_future(store.remove(first))
+    await asyncio.sleep(0.01)  # submitted while the second write commits
+    go.set()
+    await second
+    await asyncio.sleep(0.05)
+    assert not removal.done()  # not committed alone: it waits for company
+    third = await store.write(make_envelope(3), NOW)
+    await removal
+    assert (await store.get_info())["batches"] == before + 2  # the second write; removal + third
+    assert dirs.ids(dirs.meta, ".meta") == dirs.ids(dirs.env, ".env") == {second.result(), third}
+
+
 async def test_a_lone_removal_is_committed_and_close_commits_a_waiting_one(
     dirs: Dirs, monkeypatch: pytest.MonkeyPatch
 ) -> None:

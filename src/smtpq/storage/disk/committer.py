@@ -1,10 +1,10 @@
 """Group commit: the operations of a disk queue gathered into batches (event loop side).
 
 While one batch is being committed the next one gathers; there is no timer, so a lone write
-is committed at once. A removal alone waits up to :data:`REMOVE_LINGER` for company: only the
-attempt that delivered the message awaits it, and at low load the next message's write then
-carries it in the same commit (one hand-off to the commit thread and one flush of meta_dir
-instead of two each).
+is committed at once. Removals alone — submitted when no batch runs, or left pending when one
+ends — wait up to :data:`REMOVE_LINGER` for company: only the attempt that delivered the
+message awaits a removal, and at low load the next message's write then carries it in the same
+commit (one hand-off to the commit thread and no flush of its own, where it would cost one).
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ __all__ = ["REMOVE_LINGER", "GroupCommitter"]
 
 log = logging.getLogger(__name__)
 
-#: Seconds a removal submitted alone waits for other operations to share its commit with.
-REMOVE_LINGER = 0.005
+#: Seconds removals alone wait for other operations to share their commit with: longer than
+#: the time between two messages of one SMTP session, also on a busy machine. The price is
+#: that a crash meanwhile delivers the removed messages again.
+REMOVE_LINGER = 0.02
 
 
 class GroupCommitter:
@@ -41,6 +43,7 @@ class GroupCommitter:
         self._pending: list[Op] = []
         self._task: asyncio.Task[None] | None = None
         self._linger: asyncio.TimerHandle | None = None  # removals waiting for company
+        self._draining = False  # nothing waits for company any more
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="smtpq-disk-commit")
         #: Ids with a write or a removal submitted and not yet committed; read by the load's
         #: scan thread (a Counter's reads are atomic).
@@ -60,12 +63,17 @@ class GroupCommitter:
         if self._task is None:
             if op.kind != OpKind.REMOVE:
                 self._start()
-            elif self._linger is None:
-                # Nobody but the finished attempt waits for a removal: it waits a little for
-                # company, so that at low load the next message's write carries it.
-                self._linger = loop.call_later(REMOVE_LINGER, self._start)
+            else:
+                self._wait_for_company()
         # Shielded: a cancelled caller must not cancel the outcome the batch will deliver.
         return await asyncio.shield(future)
+
+    def _wait_for_company(self) -> None:
+        """Nobody but the finished attempts waits for the pending removals: they wait a little
+        for company, so that at low load the next message's write carries them."""
+        if self._linger is None and not self._draining:
+            loop = asyncio.get_running_loop()
+            self._linger = loop.call_later(REMOVE_LINGER, self._start)
 
     def _start(self) -> None:
         if self._linger is not None:
@@ -96,6 +104,10 @@ class GroupCommitter:
                     self._finish(batch)
                     raise
                 self._finish(batch)
+                if self._pending and self._lonely():  # submitted while this batch ran
+                    self._wait_for_company()
+                    if self._linger is not None:
+                        break
         finally:
             self._task = None
 
@@ -117,8 +129,12 @@ class GroupCommitter:
                 else:
                     future.set_exception(op.error)
 
+    def _lonely(self) -> bool:
+        return all(op.kind == OpKind.REMOVE for op in self._pending)
+
     async def drain(self) -> None:
         """Commit everything submitted, removals waiting for company too."""
+        self._draining = True
         self._start()
         if self._task is not None:
             await asyncio.shield(self._task)
