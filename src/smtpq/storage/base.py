@@ -76,6 +76,35 @@ class StoredMessage:
     #: Every recipient as first written (delivered ones included), when the backend has them.
     original_recipients: tuple[str, ...] = ()
 
+    @classmethod
+    def from_written(
+        cls,
+        id: str,
+        envelope: Envelope,
+        delivered: Iterable[int],
+        *,
+        attempts: int,
+        timestamp: float,
+        held: bool = False,
+        last_reply: Reply | None = None,
+    ) -> StoredMessage:
+        """The record of a message whose ``envelope`` is as first written and whose recipients
+        ``delivered`` (indexes) are done: the envelope is changed to keep the pending ones."""
+        done = set(delivered)
+        everyone = tuple(envelope.recipients)
+        pending = tuple(i for i in range(len(everyone)) if i not in done)
+        envelope.recipients = [everyone[i] for i in pending]
+        return cls(
+            id=id,
+            envelope=envelope,
+            attempts=attempts,
+            timestamp=timestamp,
+            pending=pending,
+            held=held,
+            last_reply=last_reply,
+            original_recipients=everyone,
+        )
+
 
 @dataclass(slots=True)
 class MessageInfo:
@@ -96,6 +125,37 @@ class MessageInfo:
     timestamp: float
     held: bool = False
     last_reply: Reply | None = None
+
+    @classmethod
+    def from_head(
+        cls,
+        id: str,
+        head: bytes,
+        delivered: Iterable[int],
+        *,
+        attempts: int,
+        timestamp: float,
+        held: bool = False,
+        last_reply: Reply | None = None,
+    ) -> MessageInfo:
+        """The listing record of a message from the head of its stored envelope (see
+        :meth:`~smtpq.envelope.Envelope.from_head`) and the indexes of its recipients done.
+
+        :raises EnvelopeFormatError: when the head is damaged.
+        """
+        envelope, size = Envelope.from_head(head)
+        done = set(delivered)
+        return cls(
+            id=id,
+            sender=envelope.sender,
+            recipients=tuple(r for i, r in enumerate(envelope.recipients) if i not in done),
+            size=size,
+            arrival=envelope.timestamp,
+            attempts=attempts,
+            timestamp=timestamp,
+            held=held,
+            last_reply=last_reply,
+        )
 
     @classmethod
     def from_entry(cls, entry: StoredMessage) -> MessageInfo:

@@ -129,21 +129,15 @@ class DictStorage(LocallyScheduled):
             data = self.env_db[id]
         except KeyError:
             raise MessageGone(id) from None
-        envelope = Envelope.from_bytes(data)
-        delivered = set(meta["delivered"])
-        everyone = tuple(envelope.recipients)
-        pending = tuple(i for i in range(len(everyone)) if i not in delivered)
-        envelope.recipients = [everyone[i] for i in pending]
         reply = meta.get("last_reply")
-        return StoredMessage(
-            id=id,
-            envelope=envelope,
+        return StoredMessage.from_written(
+            id,
+            Envelope.from_bytes(data),
+            meta["delivered"],
             attempts=int(meta["attempts"]),
             timestamp=float(meta["timestamp"]),
-            pending=pending,
             held=bool(meta.get("held")),
             last_reply=Reply.from_dict(reply) if reply else None,
-            original_recipients=everyone,
         )
 
     async def remove(self, id: str) -> None:

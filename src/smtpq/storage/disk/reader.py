@@ -13,17 +13,21 @@ import errno
 import logging
 import os
 from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
 
 from smtpq.envelope import HEAD_MIN, Envelope
 from smtpq.errors import EnvelopeFormatError, MessageGone
 from smtpq.reply import Reply
 from smtpq.storage.base import MessageInfo, StoredMessage
-from smtpq.storage.disk.meta import CorruptError, decode_meta
+from smtpq.storage.disk.meta import CorruptError, Meta, decode_meta
 from smtpq.storage.disk.spool import ENV_SUFFIX, META_NAME, META_SUFFIX, Spool, read_all
 
 __all__ = ["INFO_AHEAD", "meta_keys", "read_ahead", "read_entry", "read_infos"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Messages whose files a listing opens (their reads asked for) ahead of the one being read.
 INFO_AHEAD = 32
@@ -44,20 +48,7 @@ def read_entry(spool: Spool, id: str) -> StoredMessage:
         envelope = Envelope.from_bytes(data)
     except EnvelopeFormatError as exc:
         raise CorruptError(str(exc)) from exc
-    delivered = set(meta.delivered)
-    everyone = tuple(envelope.recipients)
-    pending = tuple(i for i in range(len(everyone)) if i not in delivered)
-    envelope.recipients = [everyone[i] for i in pending]
-    return StoredMessage(
-        id=id,
-        envelope=envelope,
-        attempts=meta.attempts,
-        timestamp=meta.timestamp,
-        pending=pending,
-        held=meta.held,
-        last_reply=Reply.from_dict(meta.last_reply) if meta.last_reply else None,
-        original_recipients=everyone,
-    )
+    return _record(StoredMessage.from_written, id, envelope, meta)
 
 
 def meta_keys(spool: Spool) -> list[int]:
@@ -127,14 +118,16 @@ def _read_info(id: str, meta_fd: int | OSError, env_fd: int | OSError) -> Messag
         for fd in (meta_fd, env_fd):
             if isinstance(fd, int):
                 os.close(fd)
-    envelope, size = Envelope.from_head(data)
-    delivered = set(meta.delivered)
-    return MessageInfo(
-        id=id,
-        sender=envelope.sender,
-        recipients=tuple(r for i, r in enumerate(envelope.recipients) if i not in delivered),
-        size=size,
-        arrival=envelope.timestamp,
+    return _record(MessageInfo.from_head, id, data, meta)
+
+
+def _record(make: Callable[..., T], id: str, stored: Envelope | bytes, meta: Meta) -> T:
+    """A record of message ``id`` by ``make`` (:meth:`StoredMessage.from_written`,
+    :meth:`MessageInfo.from_head`), from its envelope or envelope head, and its meta."""
+    return make(
+        id,
+        stored,
+        meta.delivered,
         attempts=meta.attempts,
         timestamp=meta.timestamp,
         held=meta.held,
