@@ -103,23 +103,17 @@ def read_all(fd: int) -> bytes:
 class Spool:
     """The directories and files of one disk queue; every method blocks (worker threads).
 
+    :param env_dir: the envelopes' directory; ``meta_dir``, ``tmp_dir``, ``corrupt_dir`` the
+        others' (absolute paths, all on one filesystem).
     :param durable: whether new directories are made durable (fsync of their parent); False
         only for ``sync="none"``.
     """
 
     def __init__(
-        self,
-        env_dir: str | os.PathLike[str],
-        meta_dir: str | os.PathLike[str],
-        tmp_dir: str | os.PathLike[str] | None = None,
-        corrupt_dir: str | os.PathLike[str] | None = None,
-        *,
-        durable: bool = True,
+        self, env_dir: str, meta_dir: str, tmp_dir: str, corrupt_dir: str, *, durable: bool
     ) -> None:
-        self.env_dir = os.path.abspath(env_dir)
-        self.meta_dir = os.path.abspath(meta_dir)
-        self.tmp_dir = os.path.abspath(tmp_dir or os.path.join(self.meta_dir, "tmp"))
-        self.corrupt_dir = os.path.abspath(corrupt_dir or os.path.join(self.meta_dir, "corrupt"))
+        self.env_dir, self.meta_dir, self.tmp_dir = env_dir, meta_dir, tmp_dir
+        self.corrupt_dir = corrupt_dir
         self.durable = durable
         self._exchange = exchange_function()
         self._read_flags = _READ_NOATIME

@@ -52,13 +52,17 @@ class DiskStorage(LocallyScheduled):
         threads: int = 8,
     ) -> None:
         self._flusher = Flusher(sync, threads=threads)
+        self.env_dir = os.path.abspath(env_dir)
+        self.meta_dir = os.path.abspath(meta_dir)
+        self.tmp_dir = os.path.abspath(tmp_dir or os.path.join(self.meta_dir, "tmp"))
+        self.corrupt_dir = os.path.abspath(corrupt_dir or os.path.join(self.meta_dir, "corrupt"))
         self._spool = Spool(
-            env_dir, meta_dir, tmp_dir, corrupt_dir, durable=self._flusher.mode != SyncMode.NONE
+            self.env_dir,
+            self.meta_dir,
+            self.tmp_dir,
+            self.corrupt_dir,
+            durable=self._flusher.durable,
         )
-        self.env_dir = self._spool.env_dir
-        self.meta_dir = self._spool.meta_dir
-        self.tmp_dir = self._spool.tmp_dir
-        self.corrupt_dir = self._spool.corrupt_dir
         #: The durability in force (``"auto"`` only where syncfs is usable).
         self.sync: SyncMode = self._flusher.mode
         self.lease_timeout = lease_timeout
