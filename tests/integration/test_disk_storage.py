@@ -633,7 +633,7 @@ async def test_auto_flushes_a_lone_write_in_two_waves_either_way(dirs: Dirs, spy
 # -- concurrency: group commit, off the loop -----------------------------------------------------
 
 
-async def test_a_removal_waits_for_the_next_write_to_share_its_commit(
+async def test_removals_wait_for_the_next_write_to_share_its_commit(
     store: DiskStorage, dirs: Dirs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(committer, "REMOVE_LINGER", 60.0)  # longer than the test
@@ -645,17 +645,9 @@ async def test_a_removal_waits_for_the_next_write_to_share_its_commit(
     second = await store.write(make_envelope(2), NOW)
     await removal
     assert (await store.get_info())["batches"] == before + 1  # one commit for both
-    assert dirs.ids(dirs.meta, ".meta") == {second}
-    assert dirs.ids(dirs.env, ".env") == {second}
-
-
-async def test_a_removal_submitted_during_a_commit_waits_for_the_next_write(
-    store: DiskStorage, dirs: Dirs, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(committer, "REMOVE_LINGER", 60.0)  # longer than the test
-    first = await store.write(make_envelope(1), NOW)
-    before = (await store.get_info())["batches"]
-    # Hold the next commit in its first rename, so that the removal comes while it runs.
+    assert dirs.ids(dirs.meta, ".meta") == dirs.ids(dirs.env, ".env") == {second}
+    # A removal submitted while a batch is being committed waits for the next write too. The
+    # commit is held in its first rename, so that the removal comes while it runs.
     inside, go = threading.Event(), threading.Event()
     real_rename = os.rename
 
@@ -665,18 +657,18 @@ async def test_a_removal_submitted_during_a_commit_waits_for_the_next_write(
         real_rename(*args, **kwargs)
 
     monkeypatch.setattr(os, "rename", rename)
-    second = asyncio.ensure_future(store.write(make_envelope(2), NOW))
+    third = asyncio.ensure_future(store.write(make_envelope(3), NOW))
     assert await asyncio.get_running_loop().run_in_executor(None, inside.wait, 30)
-    removal = asyncio.ensure_future(store.remove(first))
-    await asyncio.sleep(0.01)  # submitted while the second write commits
+    removal = asyncio.ensure_future(store.remove(second))
+    await asyncio.sleep(0.01)
     go.set()
-    await second
+    await third
     await asyncio.sleep(0.05)
     assert not removal.done()  # not committed alone: it waits for company
-    third = await store.write(make_envelope(3), NOW)
+    fourth = await store.write(make_envelope(4), NOW)
     await removal
-    assert (await store.get_info())["batches"] == before + 2  # the second write; removal + third
-    assert dirs.ids(dirs.meta, ".meta") == dirs.ids(dirs.env, ".env") == {second.result(), third}
+    assert (await store.get_info())["batches"] == before + 3  # the third; the removal + fourth
+    assert dirs.ids(dirs.meta, ".meta") == dirs.ids(dirs.env, ".env") == {third.result(), fourth}
 
 
 async def test_a_lone_removal_is_committed_and_close_commits_a_waiting_one(
