@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from smtpq.errors import MessageGone
 from smtpq.storage import DiskStorage
 from smtpq.storage.disk import SyncMode
 from smtpq.storage.disk.libc import syncfs_function
@@ -142,7 +143,7 @@ async def test_sigkill_loses_nothing_acknowledged(tmp_path: Path) -> None:
             id = await store.write(crash_envelope(-1), 1.0)
             assert (await store.get(id))[0].to_bytes() == crash_envelope(-1).to_bytes()
             await store.remove(id)
-            with pytest.raises(KeyError):
+            with pytest.raises(MessageGone):
                 await store.get(id)
         finally:
             await store.close()

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from smtpq.envelope import Envelope
-from smtpq.errors import QueueError
+from smtpq.errors import MessageGone, QueueError
 from smtpq.reply import Reply
 from smtpq.storage import DiskStorage
 from smtpq.storage.disk import committer, libc, reader, scan, sync
@@ -111,7 +111,7 @@ async def test_remove_deletes_both_files(store: DiskStorage, dirs: Dirs) -> None
         "",
     ],
 )
-async def test_foreign_ids_are_key_errors(store: DiskStorage, bad: str) -> None:
+async def test_foreign_ids_are_gone(store: DiskStorage, bad: str) -> None:
     await store.write(make_envelope(), NOW)
     calls: list[Callable[[], Any]] = [
         lambda: store.get(bad),
@@ -123,18 +123,18 @@ async def test_foreign_ids_are_key_errors(store: DiskStorage, bad: str) -> None:
         lambda: store.set_held(bad, True),
     ]
     for call in calls:
-        with pytest.raises(KeyError):
+        with pytest.raises(MessageGone):
             await call()
 
 
-async def test_updates_of_a_missing_message_are_key_errors(store: DiskStorage) -> None:
+async def test_updates_of_a_missing_message_are_gone(store: DiskStorage) -> None:
     id = await store.write(make_envelope(), NOW)
     await store.remove(id)
-    with pytest.raises(KeyError):
+    with pytest.raises(MessageGone):
         await store.increment_attempts(id)
-    with pytest.raises(KeyError):
+    with pytest.raises(MessageGone):
         await store.set_timestamp(id, NOW)
-    with pytest.raises(KeyError):
+    with pytest.raises(MessageGone):
         await store.set_held(id, True)
 
 
@@ -230,7 +230,7 @@ async def test_load_resolves_orphans_by_the_existence_rule(store: DiskStorage, d
     assert dirs.names(dirs.corrupt) == {f"{meta_only}.meta"}
     info = await store.get_info()
     assert (info["orphans_removed"], info["corrupt"], info["size"]) == (1, 1, 1)
-    with pytest.raises(KeyError):
+    with pytest.raises(MessageGone):
         await store.get(env_only)
 
 
@@ -265,7 +265,7 @@ async def test_corrupt_envelope_is_quarantined_when_read(store: DiskStorage, dir
     other = await store.write(make_envelope(), NOW)
     path = dirs.env / f"{id}.env"
     path.write_bytes(path.read_bytes()[:-7])
-    with pytest.raises(KeyError):
+    with pytest.raises(MessageGone):
         await store.get(id)
     assert dirs.names(dirs.corrupt) == {f"{id}.meta", f"{id}.env"}
     assert await store.claim(NOW, 10) == [other]
@@ -276,7 +276,7 @@ async def test_corrupt_envelope_is_quarantined_when_read(store: DiskStorage, dir
 async def test_update_of_corrupt_meta_quarantines_it(store: DiskStorage, dirs: Dirs) -> None:
     id = await store.write(make_envelope(), NOW)
     (dirs.meta / f"{id}.meta").write_bytes(b"smtpq-meta 1 00000000\n{}\n")
-    with pytest.raises(KeyError):
+    with pytest.raises(MessageGone):
         await store.increment_attempts(id)
     assert f"{id}.meta" in dirs.names(dirs.corrupt)
     assert (await store.get_info())["size"] == 0
@@ -859,7 +859,7 @@ async def test_listing_reads_the_envelope_metadata_not_the_message(
     assert (info.id, info.size, info.arrival) == (id, len(many), NOW - 60)
     assert info.recipients == tuple(many.recipients)
     assert second.sender == "s2@example.org"
-    with pytest.raises(KeyError):
+    with pytest.raises(MessageGone):
         await store.get_entry(id)
     assert await store.get_infos([id, other]) == [second]  # quarantined meanwhile
 
@@ -890,7 +890,7 @@ async def test_claiming_several_reads_them_ahead_and_leaves_no_file_open(dirs: D
         assert sorted(await store.claim(NOW, 10)) == sorted(ids)
         entry = await store.get_entry(ids[0])
         assert entry.envelope.sender == "s0@example.org"
-        with pytest.raises(KeyError):
+        with pytest.raises(MessageGone):
             await store.get_entry(ids[2])
     finally:
         await store.close()  # waits for the reading ahead
