@@ -11,7 +11,7 @@ The meta files are read in one thread, each asked for :data:`SCAN_AHEAD` files b
 (``POSIX_FADV_WILLNEED`` starts the read and does not wait): on a cold page cache the disk
 serves that many reads at once, where one read after another would wait for each, and threads
 reading at once would take turns at the interpreter lock around every open, read and close
-(bench/RESULTS.md, "Scale (issue 7)").
+(bench/RESULTS.md, "Figures moved from the code").
 """
 
 from __future__ import annotations
