@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from smtpq.storage.disk.meta import CorruptError, Meta, decode_meta, encode_meta, schedule_fields
 
 replies = st.none() | st.dictionaries(
-    st.sampled_from(["code", "message", "command", "address", "remote_host"]),
-    st.none() | st.text(max_size=40),
+    st.sampled_from(["code", "message", "command", "address", "remote_host", "remote_dsn"]),
+    st.none() | st.text(max_size=40) | st.booleans(),
 )
 metas = st.builds(
     Meta,
