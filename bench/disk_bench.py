@@ -70,9 +70,9 @@ def run_raw(root: Path, n: int, size: int, batch: int, syncfs: bool) -> tuple[fl
     """The plain durable loop; returns seconds and CPU seconds."""
     flush_fs = None
     if syncfs:
-        from smtpq.storage.disk import _syncfs_function
+        from smtpq.storage.disk.libc import syncfs_function
 
-        flush_fs = _syncfs_function()
+        flush_fs = syncfs_function()
         assert flush_fs is not None, "no usable syncfs here"
     header, body = envelope_bytes(0, size)
     env_data = b"e" * (len(header) + len(body) + ENVELOPE_OVERHEAD)
@@ -129,8 +129,7 @@ async def run_smtpq(
         header, body = envelope_bytes(i, size)
         env.parse(header + body)
         envelopes.append(env)
-    modes: dict[str, SyncMode] = {"auto": "auto", "fsync": "fsync", "syncfs": "syncfs"}
-    store = DiskStorage(root / "env", root / "meta", sync=modes[sync])
+    store = DiskStorage(root / "env", root / "meta", sync=SyncMode(sync))
     await store.load()
     removed = 0
     done = asyncio.Event()
