@@ -24,10 +24,10 @@ after all the others, and the scratch directory is removed at the very end. Peer
 within each round, so that drift on the shared machine hits them alike. Medians are printed
 with ratios; ``--json FILE`` keeps every run.
 
-The slimta virtualenv is made on first use (``--slimta-python``, default /tmp/slimta-venv)::
+The slimta virtualenv is made on first use (``--slimta-python``, default bench/work/slimta-venv)::
 
-    python3 -m venv /tmp/slimta-venv
-    /tmp/slimta-venv/bin/pip install python-slimta==5.0.5 'setuptools>=80,<82' pyaio==0.4
+    python3 -m venv bench/work/slimta-venv
+    bench/work/slimta-venv/bin/pip install python-slimta==5.0.5 'setuptools>=80,<82' pyaio==0.4
 """
 
 from __future__ import annotations
@@ -348,7 +348,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048, help="message bytes (about)")
     parser.add_argument("--concurrency", default="1,10,100", help="writers, comma-separated")
     parser.add_argument("--base", default=str(HERE / "work"), help="where the queues go")
-    parser.add_argument("--slimta-python", default="/tmp/slimta-venv/bin/python")
+    parser.add_argument("--slimta-python", default=str(HERE / "work/slimta-venv/bin/python"))
     parser.add_argument("--no-slimta", action="store_const", const=None, dest="slimta_python")
     parser.add_argument("--json", help="write every run to this file")
     parser.add_argument("--child", choices=["raw", "write", "cycle"], help=argparse.SUPPRESS)

@@ -7,7 +7,7 @@ and the operators' ``smtpq queue list``. See bench/README.md ("Scale") for what 
 
     python bench/scale.py                      # disk 1,000,000 and redis 100,000 (+ empty peers)
     python bench/scale.py --quick              # disk 20,000 and redis 5,000: a few minutes
-    python bench/scale.py -n 200000 --storage disk --workdir /tmp/scale --keep
+    python bench/scale.py -n 200000 --storage disk --workdir bench/work/scale --keep
 
 Only loopback is used; the private redis-server and the daemons are stopped by their pids.
 """
