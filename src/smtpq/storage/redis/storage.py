@@ -2,243 +2,108 @@
 
 Everything lives in Redis — records, schedule and leases — so workers need no local state and a
 worker that dies loses nothing but its leases. Every change that touches more than one key is one
-Lua script (atomic, one round trip); listing walks a sorted set a page at a time, never ``KEYS``.
+Lua script (atomic, one round trip, one slot); listing walks sorted sets a page at a time, never
+``KEYS``. The same code serves one Redis server and a Redis Cluster: only the route differs
+(:mod:`smtpq.storage.redis.route`).
 
-Layout, format version 1 (``T`` is ``<prefix>{<tag>}:``, e.g. ``smtpq:{q}:``)::
+Layout, format 2 (``S`` is ``<prefix>{<shard tag>}:``, see :mod:`smtpq.storage.redis.layout`;
+``Q`` is ``<prefix>{<tag>}:``, e.g. ``smtpq:{q}:``)::
 
-    T msg:<id>   hash   v          format version of this record ("1")
+    S msg:<id>   hash   v          format version of this record ("1")
                         env        Envelope.to_bytes(): versioned, checksummed, never pickle
                         ts         next attempt time, Unix epoch seconds (a float's repr)
                         attempts   attempts made so far (integer)
                         delivered  comma-separated indexes (into the recipients as first
                                    written) that are done, ascending; "" when none
                         reply      the Reply that last deferred it, as JSON (absent if none)
-    T index      zset   every message id, all with score 0: ordered by id, that is by arrival
-                        (ids are time-ordered, see smtpq.storage.base.new_id); load() pages
-                        through it with ZRANGEBYLEX, get_info() reads the oldest from it
-    T schedule   zset   id -> what a worker waits for: the next attempt time, or the lease
+    S index      zset   every message id of the shard, all with score 0: ordered by id, that is
+                        by arrival (ids are time-ordered, see smtpq.storage.base.new_id)
+    S schedule   zset   id -> what a worker waits for: the next attempt time, or the lease
                         expiry while leased. Held messages are absent (unless held while
                         leased: they leave when the attempt ends). claim() takes members whose
                         score is <= now, so a dead worker's lease simply falls due.
-    T leases     hash   id -> owner token of the storage object holding the lease
-    T held       set    ids that are held (never claimed until released)
-    T wake       pub/sub channel: published when a message is written unclaimed or
-                 rescheduled, so that waiting workers in any process claim at once
+    S leases     hash   id -> owner token of the storage object holding the lease
+    S held       set    ids that are held (never claimed until released)
+    S wake       sharded pub/sub channel (on a cluster): announcements of the shard's changes
+    Q layout     hash   shards: the most shards any writer of the queue has used
+    Q wake       pub/sub channel (on one server): announcements of every shard's changes
 
-All keys of one queue share the hash tag ``{tag}``: the queue lives in one Redis Cluster slot, and
-every script declares the keys it touches. To spread one logical queue over several slots, run
-one RedisStorage (and one Queue) per tag — see ``docs/redis.md``.
+A message's id names its shard (its last two hex digits): every operation on a message goes to
+the one slot of its shard. A queue written in format 1 (all of it under ``Q``) is moved into the
+shards by the workers (:mod:`smtpq.storage.redis.migrate`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
+import math
 import os
+import random
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import EqualJitterBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.asyncio.cluster import RedisCluster
 from redis.typing import EncodableT
 
 from smtpq.envelope import Envelope
 from smtpq.errors import EnvelopeFormatError, QueueError
 from smtpq.reply import Reply
-from smtpq.storage.base import MessageInfo, QueueStorage, StoredMessage, id_time, new_id
+from smtpq.storage.base import MessageInfo, QueueStorage, StoredMessage
+from smtpq.storage.redis import listing
+from smtpq.storage.redis.connect import route_for, route_from_url, route_of
+from smtpq.storage.redis.due import DueTimes
+from smtpq.storage.redis.layout import (
+    DEFAULT_SHARDS,
+    MAX_SHARDS,
+    QueueKeys,
+    ShardKeys,
+    shard_id,
+    shard_of,
+)
+from smtpq.storage.redis.migrate import Mover
+from smtpq.storage.redis.pipeline import SLOT_PATIENCE, Pipeline, pack
+from smtpq.storage.redis.route import ClusterRoute, Route, ServerRoute
+from smtpq.storage.redis.scripts import (
+    CLAIM,
+    DELIVERED,
+    DUE,
+    FLUSH,
+    GET,
+    INCREMENT,
+    LAYOUT,
+    RELEASE,
+    REMOVE,
+    RENEW,
+    SET_HELD,
+    SET_TIMESTAMP,
+    WRITE,
+    Script,
+)
+from smtpq.storage.redis.wake import ClusterListener, Listener, ServerListener
 
 __all__ = ["FORMAT_VERSION", "RedisStorage"]
 
 log = logging.getLogger(__name__)
 
-#: Version of the record layout described in the module docstring.
-FORMAT_VERSION = 1
+#: Version of the key layout described in the module docstring (records are version 1).
+FORMAT_VERSION = 2
 
-
-class _Script:
-    """A Lua script, run by its SHA1 (EVALSHA) and loaded when Redis answers NOSCRIPT."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.sha = hashlib.sha1(text.encode()).hexdigest()
-
-
-# KEYS: msg, index, schedule, leases. ARGV: id, env, timestamp, score, owner ("" = unclaimed).
-# A retried call (after a lost reply) writes the same values again: idempotent.
-_WRITE = _Script("""
-redis.call('HSET', KEYS[1], 'v', '1', 'env', ARGV[2], 'ts', ARGV[3], 'attempts', '0',
-           'delivered', '')
-redis.call('ZADD', KEYS[2], 0, ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[4], ARGV[1], ARGV[5]) end
-return 1
-""")
-
-# KEYS: msg, schedule, leases, held. ARGV: id, timestamp, reply JSON or "", owner.
-# Another owner's lease is left alone: its attempt is running, and the new time applies when
-# that attempt ends.
-_SET_TIMESTAMP = _Script("""
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'ts', ARGV[2])
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'reply', ARGV[3]) end
-local holder = redis.call('HGET', KEYS[3], ARGV[1])
-if holder and holder ~= ARGV[4] then return 1 end
-if holder then redis.call('HDEL', KEYS[3], ARGV[1]) end
-if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-else
-  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-end
-return 1
-""")
-
-# KEYS: msg. Returns the new count, or -1 when the message is gone.
-_INCREMENT = _Script("""
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-""")
-
-# KEYS: msg. ARGV: indexes. Returns 0 when the message is gone.
-_DELIVERED = _Script("""
-local cur = redis.call('HGET', KEYS[1], 'delivered')
-if not cur then return 0 end
-local seen, list = {}, {}
-local function add(s)
-  local n = tonumber(s)
-  if n and not seen[n] then seen[n] = true; list[#list + 1] = n end
-end
-for s in string.gmatch(cur, '%d+') do add(s) end
-for i = 1, #ARGV do add(ARGV[i]) end
-table.sort(list)
-redis.call('HSET', KEYS[1], 'delivered', table.concat(list, ','))
-return 1
-""")
-
-# KEYS: msg, index, schedule, leases, held. ARGV: id.
-_REMOVE = _Script("""
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('HDEL', KEYS[4], ARGV[1])
-redis.call('SREM', KEYS[5], ARGV[1])
-return 1
-""")
-
-# KEYS: msg, held. ARGV: id. Returns {the hash as a flat list (empty when gone), held}.
-_GET = _Script("""
-return {redis.call('HGETALL', KEYS[1]), redis.call('SISMEMBER', KEYS[2], ARGV[1])}
-""")
-
-# KEYS: schedule, leases, held. ARGV: now, limit, lease expiry, owner. A message held while
-# it was leased whose lease has run out leaves the schedule here.
-_CLAIM = _Script("""
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-local out = {}
-local check_held = redis.call('SCARD', KEYS[3]) > 0
-for _, id in ipairs(due) do
-  if check_held and redis.call('SISMEMBER', KEYS[3], id) == 1 then
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('HDEL', KEYS[2], id)
-  else
-    redis.call('ZADD', KEYS[1], ARGV[3], id)
-    redis.call('HSET', KEYS[2], id, ARGV[4])
-    out[#out + 1] = id
-  end
-end
-return out
-""")
-
-# KEYS: schedule, leases. ARGV: lease expiry, owner, ids...
-_RENEW = _Script("""
-for i = 3, #ARGV do
-  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[2] then
-    redis.call('ZADD', KEYS[1], 'XX', ARGV[1], ARGV[i])
-  end
-end
-return 1
-""")
-
-# KEYS: msg, schedule, leases, held. ARGV: id, owner.
-_RELEASE = _Script("""
-if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('HDEL', KEYS[3], ARGV[1])
-if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  return 1
-end
-local ts = redis.call('HGET', KEYS[1], 'ts')
-if ts then redis.call('ZADD', KEYS[2], ts, ARGV[1]) end
-return 1
-""")
-
-# KEYS: msg, schedule, leases, held. ARGV: id, 1 to hold / 0 to release.
-# Returns -1 when the message is gone. A leased message stays leased until its attempt ends.
-_SET_HELD = _Script("""
-local ts = redis.call('HGET', KEYS[1], 'ts')
-if not ts then return -1 end
-local leased = redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1
-if ARGV[2] == '1' then
-  redis.call('SADD', KEYS[4], ARGV[1])
-  if not leased then redis.call('ZREM', KEYS[2], ARGV[1]) end
-elseif redis.call('SREM', KEYS[4], ARGV[1]) == 1 and not leased then
-  redis.call('ZADD', KEYS[2], ts, ARGV[1])
-end
-return 1
-""")
-
-# KEYS: schedule, leases, held, then one msg key per id. ARGV: now, ids (in the same order as
-# their msg keys). Returns how many were made due.
-_FLUSH = _Script("""
-local n = 0
-for i = 2, #ARGV do
-  local id, msg = ARGV[i], KEYS[i + 2]
-  if redis.call('EXISTS', msg) == 1 and redis.call('HEXISTS', KEYS[2], id) == 0
-      and redis.call('SISMEMBER', KEYS[3], id) == 0 then
-    redis.call('HSET', msg, 'ts', ARGV[1])
-    redis.call('ZADD', KEYS[1], ARGV[1], id)
-    n = n + 1
-  end
-end
-return n
-""")
-
-# KEYS: held, then one msg key per id. ARGV: the ids, in the same order. For each message, {}
-# when it is gone, else {v, ts, attempts, delivered, reply, start of env, held}: the start of
-# env is the envelope frame's fixed header (29 bytes) and metadata, without the message, so
-# that a listing does not carry every message's content out of Redis.
-_INFOS = """
-local out = {}
-for i = 2, #KEYS do
-  local f = redis.call('HMGET', KEYS[i], 'v', 'ts', 'attempts', 'delivered', 'reply')
-  if f[1] then
-    local env = redis.call('HGET', KEYS[i], 'env') or ''
-    local head = env
-    if #env >= 29 then
-      local a, b, c, d = string.byte(env, 10, 13)
-      head = string.sub(env, 1, 29 + ((a * 256 + b) * 256 + c) * 256 + d)
-    end
-    out[#out + 1] = {f[1], f[2] or '', f[3] or '', f[4] or '', f[5] or '', head,
-                     redis.call('SISMEMBER', KEYS[1], ARGV[i - 1])}
-  else
-    out[#out + 1] = {}
-  end
-end
-return out
-"""
-
-# Messages listed or flushed per round trip: large enough to amortise the round trip, small
-# enough that one script call never blocks Redis for long.
+# Messages listed, flushed or renewed per script call: large enough to amortise the round
+# trip, small enough that one call never blocks Redis for long.
 _BATCH = 1000
+# Format-1 messages moved per claim while any are left.
+_MOVE_BATCH = 200
+# A shard whose write failed is left alone by writers for this long (seconds).
+_WRITE_HOLDOFF = 1.0
+# A write waits this long for a slot being migrated, then goes to another shard.
+_WRITE_PATIENCE = 1.0
 
 
 def _default_owner() -> str:
@@ -246,206 +111,39 @@ def _default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
-@contextlib.contextmanager
-def _redis_errors(what: str) -> Iterator[None]:
-    """Turn a Redis failure into QueueError: the edge answers 451 and the client retries."""
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        raise QueueError(f"redis {what} failed: {exc}") from exc
-
-
-@dataclass(slots=True)
-class _Call:
-    script: _Script
-    args: list[EncodableT]  # the keys, then the arguments
-    numkeys: int
-    replicate: bool
-    wake: bool
-    future: asyncio.Future[Any]
-
-
-class _Pipeliner:
-    """Sends the script calls that arrive together in one round trip (automatic pipelining).
-
-    A Queue runs many attempts and enqueues at once; sending each call alone would cost a round
-    trip and a pool checkout apiece. Calls wait while a batch is on the wire and go with the next
-    one; another batch is sent alongside only when a full one is waiting. With
-    ``wait_replicas``, a batch holding a write ends with one ``WAIT``: a group commit. Changes
-    that may make a message due are announced by one ``PUBLISH`` per batch, not one per
-    message: every worker parses each announcement, so this is what lets workers scale.
-    """
-
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        channel: str,
-        wait_replicas: int,
-        wait_timeout: float,
-        max_batch: int = 256,
-    ) -> None:
-        self._client = client
-        self._channel = channel
-        self._wait = (wait_replicas, int(wait_timeout * 1000))
-        self._max_batch = max_batch
-        self._queue: list[_Call] = []
-        self._sending = 0  # senders draining the queue (a task's done-callback comes too late)
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def call(
-        self,
-        script: _Script,
-        keys: Sequence[str],
-        args: Sequence[EncodableT],
-        replicate: bool,
-        wake: bool,
-    ) -> Any:
-        """Run ``script``; its reply, or ``(reply, replicas that acknowledged)`` to replicate.
-
-        With ``wake``, waiting workers are told (once per batch) that the schedule changed.
-        Raises QueueError when Redis fails or the script raises.
-        """
-        future = asyncio.get_running_loop().create_future()
-        call = _Call(script, [*keys, *args], len(keys), replicate, wake, future)
-        self._queue.append(call)
-        if not self._sending or (len(self._queue) >= self._max_batch and self._sending < 4):
-            self._sending += 1
-            task = asyncio.get_running_loop().create_task(self._drain())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return await future
-
-    async def join(self) -> None:
-        """Wait until every call made so far has been answered."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _drain(self) -> None:
-        try:
-            await asyncio.sleep(0)  # let the calls made in this turn of the loop join the batch
-            while self._queue:
-                batch = [c for c in self._queue[: self._max_batch] if not c.future.done()]
-                del self._queue[: self._max_batch]
-                if batch:
-                    await self._send(batch)
-        finally:
-            self._sending -= 1
-
-    async def _send(self, batch: list[_Call]) -> None:
-        try:
-            results = await self._execute(batch)
-            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-            if missing:
-                # Redis forgot its scripts (it restarted): load them, run those calls again.
-                for script in {batch[i].script for i in missing}:
-                    await self._client.script_load(script.text)
-                again = await self._execute([batch[i] for i in missing])
-                for i, result in zip(missing, again, strict=True):
-                    results[i] = result
-        except (RedisError, OSError) as exc:
-            self._fail(batch, f"redis failed: {exc}")
-            return
-        except Exception as exc:  # a bug here must not leave callers waiting for ever
-            log.exception("a batch of redis calls failed unexpectedly")
-            self._fail(batch, f"redis batch failed: {exc!r}")
-            return
-        except BaseException:
-            for call in batch:
-                call.future.cancel()
-            raise
-        for call, result in zip(batch, results, strict=True):
-            if call.future.done():
-                continue  # its caller was cancelled
-            if isinstance(result, Exception):
-                call.future.set_exception(QueueError(f"redis script failed: {result}"))
-            else:
-                call.future.set_result(result)
-
-    @staticmethod
-    def _fail(batch: list[_Call], why: str) -> None:
-        for call in batch:
-            if not call.future.done():
-                call.future.set_exception(QueueError(why))
-
-    async def _execute(self, batch: list[_Call]) -> list[Any]:
-        replicas, wait_ms = self._wait
-        replicate = replicas > 0 and any(c.replicate for c in batch)
-        commands = [_pack(b"EVALSHA", c.script.sha, c.numkeys, *c.args) for c in batch]
-        if replicate:
-            # WAIT counts the replicas that have this connection's writes: the whole batch.
-            commands.append(_pack(b"WAIT", replicas, wait_ms))
-        wake = any(c.wake for c in batch)
-        if wake:
-            # One announcement for the whole batch, after its changes (same connection, in
-            # order): a worker woken by it sees them all.
-            commands.append(_pack(b"PUBLISH", self._channel, b"w"))
-        pool = self._client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            results: list[Any] = await conn.retry.call_with_retry(
-                lambda: _exchange(conn, commands), lambda _: conn.disconnect()
-            )
-        finally:
-            await pool.release(conn)
-        if wake:
-            results.pop()
-        if replicate:
-            acked = results.pop()
-            results = [
-                (r, int(acked)) if c.replicate and not isinstance(r, Exception) else r
-                for c, r in zip(batch, results, strict=True)
-            ]
-        return results
-
-
-def _pack(*args: EncodableT) -> bytes:
-    """One command in the Redis protocol (RESP); redis-py's general packer costs more."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, int | float):
-            data = repr(arg).encode()
-        else:
-            data = bytes(arg)
-        out += (b"$%d\r\n" % len(data), data, b"\r\n")
-    return b"".join(out)
-
-
-async def _exchange(conn: Any, commands: list[bytes]) -> list[Any]:
-    """Send commands in one write and read every reply; an error reply is returned in place."""
-    await conn.send_packed_command(commands, check_health=False)
-    results: list[Any] = []
-    for _ in commands:
-        try:
-            results.append(await conn.read_response())
-        except ResponseError as exc:
-            results.append(exc)
-    return results
+def _due(raw: Any) -> float | None:
+    """A due time as a script returns it (a score, or nil/false when the schedule is empty)."""
+    return float(raw) if raw else None
 
 
 class RedisStorage(QueueStorage):
     """A queue in Redis, safe to share between any number of Queue processes.
 
-    :param host, port, db, password, socket_timeout: where Redis is (as in redis-py).
+    :param host, port, db, password, socket_timeout: where Redis is (as in redis-py); with
+        ``cluster``, any node of the cluster.
     :param prefix: the start of every key; must not contain ``{`` (see ``tag``).
-    :param tag: the queue's name inside ``prefix``; it becomes the Redis Cluster hash tag
-        ``{tag}`` shared by all of the queue's keys.
+    :param tag: the queue's name inside ``prefix``; each shard's hash tag is made from it.
+    :param shards: how many shards new messages are spread over (1 to 256, default 16): on a
+        cluster, the shards spread over the masters. Claims and listings cover every shard
+        any writer of the queue has used, so the number may be changed at any time.
+    :param cluster: talk to a Redis Cluster (redis-py's asyncio cluster client): commands go
+        to the master serving their slot, ``MOVED``/``ASK`` and failovers are followed.
     :param lease_timeout: seconds a claim lasts unless renewed.
     :param wait_replicas: when > 0, ``write`` issues ``WAIT wait_replicas`` and raises
         :class:`~smtpq.errors.QueueError` unless that many replicas acknowledged the write
         within ``wait_timeout`` seconds.
     :param owner: the lease owner token of this storage object (default: host, pid, random).
-    :param client: a ready ``redis.asyncio.Redis`` to use instead of connecting (it is closed
-        by :meth:`close`).
+    :param client: a ready ``redis.asyncio.Redis`` or ``RedisCluster`` to use instead of
+        connecting (it is closed by :meth:`close`).
     :param redis_kwargs: connection options of redis-py (e.g. ``ssl=True``, ``username``,
         ``retry``, ``socket_connect_timeout``, ``unix_socket_path``, ``max_connections`` —
-        default 64 — and ``timeout``, how long to wait for a free connection, default 10 s).
+        default 64, per node on a cluster — and, on a server, ``timeout``, how long to wait
+        for a free connection, default 10 s).
 
     A failed Redis operation raises :class:`~smtpq.errors.QueueError`. Connections are
-    re-established on the next operation; each operation retries a broken connection a few
-    times with jittered exponential backoff (override with ``retry=``), so that a Redis restart
-    costs a few 451s rather than a crash.
+    re-established on the next operation; each operation retries a broken connection (or, on a
+    cluster, a failing node) for about a second with jittered exponential backoff, so that a
+    Redis restart or failover costs a few 451s rather than a crash.
     """
 
     def __init__(
@@ -458,68 +156,21 @@ class RedisStorage(QueueStorage):
         prefix: str = "smtpq:",
         *,
         tag: str = "q",
+        shards: int = DEFAULT_SHARDS,
+        cluster: bool = False,
         lease_timeout: float = 60.0,
         wait_replicas: int = 0,
         wait_timeout: float = 1.0,
         owner: str | None = None,
-        client: aioredis.Redis | None = None,
+        client: aioredis.Redis | RedisCluster | None = None,
         **redis_kwargs: Any,
     ) -> None:
-        if "{" in prefix or "}" in prefix:
-            raise ValueError("prefix must not contain braces: the tag is the hash tag")
-        if not tag or "{" in tag or "}" in tag:
-            raise ValueError("tag must be a non-empty name without braces")
-        if client is None:
-            options = self._pool_options(redis_kwargs)
-            path = options.pop("unix_socket_path", None)
-            if path is not None:
-                options.update(connection_class=aioredis.UnixDomainSocketConnection, path=path)
-            else:
-                options.update(host=host, port=port)
-                if options.pop("ssl", False):
-                    options["connection_class"] = aioredis.SSLConnection
-            pool = aioredis.BlockingConnectionPool(
-                db=db, password=password, socket_timeout=socket_timeout, **options
-            )
-            client = aioredis.Redis.from_pool(pool)
-        self._client = client
-        self.prefix = prefix
-        self.tag = tag
-        self.lease_timeout = lease_timeout
-        self.wait_replicas = wait_replicas
-        self.wait_timeout = wait_timeout
-        #: The token that marks this object's leases.
-        self.owner = owner if owner is not None else _default_owner()
-        base = f"{prefix}{{{tag}}}:"
-        self._msg_prefix = base + "msg:"
-        self._index = base + "index"
-        self._schedule = base + "schedule"
-        self._leases = base + "leases"
-        self._held = base + "held"
-        #: The pub/sub channel on which changes to the schedule are announced.
-        self.channel = base + "wake"
-        self._pipeliner = _Pipeliner(client, self.channel, wait_replicas, wait_timeout)
-        # A read for listings: run directly, not through the pipeline.
-        self._s_infos = client.register_script(_INFOS)
-        self._wake = asyncio.Event()
-        self._listener: asyncio.Task[None] | None = None
-        self._closed = False
-
-    @staticmethod
-    def _pool_options(kwargs: dict[str, Any]) -> dict[str, Any]:
-        """redis-py connection pool options, with this storage's defaults.
-
-        A short retry, so that an outage becomes a 451 in about a second; a bounded pool that
-        makes callers wait (``timeout`` seconds at most) for a free connection rather than fail
-        when many attempts run at once.
-        """
-        kwargs = dict(kwargs)
-        kwargs.setdefault("max_connections", 64)
-        kwargs.setdefault("timeout", 10.0)
-        kwargs.setdefault("retry", Retry(EqualJitterBackoff(cap=0.5, base=0.02), 3))
-        kwargs.setdefault("retry_on_error", [RedisConnectionError, RedisTimeoutError])
-        kwargs.setdefault("socket_connect_timeout", 5.0)
-        return kwargs
+        self._check(prefix, tag, shards)
+        if client is not None:
+            route = route_of(client)
+        else:
+            route = route_for(host, port, db, password, socket_timeout, cluster, redis_kwargs)
+        self._setup(route, prefix, tag, shards, lease_timeout, wait_replicas, wait_timeout, owner)
 
     @classmethod
     def from_url(
@@ -528,62 +179,234 @@ class RedisStorage(QueueStorage):
         *,
         prefix: str = "smtpq:",
         tag: str = "q",
+        shards: int = DEFAULT_SHARDS,
+        cluster: bool = False,
         lease_timeout: float = 60.0,
         wait_replicas: int = 0,
         wait_timeout: float = 1.0,
         owner: str | None = None,
         **redis_kwargs: Any,
     ) -> RedisStorage:
-        """A storage on the Redis a ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL names.
+        """A storage on the Redis a ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL names
+        (with ``cluster``, any node of the cluster: it seeds the topology).
 
         The URL carries host, port, password, database (``/0`` or ``?db=0``) and options as
         redis-py reads them; ``redis_kwargs`` add to them.
         """
-        pool = aioredis.BlockingConnectionPool.from_url(url, **cls._pool_options(redis_kwargs))
-        client = aioredis.Redis.from_pool(pool)
-        return cls(
-            prefix=prefix,
-            tag=tag,
-            lease_timeout=lease_timeout,
-            wait_replicas=wait_replicas,
-            wait_timeout=wait_timeout,
-            owner=owner,
-            client=client,
-        )
+        cls._check(prefix, tag, shards)
+        self = cls.__new__(cls)
+        route = route_from_url(url, cluster, redis_kwargs)
+        self._setup(route, prefix, tag, shards, lease_timeout, wait_replicas, wait_timeout, owner)
+        return self
 
-    def _key(self, id: str) -> str:
-        return self._msg_prefix + id
+    @staticmethod
+    def _check(prefix: str, tag: str, shards: int) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("prefix must not contain braces: the tag is the hash tag")
+        if not tag or "{" in tag or "}" in tag:
+            raise ValueError("tag must be a non-empty name without braces")
+        if not 1 <= shards <= MAX_SHARDS:
+            raise ValueError(f"shards must be from 1 to {MAX_SHARDS}")
+
+    def _setup(
+        self,
+        route: Route,
+        prefix: str,
+        tag: str,
+        shards: int,
+        lease_timeout: float,
+        wait_replicas: int,
+        wait_timeout: float,
+        owner: str | None,
+    ) -> None:
+        self._route = route
+        self.prefix = prefix
+        self.tag = tag
+        #: How many shards this storage writes new messages to.
+        self.shards = shards
+        self.lease_timeout = lease_timeout
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = wait_timeout
+        #: The token that marks this object's leases.
+        self.owner = owner if owner is not None else _default_owner()
+        self._keys = QueueKeys.of(prefix, tag)
+        #: The pub/sub channel on which changes are announced on a single server (on a
+        #: cluster, each shard has its own: see :mod:`smtpq.storage.redis.wake`).
+        self.channel = self._keys.channel
+        self._shard_keys: dict[int, ShardKeys] = {}
+        self._token = secrets.token_hex(4).encode()  # marks this object's announcements
+        self._pipe = Pipeline(route, self._announcements, wait_replicas, wait_timeout)
+        self._due = DueTimes(shards, random.randrange(shards))
+        self._known = shards  # shards that claims and listings cover (the layout's count)
+        self._registered = False  # this writer's shard count is in the layout
+        self._refreshed: float | None = None  # monotonic time the due times were last read
+        self._refresh_every = min(5.0, lease_timeout / 4)
+        self._now = -math.inf  # the latest time a claim was made at (the caller's clock)
+        self._next_write = random.randrange(shards)
+        self._write_holdoff: dict[int, float] = {}
+        self._legacy = 0  # format-1 messages still to move
+        self._mover = Mover(self._pipe, self._keys, self._shard, shards, lease_timeout)
+        self._wake = asyncio.Event()
+        self._listener: Listener | None = None
+        self._closed = False
+
+    # -- keys, shards and announcements --------------------------------------------------------
+
+    def _shard(self, shard: int) -> ShardKeys:
+        keys = self._shard_keys.get(shard)
+        if keys is None:
+            keys = self._shard_keys[shard] = ShardKeys.of(self.prefix, self.tag, shard)
+        return keys
+
+    def _locate(self, id: str) -> ShardKeys | None:
+        """The keys of the shard an id names; None for a string that is no id of ours."""
+        try:
+            return self._shard(shard_of(id))
+        except ValueError:
+            return None
+
+    def _found(self, id: str) -> ShardKeys:
+        keys = self._locate(id)
+        if keys is None:
+            raise KeyError(id)
+        return keys
+
+    def _all_shards(self) -> list[ShardKeys]:
+        return [self._shard(k) for k in range(self._known)]
+
+    def _announcements(self, notices: dict[int, float]) -> list[bytes]:
+        """The commands that publish one node's share of announcements (see :mod:`.wake`)."""
+        if isinstance(self._route, ServerRoute):
+            items = b" ".join(b"%d:%r" % (k, due) for k, due in notices.items())
+            return [pack(b"PUBLISH", self.channel, self._token + b" " + items)]
+        return [
+            pack(b"SPUBLISH", self._shard(k).channel, b"%s %d:%r" % (self._token, k, due))
+            for k, due in notices.items()
+        ]
+
+    def _learn(self, keys: ShardKeys, raw: Any, *, changed: bool = False) -> None:
+        """What a script answered about its shard's due time; with ``changed`` (it may have
+        made work due), our own waiters are woken (the others by the call's notice)."""
+        if keys.shard >= len(self._due):
+            self._due.resize(keys.shard + 1)
+            self._known = max(self._known, keys.shard + 1)
+        self._due.learn(keys.shard, _due(raw))
+        if changed:
+            self._wake.set()
+
+    def _heard(self, data: bytes) -> None:
+        """An announcement from another worker: bring the shards' due times forward."""
+        sender, _, items = data.partition(b" ")
+        if sender == self._token:
+            return  # our own changes are known from their replies
+        if not items:
+            self._refreshed = None  # a format-1 writer: look at the layout (and move) soon
+        for item in items.split():
+            shard, _, due = item.partition(b":")
+            with contextlib.suppress(ValueError):
+                self._due.hint(int(shard), float(due))
+        self._wake.set()
+
+    def _missed(self) -> None:
+        """(Re)subscribed: announcements may have been missed; read the due times again."""
+        self._refreshed = None
+        self._wake.set()
 
     def _run(
         self,
-        script: _Script,
-        keys: Sequence[str],
+        script: Script,
+        keys: ShardKeys,
+        names: Sequence[str],
         args: Sequence[EncodableT],
         *,
         replicate: bool = False,
-        wake: bool = False,
-    ) -> Awaitable[Any]:
-        return self._pipeliner.call(script, keys, args, replicate, wake)
+        patience: float = SLOT_PATIENCE,
+        notice: float | None = None,
+    ) -> asyncio.Future[Any]:
+        """Run ``script`` on the shard ``keys``; with ``notice``, tell the other workers that
+        the shard may be due at that time (``-inf``: something changed there, look)."""
+        return self._pipe.run(
+            script,
+            keys.slot,
+            names,
+            args,
+            replicate=replicate,
+            patience=patience,
+            notice=None if notice is None else (keys.shard, notice),
+        )
+
+    async def _layout(self, register: bool) -> None:
+        """Read the queue's layout (and, as a writer, record this storage's shard count)."""
+        q = self._keys
+        mine = self.shards if register else 0
+        known, legacy = await self._pipe.run(
+            LAYOUT, q.slot, [q.layout, q.legacy.index, q.moving], [mine]
+        )
+        if register:
+            self._registered = True
+        if int(known) > self._known:
+            self._known = min(int(known), MAX_SHARDS)
+            self._due.resize(self._known)
+        self._legacy = int(legacy)
 
     # -- records -------------------------------------------------------------------------------
 
     async def write(self, envelope: Envelope, timestamp: float, *, claimed: bool = False) -> str:
-        """See :meth:`QueueStorage.write`; with ``wait_replicas``, also replicated."""
-        id = new_id(timestamp)
+        """See :meth:`QueueStorage.write`; with ``wait_replicas``, also replicated.
+
+        The message goes to the next shard in turn. When that fails (its node is down or
+        failing over, or no replica acknowledged it), the shard is left alone for a moment and
+        the message is written once more, to another shard.
+        """
+        if not self._registered:
+            await self._layout(register=True)
+        data = envelope.to_bytes()
+        shard = self._pick_shard()
+        try:
+            return await self._write(shard, data, timestamp, claimed)
+        except QueueError as exc:
+            self._write_holdoff[shard] = time.monotonic() + _WRITE_HOLDOFF
+            other = self._pick_shard()
+            if other == shard:
+                raise
+            log.warning("write to shard %d failed (%s); writing to shard %d", shard, exc, other)
+            return await self._write(other, data, timestamp, claimed)
+
+    def _pick_shard(self) -> int:
+        """The next shard in turn whose writes have not failed a moment ago."""
+        now = time.monotonic()
+        first = self._next_write
+        for step in range(self.shards):
+            shard = (first + step) % self.shards
+            if self._write_holdoff.get(shard, 0.0) <= now:
+                self._next_write = (shard + 1) % self.shards
+                return shard
+        self._next_write = (first + 1) % self.shards
+        return first  # every shard failed lately: try anyway
+
+    async def _write(self, shard: int, data: bytes, timestamp: float, claimed: bool) -> str:
+        keys = self._shard(shard)
+        id = shard_id(timestamp, shard)
         score = timestamp + self.lease_timeout if claimed else timestamp
-        keys = [self._key(id), self._index, self._schedule, self._leases]
-        owner = self.owner if claimed else ""
-        args: list[EncodableT] = [id, envelope.to_bytes(), timestamp, score, owner]
+        names = [keys.msg(id), keys.index, keys.schedule, keys.leases]
+        args: list[EncodableT] = [id, data, timestamp, score, self.owner if claimed else ""]
+        notice = None if claimed else timestamp
         if not self.wait_replicas:
-            await self._run(_WRITE, keys, args, wake=not claimed)
-            return id
-        _, acked = await self._run(_WRITE, keys, args, replicate=True, wake=not claimed)
-        if acked < self.wait_replicas:
-            # Not acknowledged: the client will be told 451 and send it again. Withdraw this
-            # copy if we still can, so that the retry does not deliver it twice.
-            with contextlib.suppress(QueueError):
-                await self.remove(id)
-            raise QueueError(f"write reached {acked} of {self.wait_replicas} replicas in time")
+            reply = await self._run(
+                WRITE, keys, names, args, patience=_WRITE_PATIENCE, notice=notice
+            )
+        else:
+            reply, acked = await self._run(
+                WRITE, keys, names, args, replicate=True, patience=_WRITE_PATIENCE, notice=notice
+            )
+            if acked < self.wait_replicas:
+                self._learn(keys, reply[1])
+                # Not acknowledged: the client will be told 451 and send it again. Withdraw
+                # this copy if we still can, so that the retry does not deliver it twice.
+                with contextlib.suppress(QueueError):
+                    await self.remove(id)
+                raise QueueError(f"write reached {acked} of {self.wait_replicas} replicas in time")
+        self._learn(keys, reply[1], changed=not claimed)
         return id
 
     async def set_timestamp(
@@ -594,105 +417,71 @@ class RedisStorage(QueueStorage):
         Ends this object's lease. When another worker holds a live lease (this one's ran out
         and the message was taken over), that lease is kept; the new time applies after it.
         """
+        keys = self._found(id)
         reply = json.dumps(last_reply.to_dict()) if last_reply is not None else ""
-        keys = [self._key(id), self._schedule, self._leases, self._held]
-        found = await self._run(_SET_TIMESTAMP, keys, [id, timestamp, reply, self.owner], wake=True)
+        names = [keys.msg(id), keys.schedule, keys.leases, keys.held]
+        args: list[EncodableT] = [id, timestamp, reply, self.owner]
+        found, due = await self._run(SET_TIMESTAMP, keys, names, args, notice=timestamp)
+        self._learn(keys, due, changed=True)
         if not found:
             raise KeyError(id)
 
     async def increment_attempts(self, id: str) -> int:
         """See :meth:`QueueStorage.increment_attempts`."""
-        count = int(await self._run(_INCREMENT, [self._key(id)], []))
+        keys = self._found(id)
+        count = int(await self._run(INCREMENT, keys, [keys.msg(id)], []))
         if count < 0:
             raise KeyError(id)
         return count
 
     async def set_recipients_delivered(self, id: str, indexes: Iterable[int]) -> None:
         """See :meth:`QueueStorage.set_recipients_delivered`."""
+        keys = self._found(id)
         args = [int(i) for i in indexes]
-        found = await self._run(_DELIVERED, [self._key(id)], args)
-        if not found:
+        if not await self._run(DELIVERED, keys, [keys.msg(id)], args):
             raise KeyError(id)
 
     async def load(self) -> list[tuple[float, str]]:
         """Every message as ``(timestamp, id)``, oldest first; nothing is kept in memory.
 
-        Pages through the index by id (ZRANGEBYLEX), reading each page's times in one pipelined
+        Pages through the shards' indexes by id, reading each page's times in one pipelined
         round trip: every message present for the whole listing is listed exactly once, and a
         message removed meanwhile is left out.
         """
         found: list[tuple[float, str]] = []
         async for ids in self.iter_ids(_BATCH):
-            with _redis_errors("load"):
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for id in ids:
-                        pipe.hget(self._key(id), "ts")
-                    times = await pipe.execute()
+            keys = [self._found(id) for id in ids]
+            times = await listing.read_times(self._pipe, ids, keys)
             found += [(float(t), id) for id, t in zip(ids, times, strict=True) if t]
         return found
 
     async def message_ids(self) -> list[str]:
-        """Every stored message id, oldest first: the index, a page per round trip."""
+        """Every stored message id, oldest first: the indexes, a page per round trip."""
         return [id async for ids in self.iter_ids(_BATCH) for id in ids]
 
     async def iter_ids(self, page: int = 500) -> AsyncIterator[list[str]]:
-        """See :meth:`QueueStorage.iter_ids`: a ZRANGEBYLEX of the index per page, so the first
-        page of a listing costs one round trip however long the queue."""
-        start = "-"
-        while True:
-            with _redis_errors("list"):
-                members = await self._client.zrangebylex(self._index, start, "+", 0, page)
-            ids = [cast(bytes, member).decode() for member in members]
-            if ids:
-                yield ids
-            if len(ids) < page:
-                return
-            start = "(" + ids[-1]
+        """See :meth:`QueueStorage.iter_ids`: the shards' indexes merged, a page of each per
+        round trip, so the first page of a listing costs one round trip however long the
+        queue."""
+        await self._layout(register=False)
+        async for ids in listing.iter_ids(self._pipe, self._all_shards(), page):
+            yield ids
 
     async def get_infos(self, ids: Sequence[str]) -> list[MessageInfo]:
-        """See :meth:`QueueStorage.get_infos`: one script call per 1000 messages, returning the
-        records and the envelopes' metadata but not the messages."""
-        infos: list[MessageInfo] = []
-        for start in range(0, len(ids), _BATCH):
-            batch = list(ids[start : start + _BATCH])
-            with _redis_errors("get_infos"):
-                rows = await self._s_infos([self._held, *map(self._key, batch)], batch)
-            for id, row in zip(batch, rows, strict=True):
-                info = self._info(id, row) if row else None
-                if info is not None:
-                    infos.append(info)
-        return infos
-
-    @staticmethod
-    def _info(id: str, row: list[Any]) -> MessageInfo | None:
-        version, ts, attempts, delivered, reply, head, held = row
-        if version != str(FORMAT_VERSION).encode():
-            return None  # another format: get_entry reports it when the message is attempted
-        try:
-            envelope, size = Envelope.from_head(head)
-            done = {int(i) for i in delivered.split(b",") if i}
-            return MessageInfo(
-                id=id,
-                sender=envelope.sender,
-                recipients=tuple(r for i, r in enumerate(envelope.recipients) if i not in done),
-                size=size,
-                arrival=envelope.timestamp,
-                attempts=int(attempts),
-                timestamp=float(ts),
-                held=bool(held),
-                last_reply=Reply.from_dict(json.loads(reply)) if reply else None,
-            )
-        except (EnvelopeFormatError, ValueError, TypeError, KeyError):
-            return None
+        """See :meth:`QueueStorage.get_infos`: one script call per shard and 1000 messages,
+        returning the records and the envelopes' metadata but not the messages."""
+        keys = [self._locate(id) for id in ids]
+        return await listing.read_infos(self._pipe, ids, keys, _BATCH)
 
     async def get_entry(self, id: str) -> StoredMessage:
         """See :meth:`QueueStorage.get_entry`."""
-        flat, held = await self._run(_GET, [self._key(id), self._held], [id])
+        keys = self._found(id)
+        flat, held = await self._run(GET, keys, [keys.msg(id), keys.held], [id])
         if not flat:
             raise KeyError(id)
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
         version = fields.get(b"v")
-        if version != str(FORMAT_VERSION).encode():
+        if version != listing.RECORD_VERSION:
             raise EnvelopeFormatError(f"message {id}: unsupported record version {version!r}")
         try:
             envelope = Envelope.from_bytes(fields[b"env"])
@@ -719,23 +508,26 @@ class RedisStorage(QueueStorage):
 
     async def remove(self, id: str) -> None:
         """See :meth:`QueueStorage.remove`."""
-        keys = [self._key(id), self._index, self._schedule, self._leases, self._held]
-        await self._run(_REMOVE, keys, [id])
+        keys = self._locate(id)
+        if keys is None:
+            return
+        names = [keys.msg(id), keys.index, keys.schedule, keys.leases, keys.held]
+        reply = await self._run(REMOVE, keys, names, [id])
+        self._learn(keys, reply[1])
 
     async def get_info(self) -> dict[str, Any]:
-        """``size`` (messages stored), ``held``, ``active`` (leased), ``oldest`` (arrival).
+        """``size`` (messages stored), ``held``, ``active`` (leased), ``oldest`` (arrival),
+        over every shard; ``shards``, how many; ``moving``, format-1 messages not yet moved
+        into the shards (counted in ``size``).
 
         ``active`` counts leases whose holder may have died and not been taken over yet.
         """
-        with _redis_errors("get_info"):
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.zcard(self._index)
-                pipe.scard(self._held)
-                pipe.hlen(self._leases)
-                pipe.zrange(self._index, 0, 0)
-                size, held, active, first = await pipe.execute()
-        oldest = id_time(first[0].decode()) if first else None
-        return {"size": size, "held": held, "active": active, "oldest": oldest}
+        await self._layout(register=False)
+        info = await listing.count(self._pipe, self._all_shards())
+        info["size"] += self._legacy
+        info["shards"] = self._known
+        info["moving"] = self._legacy
+        return info
 
     async def close(self) -> None:
         """Stop listening for wake-ups and close the connections; idempotent."""
@@ -743,47 +535,146 @@ class RedisStorage(QueueStorage):
             return
         self._closed = True
         listener, self._listener = self._listener, None
-        while listener is not None and not listener.done():
-            listener.cancel()
-            # Python 3.11's wait_for (used inside redis-py) can swallow a cancellation that
-            # arrives just as its operation completes: insist until the task has ended.
-            await asyncio.wait([listener], timeout=0.1)
-        await self._pipeliner.join()
-        with contextlib.suppress(RedisError, OSError):
-            await self._client.aclose()
+        if listener is not None:
+            await listener.close()
+        await self._pipe.join()
+        with contextlib.suppress(Exception):
+            await self._route.close()
 
     # -- schedule ------------------------------------------------------------------------------
 
     async def claim(self, now: float, limit: int) -> list[str]:
-        """See :meth:`QueueStorage.claim`: one script call leases up to ``limit`` messages."""
+        """See :meth:`QueueStorage.claim`.
+
+        Claims from the shards that are due (as far as this object knows, see
+        :mod:`smtpq.storage.redis.due`), starting after the shard the previous claim started
+        at: first from one shard, for all of ``limit``; when that shard runs dry, from the
+        other due shards at once, ``limit`` shared among them, and again from those that
+        gave all they were asked, until ``limit`` messages are claimed or no shard is left.
+        A shard whose node fails is skipped (its messages wait for the failover); QueueError
+        only when nothing was claimed and some shard failed.
+        """
         self._ensure_listener()
         if limit <= 0:
             return []
-        keys = [self._schedule, self._leases, self._held]
+        self._now = max(self._now, now)
+        if self._stale():
+            await self._refresh()
+        if self._legacy:
+            await self._move_some(now)
+        todo = self._due.claimable(now)
+        if todo:
+            self._due.advance(todo[0])
+        claimed: list[str] = []
+        failure: QueueError | None = None
+        wave = todo[:1]
+        while wave:
+            left = limit - len(claimed)
+            shares = [left // len(wave) + (i < left % len(wave)) for i in range(len(wave))]
+            replies = await asyncio.gather(
+                *(self._claim(shard, now, share) for shard, share in zip(wave, shares, strict=True))
+            )
+            more: list[int] = []  # shards that gave all they were asked: they may have more
+            for shard, share, reply in zip(wave, shares, replies, strict=True):
+                if isinstance(reply, QueueError):
+                    failure = reply
+                    continue
+                claimed += reply
+                if len(reply) == share:
+                    more.append(shard)
+            todo = more + todo[len(wave) :]
+            left = limit - len(claimed)
+            wave = todo[: min(left, len(todo))] if left > 0 else []
+        if failure is not None:
+            if not claimed:
+                raise failure
+            log.warning("claiming from some shards failed: %s", failure)
+        return claimed
+
+    async def _claim(self, shard: int, now: float, limit: int) -> list[str] | QueueError:
+        """Claim up to ``limit`` from one shard; its failure is returned, not raised."""
+        keys = self._shard(shard)
         args: list[EncodableT] = [now, limit, now + self.lease_timeout, self.owner]
-        ids = await self._run(_CLAIM, keys, args)
-        return [i.decode() for i in ids]
+        try:
+            ids, dropped, due = await self._run(
+                CLAIM, keys, [keys.schedule, keys.leases, keys.held], args
+            )
+        except QueueError as exc:
+            self._due.failed(shard, now)
+            return exc
+        self._due.claimed(shard, now, len(ids), int(dropped), _due(due))
+        return [bytes(i).decode() for i in ids]
 
     async def renew(self, ids: Sequence[str], now: float) -> None:
         """See :meth:`QueueStorage.renew`; a lease another worker took over is not touched."""
-        if not ids:
-            return
-        for start in range(0, len(ids), _BATCH):
-            args: list[EncodableT] = [now + self.lease_timeout, self.owner]
-            args += ids[start : start + _BATCH]
-            await self._run(_RENEW, [self._schedule, self._leases], args)
+        by_shard: dict[int, list[str]] = {}
+        for id in ids:
+            keys = self._locate(id)
+            if keys is not None:
+                by_shard.setdefault(keys.shard, []).append(id)
+        calls = []
+        for shard, members in by_shard.items():
+            keys = self._shard(shard)
+            for start in range(0, len(members), _BATCH):
+                args: list[EncodableT] = [now + self.lease_timeout, self.owner]
+                args += members[start : start + _BATCH]
+                calls.append((keys, self._run(RENEW, keys, [keys.schedule, keys.leases], args)))
+        failure: BaseException | None = None
+        for keys, call in calls:
+            try:
+                self._learn(keys, await call)
+            except QueueError as exc:
+                failure = exc
+        if failure is not None:
+            raise failure
 
     async def release(self, id: str) -> None:
         """See :meth:`QueueStorage.release`; only this object's own lease is released."""
-        keys = [self._key(id), self._schedule, self._leases, self._held]
-        await self._run(_RELEASE, keys, [id, self.owner], wake=True)
+        keys = self._locate(id)
+        if keys is None:
+            return
+        names = [keys.msg(id), keys.schedule, keys.leases, keys.held]
+        # The time it is due again is stored, not known here: the others look.
+        reply = await self._run(RELEASE, keys, names, [id, self.owner], notice=-math.inf)
+        self._learn(keys, reply[1], changed=bool(reply[0]))
 
     async def next_due(self) -> float | None:
-        """See :meth:`QueueStorage.next_due`: the lowest score of the schedule."""
+        """See :meth:`QueueStorage.next_due`: from the shards' due times as this object knows
+        them (read from Redis when unknown or older than a few seconds)."""
         self._ensure_listener()
-        with _redis_errors("next_due"):
-            first = await self._client.zrange(self._schedule, 0, 0, withscores=True)
-        return float(first[0][1]) if first else None
+        if self._stale():
+            await self._refresh()
+        return self._due.next_due()
+
+    def _stale(self) -> bool:
+        return (
+            self._refreshed is None
+            or self._due.unknown
+            or time.monotonic() - self._refreshed > self._refresh_every
+        )
+
+    async def _refresh(self) -> None:
+        """Read the layout and every shard's due time (one round trip per node)."""
+        self._refreshed = time.monotonic()
+        try:
+            await self._layout(register=False)
+        except QueueError as exc:
+            log.warning("reading the queue layout failed: %s", exc)
+        shards = self._all_shards()
+        replies = await asyncio.gather(
+            *(self._run(DUE, k, [k.schedule], []) for k in shards), return_exceptions=True
+        )
+        failures = []
+        for keys, reply in zip(shards, replies, strict=True):
+            if isinstance(reply, QueueError):
+                self._due.failed(keys.shard, self._now)
+                failures.append(reply)
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                self._learn(keys, reply)
+        if failures and len(failures) == len(shards):
+            raise failures[0]
 
     async def wait(self, timeout: float) -> None:
         """See :meth:`QueueStorage.wait`.
@@ -802,57 +693,95 @@ class RedisStorage(QueueStorage):
     async def flush(self, now: float, ids: Sequence[str] | None = None) -> int:
         """See :meth:`QueueStorage.flush`; the new time is stored (it survives a restart)."""
         if ids is None:
-            ids = await self.message_ids()
+            await self._layout(register=False)
+            counts = await asyncio.gather(*(self._flush_shard(k, now) for k in self._all_shards()))
+            return sum(counts)
+        by_shard: dict[int, list[str]] = {}
+        for id in ids:
+            keys = self._locate(id)
+            if keys is not None:
+                by_shard.setdefault(keys.shard, []).append(id)
+        counts = await asyncio.gather(
+            *(self._flush_ids(self._shard(k), now, members) for k, members in by_shard.items())
+        )
+        return sum(counts)
+
+    async def _flush_shard(self, keys: ShardKeys, now: float) -> int:
+        count = 0
+        async for ids in listing.iter_ids(self._pipe, [keys], _BATCH):
+            count += await self._flush_ids(keys, now, ids)
+        return count
+
+    async def _flush_ids(self, keys: ShardKeys, now: float, ids: Sequence[str]) -> int:
         count = 0
         for start in range(0, len(ids), _BATCH):
             batch = ids[start : start + _BATCH]
-            keys = [self._schedule, self._leases, self._held, *map(self._key, batch)]
-            count += int(await self._run(_FLUSH, keys, [now, *batch], wake=True))
+            names = [keys.schedule, keys.leases, keys.held, *map(keys.msg, batch)]
+            done, due = await self._run(FLUSH, keys, names, [now, *batch], notice=now)
+            self._learn(keys, due, changed=bool(done))
+            count += int(done)
         return count
 
     async def set_held(self, id: str, held: bool) -> None:
         """See :meth:`QueueStorage.set_held`."""
-        keys = [self._key(id), self._schedule, self._leases, self._held]
-        found = await self._run(_SET_HELD, keys, [id, 1 if held else 0], wake=not held)
-        if found < 0:
+        keys = self._found(id)
+        names = [keys.msg(id), keys.schedule, keys.leases, keys.held]
+        args = [id, 1 if held else 0]
+        found, due = await self._run(
+            SET_HELD, keys, names, args, notice=None if held else -math.inf
+        )
+        self._learn(keys, due, changed=not held)
+        if int(found) < 0:
             raise KeyError(id)
+
+    # -- the format-1 layout -------------------------------------------------------------------
+
+    async def migrate(self, now: float) -> int:
+        """Move every message of a format-1 queue (all under ``{<tag>}``) into the shards;
+        how many are left (their attempts are running under a format-1 worker's lease: run
+        this again once those have ended). Workers do this by themselves, a batch per claim;
+        ``now`` is the time to compare leases with (the Queue's clock)."""
+        await self._layout(register=True)
+        self._mover.restart()
+        left = 0
+        while True:
+            moved, at_end = await self._mover.step(now, _MOVE_BATCH)
+            for shard, due in moved.due.items():
+                self._learn(self._shard(shard), due, changed=True)
+            left += moved.waiting
+            if at_end:
+                if not left:
+                    self._legacy = 0
+                return left
+
+    async def _move_some(self, now: float) -> None:
+        """Move a batch of format-1 messages (a worker's share of a queue being upgraded)."""
+        try:
+            moved, at_end = await self._mover.step(now, _MOVE_BATCH)
+        except QueueError as exc:
+            log.warning("moving format-1 messages failed: %s", exc)
+            return
+        for shard, due in moved.due.items():
+            self._learn(self._shard(shard), due, changed=True)
+        if moved.moved:
+            log.info("moved %d messages of the format-1 layout into the shards", moved.moved)
+        if at_end and not moved.moved:
+            self._legacy = 0  # only leased ones left (if any): look again at the next refresh
 
     # -- wake-ups ------------------------------------------------------------------------------
 
     def _ensure_listener(self) -> None:
-        if self._listener is None and not self._closed:
-            self._listener = asyncio.get_running_loop().create_task(self._listen())
-
-    async def _listen(self) -> None:
-        """Keep a subscription to the wake channel, reconnecting with backoff."""
-        delay = 0.05
-        while True:
-            pubsub = self._client.pubsub()
-            try:
-                await pubsub.subscribe(self.channel)
-                delay = 0.05
-                await self._relay_wakeups(pubsub)
-            except (RedisError, OSError) as exc:
-                log.warning("redis wake-up subscription lost (%s); retrying in %.2fs", exc, delay)
-            finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-            # Whatever was announced while we were away is lost: let waiters look again.
-            self._wake.set()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-    async def _relay_wakeups(self, pubsub: Any) -> None:
-        """Set the wake event for every announcement; ping when idle to detect a dead link."""
-        pinged = False
-        while True:
-            message = await pubsub.get_message(timeout=30.0)
-            if message is None:
-                if pinged:
-                    raise RedisConnectionError("no answer to ping on the wake-up subscription")
-                await pubsub.ping()
-                pinged = True
-                continue
-            pinged = False
-            if message["type"] in ("message", "subscribe"):
-                self._wake.set()
+        if self._listener is not None or self._closed:
+            return
+        route = self._route
+        if isinstance(route, ClusterRoute):
+            self._listener = ClusterListener(
+                route.client,
+                lambda: [(k.slot, k.channel) for k in self._all_shards()],
+                self._heard,
+                self._missed,
+            )
+        else:
+            assert isinstance(route, ServerRoute)
+            self._listener = ServerListener(route.client, self.channel, self._heard, self._missed)
+        self._listener.start()
