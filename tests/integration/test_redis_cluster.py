@@ -1,6 +1,6 @@
 """RedisStorage on a Redis Cluster and the sharded layout beyond the contract: shards spread over
 the masters, wake-ups by sharded pub/sub, a queue of the format-1 layout moved into the shards,
-writers with more shards than others.
+writers with more shards than others, the daemon's ``[storage]`` settings.
 
 The session's cluster (3 masters, 3 replicas) serves the cluster tests, each with its own key
 prefix; failovers and slot migrations, which change the cluster, are in
@@ -13,6 +13,7 @@ import asyncio
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -20,6 +21,8 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 from redis.typing import EncodableT
 
+from smtpq.daemon.config import ConfigError, load_config
+from smtpq.daemon.server import build_storage, shards
 from smtpq.envelope import Envelope
 from smtpq.reply import Reply
 from smtpq.storage import RedisStorage
@@ -240,3 +243,48 @@ async def test_a_move_interrupted_after_its_first_step_is_finished_once(
     finally:
         await store.close()
         await raw.aclose()
+
+
+# -- the daemon's settings ---------------------------------------------------------------------
+
+
+async def test_the_daemon_builds_a_cluster_storage_from_its_storage_section(
+    redis_cluster: RedisClusterServers, redis_prefix: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "smtpq.toml"
+    path.write_text(
+        "[storage]\n"
+        'type = "redis"\n'
+        f'url = "{redis_cluster.url}"\n'
+        f'prefix = "{redis_prefix}"\n'
+        "cluster = true\n"
+        "shards = 6\n"
+        "wait_replicas = 1\n"
+        "wait_timeout = 2.5\n"
+    )
+    config = load_config(path)
+    store = build_storage(config, shards(config)[0])
+    assert isinstance(store, RedisStorage)
+    try:
+        assert (store.shards, store.wait_replicas, store.wait_timeout) == (6, 1, 2.5)
+        ids = [await store.write(make_envelope(), NOW) for _ in range(6)]
+        assert {shard_of(i) for i in ids} == set(range(6))
+        assert sorted(await store.claim(NOW, 10)) == sorted(ids)
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    ("setting", "error"),
+    [
+        ("shards = 0", "storage.shards must be from 1 to 256"),
+        ("shards = 300", "storage.shards must be from 1 to 256"),
+        ('cluster = "yes"', "storage.cluster must be true or false"),
+        ("wait_replicas = -1", "storage.wait_replicas must not be negative"),
+    ],
+)
+def test_bad_cluster_settings_are_one_line_errors(setting: str, error: str, tmp_path: Path) -> None:
+    path = tmp_path / "smtpq.toml"
+    path.write_text(f'[storage]\ntype = "redis"\n{setting}\n')
+    with pytest.raises(ConfigError, match=error):
+        load_config(path)
