@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.typing import EncodableT
 
@@ -288,3 +289,19 @@ def test_bad_cluster_settings_are_one_line_errors(setting: str, error: str, tmp_
     path.write_text(f'[storage]\ntype = "redis"\n{setting}\n')
     with pytest.raises(ConfigError, match=error):
         load_config(path)
+
+
+async def test_slimta_positional_arguments_and_a_ready_client_on_a_cluster(
+    redis_cluster: RedisClusterServers, redis_prefix: str
+) -> None:
+    node = redis_cluster.nodes[1]  # any node seeds the topology
+    store = RedisStorage(node.host, node.port, 0, None, 5.0, redis_prefix, cluster=True)
+    other = RedisStorage(prefix=redis_prefix, client=RedisCluster.from_url(redis_cluster.url))
+    try:
+        id = await store.write(make_envelope(), NOW)
+        assert await other.claim(NOW, 10) == [id]
+        with pytest.raises(ValueError, match="database 0"):
+            RedisStorage(node.host, node.port, 1, cluster=True)
+    finally:
+        await store.close()
+        await other.close()
