@@ -14,7 +14,7 @@ from smtpq.errors import EnvelopeFormatError
 from smtpq.reply import Reply
 from smtpq.storage.base import MessageInfo, id_time
 from smtpq.storage.redis.layout import ShardKeys
-from smtpq.storage.redis.pipeline import Pipeline
+from smtpq.storage.redis.pipeline import READ_PATIENCE, Pipeline
 from smtpq.storage.redis.scripts import INFOS
 
 __all__ = ["count", "iter_ids", "read_infos", "read_times"]
@@ -89,7 +89,8 @@ async def read_infos(
         for start in range(0, len(positions), batch):
             chunk = positions[start : start + batch]
             names = [shard.held, *(shard.msg(ids[p]) for p in chunk)]
-            calls.append((chunk, pipe.run(INFOS, shard.slot, names, [ids[p] for p in chunk])))
+            args = [ids[p] for p in chunk]
+            calls.append((chunk, pipe.run(INFOS, shard.slot, names, args, patience=READ_PATIENCE)))
     found: dict[int, MessageInfo] = {}
     for chunk, call in calls:
         for position, row in zip(chunk, await call, strict=True):

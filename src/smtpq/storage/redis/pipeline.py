@@ -13,11 +13,14 @@ write on one connection, in order:
 * a call answered ``MOVED`` goes to the new master with the next batch (the slot map is
   patched), ``ASK`` to the importing node behind ``ASKING``, ``NOSCRIPT`` again as ``EVAL``
   (which loads the script on that node), ``TRYAGAIN`` (a multi-key script on a slot being
-  migrated) again after a short pause, for up to ``patience`` seconds (:data:`SLOT_PATIENCE`);
-* a node that fails (connection lost: it died, or fails over; ``CLUSTERDOWN``) makes the
-  cluster's topology be read again, and its calls are sent again after a growing pause; after
-  about a second a call still failing raises :class:`~smtpq.errors.QueueError` (the edge
-  answers 451).
+  migrated) again after a short pause;
+* a node that fails (connection lost: it died, restarts or fails over; ``CLUSTERDOWN``) makes
+  the cluster's topology be read again, and its calls are sent again after a growing pause.
+
+A call keeps trying for its ``patience``: about a second for a write (the client is waiting:
+better a 451 and another shard), a claim or a read, :data:`PATIENCE` for the bookkeeping of an
+attempt (which is otherwise put off for a minute by the Queue); then it raises
+:class:`~smtpq.errors.QueueError`.
 
 Calls to send again wait aside, so that the calls to healthy nodes are never held up by them.
 """
@@ -49,7 +52,7 @@ from smtpq.errors import QueueError
 from smtpq.storage.redis.route import Route
 from smtpq.storage.redis.scripts import Script
 
-__all__ = ["SLOT_PATIENCE", "Announcer", "Pipeline", "pack"]
+__all__ = ["PATIENCE", "READ_PATIENCE", "Announcer", "Pipeline", "pack"]
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +60,11 @@ log = logging.getLogger(__name__)
 #: made it due) into the commands that publish them.
 Announcer = Callable[[dict[int, float]], list[bytes]]
 
-#: Seconds a call waits for its slot while the slot is being migrated (TRYAGAIN) before it
-#: fails: longer than a migration's slot takes to move, so that resharding costs no 451s.
-SLOT_PATIENCE = 10.0
-_NODE_ROUNDS = 8  # rounds in which a node may fail (about a second of pauses) before a call fails
+#: Seconds a script call keeps trying by default: longer than a slot takes to move in a
+#: resharding, and than a failover of a master (with a short ``cluster-node-timeout``).
+PATIENCE = 10.0
+#: Seconds a read keeps trying.
+READ_PATIENCE = 1.0
 _REDIRECTS = 16  # MOVED / ASK answers followed for one call before giving up
 
 
@@ -89,7 +93,7 @@ class _Call:
     args: tuple[EncodableT, ...]
     replicate: bool
     future: asyncio.Future[Any]
-    patience: float  # seconds a slot may stay busy (TRYAGAIN: being migrated) before failing
+    patience: float  # seconds it keeps trying (a node failing, a slot being migrated)
     notice: tuple[int, float] | None  # announce that this shard may be due at this time
     started: float = field(default_factory=time.monotonic)
     ask: Any = None  # the node an ASK named, for the next round only
@@ -150,7 +154,7 @@ class Pipeline:
         args: Sequence[EncodableT],
         *,
         replicate: bool = False,
-        patience: float = SLOT_PATIENCE,
+        patience: float = PATIENCE,
         notice: tuple[int, float] | None = None,
     ) -> asyncio.Future[Any]:
         """Run ``script`` on the node serving ``slot``: its reply, or, with ``replicate``,
@@ -168,7 +172,7 @@ class Pipeline:
 
     def command(self, slot: int, *args: EncodableT) -> asyncio.Future[Any]:
         """Run a plain command (a read) on the node serving ``slot``: its raw reply."""
-        return self._enqueue(_Call(slot, None, 0, args, False, self._new(), SLOT_PATIENCE, None))
+        return self._enqueue(_Call(slot, None, 0, args, False, self._new(), READ_PATIENCE, None))
 
     async def join(self) -> None:
         """Wait until every call made so far has been answered."""
@@ -234,8 +238,7 @@ class Pipeline:
                 node = call.ask if call.ask is not None else route.node(call.slot)
                 shares.setdefault(node, []).append(call)
         except (RedisError, RedisClusterException, OSError) as exc:
-            if route.retries_rounds:
-                await route.recover(None)
+            await route.recover(None)
             return self._failed(pending, exc), self._backoff(pending)
         nodes = list(shares)
         results = await asyncio.gather(
@@ -250,8 +253,7 @@ class Pipeline:
             if isinstance(result, Exception):
                 if not isinstance(result, RedisError | RedisClusterException | OSError):
                     raise result
-                if route.retries_rounds:
-                    await route.recover(node)
+                await route.recover(node)
                 failed = self._failed(calls, result)
                 again += failed
                 pause = max(pause, self._backoff(failed))
@@ -270,13 +272,13 @@ class Pipeline:
         return min(0.5, 0.02 * 2.0 ** (failures - 1)) * random.uniform(0.5, 1.0)
 
     def _failed(self, calls: list[_Call], exc: BaseException) -> list[_Call]:
-        """Calls whose node failed: to send again (on a cluster, for about a second, as it may
-        be failing over) or answered QueueError."""
+        """Calls whose node failed: to send again, or answered QueueError when their patience
+        has run out."""
         again = []
         for call in calls:
             call.error, call.ask = exc, None
             call.failures += 1
-            if self._route.retries_rounds and call.failures < _NODE_ROUNDS:
+            if time.monotonic() - call.started < call.patience:
                 again.append(call)
             else:
                 self._settle(call, QueueError(f"redis failed: {exc}"))

@@ -3,8 +3,8 @@
 A *route* hands out connections per node and says what to do when a node fails. The pipeline
 (:mod:`smtpq.storage.redis.pipeline`) is the same for both; only the route differs:
 
-* :class:`ServerRoute` — one Redis server, one connection pool; a broken connection is retried
-  by the pool's own ``retry`` policy, and a node never redirects.
+* :class:`ServerRoute` — one Redis server, one connection pool; a broken connection is first
+  retried by the pool's own ``retry`` policy, and a node never redirects.
 * :class:`ClusterRoute` — redis-py's asyncio cluster client supplies the topology (which master
   serves which slot) and one connection pool per node; ``MOVED`` updates the slot map, a broken
   node makes the topology be read again before the next round.
@@ -25,9 +25,6 @@ __all__ = ["ClusterRoute", "Route", "ServerRoute"]
 
 class Route(abc.ABC):
     """Connections to the node that serves a slot."""
-
-    #: Whether a failed round is retried after :meth:`recover` (a cluster may fail over).
-    retries_rounds: bool = False
 
     @abc.abstractmethod
     async def ready(self) -> None:
@@ -95,8 +92,6 @@ class ServerRoute(Route):
 
 class ClusterRoute(Route):
     """Commands go to the master serving their slot, as redis-py's cluster client knows it."""
-
-    retries_rounds = True
 
     def __init__(self, client: RedisCluster) -> None:
         self.client = client

@@ -68,7 +68,7 @@ from smtpq.storage.redis.layout import (
     shard_of,
 )
 from smtpq.storage.redis.migrate import Mover
-from smtpq.storage.redis.pipeline import SLOT_PATIENCE, Pipeline, pack
+from smtpq.storage.redis.pipeline import PATIENCE, READ_PATIENCE, Pipeline, pack
 from smtpq.storage.redis.route import ClusterRoute, Route, ServerRoute
 from smtpq.storage.redis.scripts import (
     CLAIM,
@@ -102,7 +102,8 @@ _BATCH = 1000
 _MOVE_BATCH = 200
 # A shard whose write failed is left alone by writers for this long (seconds).
 _WRITE_HOLDOFF = 1.0
-# A write waits this long for a slot being migrated, then goes to another shard.
+# A write keeps trying this long (a node failing, a slot being migrated), then goes to
+# another shard: its client is waiting.
 _WRITE_PATIENCE = 1.0
 
 
@@ -320,7 +321,7 @@ class RedisStorage(QueueStorage):
         args: Sequence[EncodableT],
         *,
         replicate: bool = False,
-        patience: float = SLOT_PATIENCE,
+        patience: float = PATIENCE,
         notice: float | None = None,
     ) -> asyncio.Future[Any]:
         """Run ``script`` on the shard ``keys``; with ``notice``, tell the other workers that
@@ -340,7 +341,7 @@ class RedisStorage(QueueStorage):
         q = self._keys
         mine = self.shards if register else 0
         known, legacy = await self._pipe.run(
-            LAYOUT, q.slot, [q.layout, q.legacy.index, q.moving], [mine]
+            LAYOUT, q.slot, [q.layout, q.legacy.index, q.moving], [mine], patience=READ_PATIENCE
         )
         if register:
             self._registered = True
@@ -596,8 +597,9 @@ class RedisStorage(QueueStorage):
         keys = self._shard(shard)
         args: list[EncodableT] = [now, limit, now + self.lease_timeout, self.owner]
         try:
+            # Quick to give up: the shard is left alone for a moment, the others are served.
             ids, dropped, due = await self._run(
-                CLAIM, keys, [keys.schedule, keys.leases, keys.held], args
+                CLAIM, keys, [keys.schedule, keys.leases, keys.held], args, patience=READ_PATIENCE
             )
         except QueueError as exc:
             self._due.failed(shard, now)
@@ -662,7 +664,8 @@ class RedisStorage(QueueStorage):
             log.warning("reading the queue layout failed: %s", exc)
         shards = self._all_shards()
         replies = await asyncio.gather(
-            *(self._run(DUE, k, [k.schedule], []) for k in shards), return_exceptions=True
+            *(self._run(DUE, k, [k.schedule], [], patience=READ_PATIENCE) for k in shards),
+            return_exceptions=True,
         )
         failures = []
         for keys, reply in zip(shards, replies, strict=True):
