@@ -58,34 +58,29 @@ from smtpq.reply import Reply
 from smtpq.storage.base import MessageInfo, QueueStorage, StoredMessage
 from smtpq.storage.redis import listing
 from smtpq.storage.redis.connect import route_for, route_from_url, route_of
-from smtpq.storage.redis.due import DueTimes
 from smtpq.storage.redis.layout import (
     DEFAULT_SHARDS,
     MAX_SHARDS,
-    QueueKeys,
     ShardKeys,
     shard_id,
-    shard_of,
 )
 from smtpq.storage.redis.migrate import Mover
-from smtpq.storage.redis.pipeline import PATIENCE, READ_PATIENCE, Pipeline, pack
+from smtpq.storage.redis.pipeline import READ_PATIENCE, Pipeline, pack
 from smtpq.storage.redis.route import ClusterRoute, Route, ServerRoute
 from smtpq.storage.redis.scripts import (
     CLAIM,
     DELIVERED,
-    DUE,
     FLUSH,
     GET,
     INCREMENT,
-    LAYOUT,
     RELEASE,
     REMOVE,
     RENEW,
     SET_HELD,
     SET_TIMESTAMP,
     WRITE,
-    Script,
 )
+from smtpq.storage.redis.shards import ShardView
 from smtpq.storage.redis.wake import ClusterListener, Listener, ServerListener
 
 __all__ = ["FORMAT_VERSION", "RedisStorage"]
@@ -110,11 +105,6 @@ _WRITE_PATIENCE = 1.0
 def _default_owner() -> str:
     """A lease owner token that tells an operator which process holds a lease."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-
-
-def _due(raw: Any) -> float | None:
-    """A due time as a script returns it (a score, or nil/false when the schedule is empty)."""
-    return float(raw) if raw else None
 
 
 class RedisStorage(QueueStorage):
@@ -230,50 +220,23 @@ class RedisStorage(QueueStorage):
         self.wait_timeout = wait_timeout
         #: The token that marks this object's leases.
         self.owner = owner if owner is not None else _default_owner()
-        self._keys = QueueKeys.of(prefix, tag)
-        #: The pub/sub channel on which changes are announced on a single server (on a
-        #: cluster, each shard has its own: see :mod:`smtpq.storage.redis.wake`).
-        self.channel = self._keys.channel
-        self._shard_keys: dict[int, ShardKeys] = {}
         self._token = secrets.token_hex(4).encode()  # marks this object's announcements
         self._pipe = Pipeline(route, self._announcements, wait_replicas, wait_timeout)
-        self._due = DueTimes(shards, random.randrange(shards))
-        self._known = shards  # shards that claims and listings cover (the layout's count)
-        self._registered = False  # this writer's shard count is in the layout
-        self._refreshed: float | None = None  # monotonic time the due times were last read
-        self._refresh_every = min(5.0, lease_timeout / 4)
-        self._now = -math.inf  # the latest time a claim was made at (the caller's clock)
+        self._wake = asyncio.Event()
+        self._view = ShardView(
+            self._pipe, prefix, tag, shards, lease_timeout, self._token, self._wake
+        )
+        #: The pub/sub channel on which changes are announced on a single server (on a
+        #: cluster, each shard has its own: see :mod:`smtpq.storage.redis.wake`).
+        self.channel = self._view.queue.channel
         self._next_write = random.randrange(shards)
         self._write_holdoff: dict[int, float] = {}
-        self._legacy = 0  # format-1 messages still to move
-        self._mover = Mover(self._pipe, self._keys, self._shard, shards, lease_timeout)
-        self._wake = asyncio.Event()
+        q = self._view.queue
+        self._mover = Mover(self._pipe, q, self._view.keys, shards, lease_timeout)
         self._listener: Listener | None = None
         self._closed = False
 
-    # -- keys, shards and announcements --------------------------------------------------------
-
-    def _shard(self, shard: int) -> ShardKeys:
-        keys = self._shard_keys.get(shard)
-        if keys is None:
-            keys = self._shard_keys[shard] = ShardKeys.of(self.prefix, self.tag, shard)
-        return keys
-
-    def _locate(self, id: str) -> ShardKeys | None:
-        """The keys of the shard an id names; None for a string that is no id of ours."""
-        try:
-            return self._shard(shard_of(id))
-        except ValueError:
-            return None
-
-    def _found(self, id: str) -> ShardKeys:
-        keys = self._locate(id)
-        if keys is None:
-            raise KeyError(id)
-        return keys
-
-    def _all_shards(self) -> list[ShardKeys]:
-        return [self._shard(k) for k in range(self._known)]
+    # -- announcements -----------------------------------------------------------------------
 
     def _announcements(self, notices: dict[int, float]) -> list[bytes]:
         """The commands that publish one node's share of announcements (see :mod:`.wake`)."""
@@ -281,74 +244,9 @@ class RedisStorage(QueueStorage):
             items = b" ".join(b"%d:%r" % (k, due) for k, due in notices.items())
             return [pack(b"PUBLISH", self.channel, self._token + b" " + items)]
         return [
-            pack(b"SPUBLISH", self._shard(k).channel, b"%s %d:%r" % (self._token, k, due))
+            pack(b"SPUBLISH", self._view.keys(k).channel, b"%s %d:%r" % (self._token, k, due))
             for k, due in notices.items()
         ]
-
-    def _learn(self, keys: ShardKeys, raw: Any, *, changed: bool = False) -> None:
-        """What a script answered about its shard's due time; with ``changed`` (it may have
-        made work due), our own waiters are woken (the others by the call's notice)."""
-        if keys.shard >= len(self._due):
-            self._due.resize(keys.shard + 1)
-            self._known = max(self._known, keys.shard + 1)
-        self._due.learn(keys.shard, _due(raw))
-        if changed:
-            self._wake.set()
-
-    def _heard(self, data: bytes) -> None:
-        """An announcement from another worker: bring the shards' due times forward."""
-        sender, _, items = data.partition(b" ")
-        if sender == self._token:
-            return  # our own changes are known from their replies
-        if not items:
-            self._refreshed = None  # a format-1 writer: look at the layout (and move) soon
-        for item in items.split():
-            shard, _, due = item.partition(b":")
-            with contextlib.suppress(ValueError):
-                self._due.hint(int(shard), float(due))
-        self._wake.set()
-
-    def _missed(self) -> None:
-        """(Re)subscribed: announcements may have been missed; read the due times again."""
-        self._refreshed = None
-        self._wake.set()
-
-    def _run(
-        self,
-        script: Script,
-        keys: ShardKeys,
-        names: Sequence[str],
-        args: Sequence[EncodableT],
-        *,
-        replicate: bool = False,
-        patience: float = PATIENCE,
-        notice: float | None = None,
-    ) -> asyncio.Future[Any]:
-        """Run ``script`` on the shard ``keys``; with ``notice``, tell the other workers that
-        the shard may be due at that time (``-inf``: something changed there, look)."""
-        return self._pipe.run(
-            script,
-            keys.slot,
-            names,
-            args,
-            replicate=replicate,
-            patience=patience,
-            notice=None if notice is None else (keys.shard, notice),
-        )
-
-    async def _layout(self, register: bool) -> None:
-        """Read the queue's layout (and, as a writer, record this storage's shard count)."""
-        q = self._keys
-        mine = self.shards if register else 0
-        known, legacy = await self._pipe.run(
-            LAYOUT, q.slot, [q.layout, q.legacy.index, q.moving], [mine], patience=READ_PATIENCE
-        )
-        if register:
-            self._registered = True
-        if int(known) > self._known:
-            self._known = min(int(known), MAX_SHARDS)
-            self._due.resize(self._known)
-        self._legacy = int(legacy)
 
     # -- records -------------------------------------------------------------------------------
 
@@ -359,8 +257,8 @@ class RedisStorage(QueueStorage):
         failing over, or no replica acknowledged it), the shard is left alone for a moment and
         the message is written once more, to another shard.
         """
-        if not self._registered:
-            await self._layout(register=True)
+        if not self._view.registered:
+            await self._view.layout(register=True)
         data = envelope.to_bytes()
         shard = self._pick_shard()
         try:
@@ -386,28 +284,28 @@ class RedisStorage(QueueStorage):
         return first  # every shard failed lately: try anyway
 
     async def _write(self, shard: int, data: bytes, timestamp: float, claimed: bool) -> str:
-        keys = self._shard(shard)
+        keys = self._view.keys(shard)
         id = shard_id(timestamp, shard)
         score = timestamp + self.lease_timeout if claimed else timestamp
         names = [keys.msg(id), keys.index, keys.schedule, keys.leases]
         args: list[EncodableT] = [id, data, timestamp, score, self.owner if claimed else ""]
         notice = None if claimed else timestamp
         if not self.wait_replicas:
-            reply = await self._run(
+            reply = await self._view.run(
                 WRITE, keys, names, args, patience=_WRITE_PATIENCE, notice=notice
             )
         else:
-            reply, acked = await self._run(
+            reply, acked = await self._view.run(
                 WRITE, keys, names, args, replicate=True, patience=_WRITE_PATIENCE, notice=notice
             )
             if acked < self.wait_replicas:
-                self._learn(keys, reply[1])
+                self._view.learn(keys, reply[1])
                 # Not acknowledged: the client will be told 451 and send it again. Withdraw
                 # this copy if we still can, so that the retry does not deliver it twice.
                 with contextlib.suppress(QueueError):
                     await self.remove(id)
                 raise QueueError(f"write reached {acked} of {self.wait_replicas} replicas in time")
-        self._learn(keys, reply[1], changed=not claimed)
+        self._view.learn(keys, reply[1], changed=not claimed)
         return id
 
     async def set_timestamp(
@@ -418,28 +316,28 @@ class RedisStorage(QueueStorage):
         Ends this object's lease. When another worker holds a live lease (this one's ran out
         and the message was taken over), that lease is kept; the new time applies after it.
         """
-        keys = self._found(id)
+        keys = self._view.found(id)
         reply = json.dumps(last_reply.to_dict()) if last_reply is not None else ""
         names = [keys.msg(id), keys.schedule, keys.leases, keys.held]
         args: list[EncodableT] = [id, timestamp, reply, self.owner]
-        found, due = await self._run(SET_TIMESTAMP, keys, names, args, notice=timestamp)
-        self._learn(keys, due, changed=True)
+        found, due = await self._view.run(SET_TIMESTAMP, keys, names, args, notice=timestamp)
+        self._view.learn(keys, due, changed=True)
         if not found:
             raise KeyError(id)
 
     async def increment_attempts(self, id: str) -> int:
         """See :meth:`QueueStorage.increment_attempts`."""
-        keys = self._found(id)
-        count = int(await self._run(INCREMENT, keys, [keys.msg(id)], []))
+        keys = self._view.found(id)
+        count = int(await self._view.run(INCREMENT, keys, [keys.msg(id)], []))
         if count < 0:
             raise KeyError(id)
         return count
 
     async def set_recipients_delivered(self, id: str, indexes: Iterable[int]) -> None:
         """See :meth:`QueueStorage.set_recipients_delivered`."""
-        keys = self._found(id)
+        keys = self._view.found(id)
         args = [int(i) for i in indexes]
-        if not await self._run(DELIVERED, keys, [keys.msg(id)], args):
+        if not await self._view.run(DELIVERED, keys, [keys.msg(id)], args):
             raise KeyError(id)
 
     async def load(self) -> list[tuple[float, str]]:
@@ -451,7 +349,7 @@ class RedisStorage(QueueStorage):
         """
         found: list[tuple[float, str]] = []
         async for ids in self.iter_ids(_BATCH):
-            keys = [self._found(id) for id in ids]
+            keys = [self._view.found(id) for id in ids]
             times = await listing.read_times(self._pipe, ids, keys)
             found += [(float(t), id) for id, t in zip(ids, times, strict=True) if t]
         return found
@@ -464,20 +362,20 @@ class RedisStorage(QueueStorage):
         """See :meth:`QueueStorage.iter_ids`: the shards' indexes merged, a page of each per
         round trip, so the first page of a listing costs one round trip however long the
         queue."""
-        await self._layout(register=False)
-        async for ids in listing.iter_ids(self._pipe, self._all_shards(), page):
+        await self._view.layout(register=False)
+        async for ids in listing.iter_ids(self._pipe, self._view.all(), page):
             yield ids
 
     async def get_infos(self, ids: Sequence[str]) -> list[MessageInfo]:
         """See :meth:`QueueStorage.get_infos`: one script call per shard and 1000 messages,
         returning the records and the envelopes' metadata but not the messages."""
-        keys = [self._locate(id) for id in ids]
+        keys = [self._view.locate(id) for id in ids]
         return await listing.read_infos(self._pipe, ids, keys, _BATCH)
 
     async def get_entry(self, id: str) -> StoredMessage:
         """See :meth:`QueueStorage.get_entry`."""
-        keys = self._found(id)
-        flat, held = await self._run(GET, keys, [keys.msg(id), keys.held], [id])
+        keys = self._view.found(id)
+        flat, held = await self._view.run(GET, keys, [keys.msg(id), keys.held], [id])
         if not flat:
             raise KeyError(id)
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
@@ -509,12 +407,12 @@ class RedisStorage(QueueStorage):
 
     async def remove(self, id: str) -> None:
         """See :meth:`QueueStorage.remove`."""
-        keys = self._locate(id)
+        keys = self._view.locate(id)
         if keys is None:
             return
         names = [keys.msg(id), keys.index, keys.schedule, keys.leases, keys.held]
-        reply = await self._run(REMOVE, keys, names, [id])
-        self._learn(keys, reply[1])
+        reply = await self._view.run(REMOVE, keys, names, [id])
+        self._view.learn(keys, reply[1])
 
     async def get_info(self) -> dict[str, Any]:
         """``size`` (messages stored), ``held``, ``active`` (leased), ``oldest`` (arrival),
@@ -523,11 +421,11 @@ class RedisStorage(QueueStorage):
 
         ``active`` counts leases whose holder may have died and not been taken over yet.
         """
-        await self._layout(register=False)
-        info = await listing.count(self._pipe, self._all_shards())
-        info["size"] += self._legacy
-        info["shards"] = self._known
-        info["moving"] = self._legacy
+        await self._view.layout(register=False)
+        info = await listing.count(self._pipe, self._view.all())
+        info["size"] += self._view.legacy
+        info["shards"] = self._view.known
+        info["moving"] = self._view.legacy
         return info
 
     async def close(self) -> None:
@@ -558,14 +456,14 @@ class RedisStorage(QueueStorage):
         self._ensure_listener()
         if limit <= 0:
             return []
-        self._now = max(self._now, now)
-        if self._stale():
-            await self._refresh()
-        if self._legacy:
+        self._view.now = max(self._view.now, now)
+        if self._view.stale():
+            await self._view.refresh()
+        if self._view.legacy:
             await self._move_some(now)
-        todo = self._due.claimable(now)
+        todo = self._view.due.claimable(now)
         if todo:
-            self._due.advance(todo[0])
+            self._view.due.advance(todo[0])
         claimed: list[str] = []
         failure: QueueError | None = None
         wave = todo[:1]
@@ -594,37 +492,39 @@ class RedisStorage(QueueStorage):
 
     async def _claim(self, shard: int, now: float, limit: int) -> list[str] | QueueError:
         """Claim up to ``limit`` from one shard; its failure is returned, not raised."""
-        keys = self._shard(shard)
+        keys = self._view.keys(shard)
         args: list[EncodableT] = [now, limit, now + self.lease_timeout, self.owner]
         try:
             # Quick to give up: the shard is left alone for a moment, the others are served.
-            ids, dropped, due = await self._run(
+            ids, dropped, due = await self._view.run(
                 CLAIM, keys, [keys.schedule, keys.leases, keys.held], args, patience=READ_PATIENCE
             )
         except QueueError as exc:
-            self._due.failed(shard, now)
+            self._view.due.failed(shard, now)
             return exc
-        self._due.claimed(shard, now, len(ids), int(dropped), _due(due))
+        self._view.claimed(shard, now, len(ids), int(dropped), due)
         return [bytes(i).decode() for i in ids]
 
     async def renew(self, ids: Sequence[str], now: float) -> None:
         """See :meth:`QueueStorage.renew`; a lease another worker took over is not touched."""
         by_shard: dict[int, list[str]] = {}
         for id in ids:
-            keys = self._locate(id)
+            keys = self._view.locate(id)
             if keys is not None:
                 by_shard.setdefault(keys.shard, []).append(id)
         calls = []
         for shard, members in by_shard.items():
-            keys = self._shard(shard)
+            keys = self._view.keys(shard)
             for start in range(0, len(members), _BATCH):
                 args: list[EncodableT] = [now + self.lease_timeout, self.owner]
                 args += members[start : start + _BATCH]
-                calls.append((keys, self._run(RENEW, keys, [keys.schedule, keys.leases], args)))
+                calls.append(
+                    (keys, self._view.run(RENEW, keys, [keys.schedule, keys.leases], args))
+                )
         failure: BaseException | None = None
         for keys, call in calls:
             try:
-                self._learn(keys, await call)
+                self._view.learn(keys, await call)
             except QueueError as exc:
                 failure = exc
         if failure is not None:
@@ -632,52 +532,21 @@ class RedisStorage(QueueStorage):
 
     async def release(self, id: str) -> None:
         """See :meth:`QueueStorage.release`; only this object's own lease is released."""
-        keys = self._locate(id)
+        keys = self._view.locate(id)
         if keys is None:
             return
         names = [keys.msg(id), keys.schedule, keys.leases, keys.held]
         # The time it is due again is stored, not known here: the others look.
-        reply = await self._run(RELEASE, keys, names, [id, self.owner], notice=-math.inf)
-        self._learn(keys, reply[1], changed=bool(reply[0]))
+        reply = await self._view.run(RELEASE, keys, names, [id, self.owner], notice=-math.inf)
+        self._view.learn(keys, reply[1], changed=bool(reply[0]))
 
     async def next_due(self) -> float | None:
         """See :meth:`QueueStorage.next_due`: from the shards' due times as this object knows
         them (read from Redis when unknown or older than a few seconds)."""
         self._ensure_listener()
-        if self._stale():
-            await self._refresh()
-        return self._due.next_due()
-
-    def _stale(self) -> bool:
-        return (
-            self._refreshed is None
-            or self._due.unknown
-            or time.monotonic() - self._refreshed > self._refresh_every
-        )
-
-    async def _refresh(self) -> None:
-        """Read the layout and every shard's due time (one round trip per node)."""
-        self._refreshed = time.monotonic()
-        try:
-            await self._layout(register=False)
-        except QueueError as exc:
-            log.warning("reading the queue layout failed: %s", exc)
-        shards = self._all_shards()
-        replies = await asyncio.gather(
-            *(self._run(DUE, k, [k.schedule], [], patience=READ_PATIENCE) for k in shards),
-            return_exceptions=True,
-        )
-        failures = []
-        for keys, reply in zip(shards, replies, strict=True):
-            if isinstance(reply, QueueError):
-                self._due.failed(keys.shard, self._now)
-                failures.append(reply)
-            elif isinstance(reply, BaseException):
-                raise reply
-            else:
-                self._learn(keys, reply)
-        if failures and len(failures) == len(shards):
-            raise failures[0]
+        if self._view.stale():
+            await self._view.refresh()
+        return self._view.due.next_due()
 
     async def wait(self, timeout: float) -> None:
         """See :meth:`QueueStorage.wait`.
@@ -696,16 +565,16 @@ class RedisStorage(QueueStorage):
     async def flush(self, now: float, ids: Sequence[str] | None = None) -> int:
         """See :meth:`QueueStorage.flush`; the new time is stored (it survives a restart)."""
         if ids is None:
-            await self._layout(register=False)
-            counts = await asyncio.gather(*(self._flush_shard(k, now) for k in self._all_shards()))
+            await self._view.layout(register=False)
+            counts = await asyncio.gather(*(self._flush_shard(k, now) for k in self._view.all()))
             return sum(counts)
         by_shard: dict[int, list[str]] = {}
         for id in ids:
-            keys = self._locate(id)
+            keys = self._view.locate(id)
             if keys is not None:
                 by_shard.setdefault(keys.shard, []).append(id)
         counts = await asyncio.gather(
-            *(self._flush_ids(self._shard(k), now, members) for k, members in by_shard.items())
+            *(self._flush_ids(self._view.keys(k), now, members) for k, members in by_shard.items())
         )
         return sum(counts)
 
@@ -720,20 +589,20 @@ class RedisStorage(QueueStorage):
         for start in range(0, len(ids), _BATCH):
             batch = ids[start : start + _BATCH]
             names = [keys.schedule, keys.leases, keys.held, *map(keys.msg, batch)]
-            done, due = await self._run(FLUSH, keys, names, [now, *batch], notice=now)
-            self._learn(keys, due, changed=bool(done))
+            done, due = await self._view.run(FLUSH, keys, names, [now, *batch], notice=now)
+            self._view.learn(keys, due, changed=bool(done))
             count += int(done)
         return count
 
     async def set_held(self, id: str, held: bool) -> None:
         """See :meth:`QueueStorage.set_held`."""
-        keys = self._found(id)
+        keys = self._view.found(id)
         names = [keys.msg(id), keys.schedule, keys.leases, keys.held]
         args = [id, 1 if held else 0]
-        found, due = await self._run(
+        found, due = await self._view.run(
             SET_HELD, keys, names, args, notice=None if held else -math.inf
         )
-        self._learn(keys, due, changed=not held)
+        self._view.learn(keys, due, changed=not held)
         if int(found) < 0:
             raise KeyError(id)
 
@@ -744,17 +613,17 @@ class RedisStorage(QueueStorage):
         how many are left (their attempts are running under a format-1 worker's lease: run
         this again once those have ended). Workers do this by themselves, a batch per claim;
         ``now`` is the time to compare leases with (the Queue's clock)."""
-        await self._layout(register=True)
+        await self._view.layout(register=True)
         self._mover.restart()
         left = 0
         while True:
             moved, at_end = await self._mover.step(now, _MOVE_BATCH)
             for shard, due in moved.due.items():
-                self._learn(self._shard(shard), due, changed=True)
+                self._view.learn(self._view.keys(shard), due, changed=True)
             left += moved.waiting
             if at_end:
                 if not left:
-                    self._legacy = 0
+                    self._view.legacy = 0
                 return left
 
     async def _move_some(self, now: float) -> None:
@@ -765,11 +634,11 @@ class RedisStorage(QueueStorage):
             log.warning("moving format-1 messages failed: %s", exc)
             return
         for shard, due in moved.due.items():
-            self._learn(self._shard(shard), due, changed=True)
+            self._view.learn(self._view.keys(shard), due, changed=True)
         if moved.moved:
             log.info("moved %d messages of the format-1 layout into the shards", moved.moved)
         if at_end and not moved.moved:
-            self._legacy = 0  # only leased ones left (if any): look again at the next refresh
+            self._view.legacy = 0  # only leased ones left (if any): look again at the next refresh
 
     # -- wake-ups ------------------------------------------------------------------------------
 
@@ -780,11 +649,13 @@ class RedisStorage(QueueStorage):
         if isinstance(route, ClusterRoute):
             self._listener = ClusterListener(
                 route.client,
-                lambda: [(k.slot, k.channel) for k in self._all_shards()],
-                self._heard,
-                self._missed,
+                lambda: [(k.slot, k.channel) for k in self._view.all()],
+                self._view.heard,
+                self._view.missed,
             )
         else:
             assert isinstance(route, ServerRoute)
-            self._listener = ServerListener(route.client, self.channel, self._heard, self._missed)
+            self._listener = ServerListener(
+                route.client, self.channel, self._view.heard, self._view.missed
+            )
         self._listener.start()
