@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -220,6 +221,7 @@ def main() -> None:
     finally:
         for target in targets:
             target.close()
+        shutil.rmtree(workdir, ignore_errors=True)
     summary = summarise(runs)
     print(
         f"\nmedians of {args.runs} runs, n={args.n}, {args.size} B, {args.concurrency} "
