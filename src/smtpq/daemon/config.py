@@ -112,6 +112,9 @@ class StorageConfig:
     :ivar sync: disk durability: ``auto`` (default: ``syncfs`` on Linux 5.8+, else ``fsync``),
         ``fsync``, ``syncfs``, or ``none`` — unsafe: a crash may lose mail that was acknowledged
         with 250; for benchmarks and tests only. See :mod:`smtpq.storage.disk`.
+    :ivar cluster, shards, wait_replicas, wait_timeout: Redis storage on a Redis Cluster (``url``
+        names any node), the shards new mail is spread over, and the replicas each write must
+        reach within ``wait_timeout`` seconds. See docs/redis.md.
     """
 
     type: str = "disk"
@@ -120,6 +123,10 @@ class StorageConfig:
     prefix: str = "smtpq:"
     lease_timeout: float = 60.0
     sync: str = "auto"
+    cluster: bool = False
+    shards: int = 16
+    wait_replicas: int = 0
+    wait_timeout: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -308,6 +315,8 @@ def _validate(config: Config) -> None:
     config.listen_addresses()
     if config.storage.lease_timeout <= 0:
         raise ConfigError("storage.lease_timeout must be positive")
+    if not 1 <= config.storage.shards <= 256:
+        raise ConfigError("storage.shards must be from 1 to 256")
     for path in (config.edge.tls_cert, config.edge.tls_key, config.edge.credentials_file):
         if path and not Path(path).is_file():
             raise ConfigError(f"file {path} not found")

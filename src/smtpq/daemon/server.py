@@ -114,7 +114,13 @@ def build_storage(config: Config, shard: Shard) -> QueueStorage:
     if settings.type == "redis":
         try:
             return RedisStorage.from_url(
-                settings.url, prefix=settings.prefix, lease_timeout=settings.lease_timeout
+                settings.url,
+                prefix=settings.prefix,
+                lease_timeout=settings.lease_timeout,
+                cluster=settings.cluster,
+                shards=settings.shards,
+                wait_replicas=settings.wait_replicas,
+                wait_timeout=settings.wait_timeout,
             )
         except ValueError as exc:
             raise ConfigError(f"storage.url: {exc}") from None
