@@ -21,7 +21,7 @@ import logging
 import re
 import socket
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, AnyStr, Protocol
 
@@ -640,23 +640,50 @@ class SmtpEdge:
         self, queue: Enqueuer, config: EdgeConfig | None = None, *, clock: Clock | None = None
     ) -> None:
         self.queue = queue
-        self.config = config or EdgeConfig()
         self.clock: Clock = clock or SystemClock()
-        self.hostname = self.config.hostname or socket.getfqdn()
-        self.tls = self.config.tls_context()
-        if (self.config.implicit_tls or self.config.require_tls) and self.tls is None:
-            raise ValueError("implicit_tls and require_tls need tls_cert")
-        if self.config.auth_required and not self.config.credentials_file:
-            raise ValueError("auth_required needs credentials_file")
-        if self.config.credentials_file and self.tls is None:
-            log.warning("credentials_file without tls_cert: AUTH is offered over TLS only, never")
-        self.passwords = (
-            PasswordFile(self.config.credentials_file) if self.config.credentials_file else None
-        )
-        self.relay = RelayPolicy(self.config.relay_domains, self.config.trusted_networks)
+        self._apply(config or EdgeConfig())
         self._server: asyncio.Server | None = None
         self._connections: set[_EdgeProtocol] = set()
         self._enqueues: set[asyncio.Task[list[tuple[Envelope, str | QueueError]]]] = set()
+
+    def _apply(self, config: EdgeConfig, listener: ssl.SSLContext | None = None) -> None:
+        """Check ``config`` and make it the edge's (TLS context and credentials loaded); an
+        error (ValueError, OSError for a TLS file) leaves the edge as it was."""
+        tls = config.tls_context()
+        if (config.implicit_tls or config.require_tls) and tls is None:
+            raise ValueError("implicit_tls and require_tls need tls_cert")
+        if config.auth_required and not config.credentials_file:
+            raise ValueError("auth_required needs credentials_file")
+        if config.credentials_file and tls is None:
+            log.warning("credentials_file without tls_cert: AUTH is offered over TLS only, never")
+        if listener is not None and config.tls_cert:
+            # The listening socket keeps the context it was made with: load the files into it.
+            listener.load_cert_chain(config.tls_cert, config.tls_key)
+            tls = listener
+        self.config = config
+        self.hostname = config.hostname or socket.getfqdn()
+        self.tls = tls
+        self.passwords = PasswordFile(config.credentials_file) if config.credentials_file else None
+        self.relay = RelayPolicy(config.relay_domains, config.trusted_networks)
+
+    def reconfigure(self, config: EdgeConfig) -> None:
+        """Apply ``config`` to connections accepted from now on: limits, TLS context reloaded
+        from the files, credentials file re-read; host/port are not changed.
+
+        Nor is what the listening socket was made with (``implicit_tls``, ``reuse_port``).
+        A config that cannot be applied (ValueError, or OSError for a TLS file) changes nothing.
+        """
+        implicit = self._server is not None and self.config.implicit_tls
+        self._apply(
+            replace(
+                config,
+                host=self.config.host,
+                port=self.config.port,
+                implicit_tls=self.config.implicit_tls,
+                reuse_port=self.config.reuse_port,
+            ),
+            self.tls if implicit else None,
+        )
 
     def _protocol(self) -> _EdgeProtocol:
         return _EdgeProtocol(self, _EdgeHandler(self))
