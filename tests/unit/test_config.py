@@ -84,6 +84,13 @@ def test_errors_are_clear(tmp_path: Path, text: str, message: str) -> None:
         load_config(path)
 
 
+def test_a_file_that_is_not_text(tmp_path: Path) -> None:
+    path = tmp_path / "binary.toml"
+    path.write_bytes(b"\xff\xfe = 1\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(path)
+
+
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/smtpq.toml")

@@ -452,6 +452,8 @@ def load_config(path: str | Path | None, **overrides: Any) -> Config:
             raise ConfigError(f"config file {path} not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path}: not UTF-8 text") from None
         except OSError as exc:
             raise ConfigError(f"config file {path}: {exc.strerror}") from None
     for dotted, value in overrides.items():
