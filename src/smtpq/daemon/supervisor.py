@@ -67,12 +67,15 @@ def die_with_parent(parent: int) -> None:
     """In a new child, between fork and exec: SIGKILL when the parent dies.
 
     The request survives exec. If the parent died before it was made, the child is already
-    an orphan (its parent pid changed): it exits at once.
+    an orphan (its parent pid changed): it exits at once. SIGHUP is ignored until the worker
+    installs its own handler (an ignored signal stays ignored across exec): a reload during
+    its start must not kill it.
     """
     if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:
         os._exit(1)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def serve_forever(config: Config, source: ConfigSource | None = None) -> int:
@@ -80,6 +83,8 @@ def serve_forever(config: Config, source: ConfigSource | None = None) -> int:
 
     A start-up failure is one line on standard error and exit code 2.
     """
+    # Until a handler is in place a SIGHUP would end the process: ignore it meanwhile.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     configure_logging(config.log_level, config.log_format)
     source = source or ConfigSource()
     notifier = Notifier.from_environment()
@@ -214,6 +219,9 @@ class Supervisor:
             new = self.source.load()
         except ConfigError as exc:
             log.error("reload failed: configuration error: %s; running on unchanged", exc)
+            return
+        except Exception:  # a reload never takes the daemon down
+            log.exception("reload failed; running on unchanged")
             return
         self.notifier.reloading()
         self.config = plan_reload(self.config, new).config

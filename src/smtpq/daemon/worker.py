@@ -59,6 +59,7 @@ class Daemon:
     :param workers: how many processes serve the daemon (more than one: SO_REUSEPORT).
     :param source: where :meth:`reload` reads the configuration again.
     :param events: told of each state change (readiness for a supervisor or systemd).
+    :param admin: serve the admin API (a queue that workers share has one, in worker 0).
     """
 
     def __init__(
@@ -70,8 +71,10 @@ class Daemon:
         source: ConfigSource | None = None,
         clock: Clock | None = None,
         events: EventSink | None = None,
+        admin: bool = True,
     ) -> None:
         self.config = config
+        self.admin = admin
         self.owned = list(owned)
         self.workers = workers
         self.source = source or ConfigSource()
@@ -121,10 +124,12 @@ class Daemon:
             tcp = None
             if config.admin.listen and shard.index == 0:
                 tcp = parse_hostport(config.admin.listen, 8025)
-            admin = AdminServer(
-                queue, metrics, socket_path=shard.admin_socket, tcp=tcp, token=config.admin.token
-            )
-            admins.append(admin)
+            if self.admin:
+                token = config.admin.token
+                api = AdminServer(
+                    queue, metrics, socket_path=shard.admin_socket, tcp=tcp, token=token
+                )
+                admins.append(api)
             self.queues.append(queue)
         for admin in admins:
             try:
@@ -181,6 +186,8 @@ class Daemon:
             self.events("reloading")
             try:
                 await self._apply_new_config()
+            except Exception:  # a reload never takes the daemon down
+                log.exception("reload failed; running on with the configuration it had")
             finally:
                 self.events("reloaded")
 
@@ -223,6 +230,7 @@ def run_daemon(
     workers: int = 1,
     source: ConfigSource | None = None,
     events: EventSink | None = None,
+    admin: bool = True,
 ) -> int:
     """Run a :class:`Daemon` in this process until SIGTERM/SIGINT; the exit code.
 
@@ -234,7 +242,7 @@ def run_daemon(
         uvloop.install()
 
     async def main() -> Daemon:
-        daemon = Daemon(config, owned, workers=workers, source=source, events=events)
+        daemon = Daemon(config, owned, workers=workers, source=source, events=events, admin=admin)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.stop)
@@ -293,7 +301,8 @@ def main() -> int:
     configure_logging(config.log_level, config.log_format)
     source = ConfigSource(spec.source_path, spec.source_overrides)
     owned = [shard_at(config, index) for index in sorted(spec.locks)]
-    if not owned:  # Redis or memory: one shared queue, no lock
+    shared = not owned  # Redis: one queue that every worker serves, no lock
+    if shared:
         owned = [shard_at(config, 0)]
     try:
         locks = [
@@ -310,7 +319,10 @@ def main() -> int:
             os.write(spec.status_fd, f"{spec.index} {event}\n".encode())
 
     try:
-        return run_daemon(config, owned, workers=spec.workers, source=source, events=events)
+        return run_daemon(
+            config, owned, workers=spec.workers, source=source, events=events,
+            admin=not shared or spec.index == 0,
+        )  # fmt: skip
     finally:
         for lock in locks:
             lock.release()
