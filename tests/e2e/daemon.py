@@ -70,12 +70,30 @@ def children(pid: int) -> list[int]:
 
 
 def alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie is dead)."""
+    """Whether any thread of process ``pid`` still runs (a zombie is dead).
+
+    Each thread counts: a killed process's main thread may be a zombie while others are
+    still exiting, and its descriptors (its locks) are closed only when the last one is.
+    """
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    for task in tasks:
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] != "Z":
+            return True
+    return False
+
+
+async def gone(pids: list[int], timeout: float) -> None:
+    """Wait until none of ``pids`` is alive; TimeoutError after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while any(alive(pid) for pid in pids):  # noqa: ASYNC110 - polls /proc
+            await asyncio.sleep(0.005)
 
 
 class DaemonProcess:

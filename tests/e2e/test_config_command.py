@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import tomllib
 
@@ -61,3 +62,14 @@ async def test_the_documented_example_uncommented_is_a_valid_config(
     assert "change-me" not in out
     assert "secret" not in out
     assert "# token = (hidden)" in out
+
+
+async def test_json_logs_are_one_object_per_line(daemon_factory: DaemonFactory) -> None:
+    daemon = await daemon_factory({"workers": 2, "log_format": "json"})
+    await daemon.logged('"all 2 workers ready"')
+    assert await daemon.stop(signal.SIGTERM) == 0
+    records = [json.loads(line) for line in daemon.logs().splitlines()]
+    assert {r["logger"] for r in records} >= {"smtpq.daemon.supervisor", "smtpq.daemon.worker"}
+    assert len({r["pid"] for r in records}) == 3
+    assert all(set(r) == {"time", "level", "logger", "pid", "message"} for r in records)
+    assert "smtpq stopped" in {r["message"] for r in records}

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import aiosmtplib
 
+from smtpq.daemon.client import AdminClient
 from tests.e2e.conftest import DaemonFactory
-from tests.e2e.daemon import DaemonProcess, alive
+from tests.e2e.daemon import DaemonProcess, alive, gone
 from tests.helpers import until
 from tests.integration.smtp.sink import Sink
+from tests.redis_server import RedisServer
 
 
 async def send(daemon: DaemonProcess, rcpt: str) -> None:
@@ -24,14 +26,17 @@ async def send(daemon: DaemonProcess, rcpt: str) -> None:
     assert errors == {}
 
 
+def listening_unix_sockets(path: Path) -> int:
+    """How many listening Unix sockets were bound to ``path`` (even if since unlinked)."""
+    lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    # Num RefCount Protocol Flags Type St Inode Path: Flags 00010000 is __SO_ACCEPTCON.
+    return sum(
+        1 for line in lines if line.split()[-1] == str(path) and line.split()[3] == "00010000"
+    )
+
+
 def delivered(sink: Sink) -> list[str]:
     return sorted(r.recipients[0] for r in sink.received)
-
-
-async def gone(pids: list[int], timeout: float) -> None:
-    async with asyncio.timeout(timeout):
-        while any(alive(pid) for pid in pids):  # noqa: ASYNC110 - polls /proc
-            await asyncio.sleep(0.01)
 
 
 async def test_sigkill_of_the_supervisor_takes_the_workers_and_a_restart_delivers_once(
@@ -123,3 +128,28 @@ async def test_a_worker_that_cannot_start_stops_the_daemon_with_exit_2(
     assert "cannot start; stopping the daemon" in logs
     assert "Traceback" not in logs
     assert daemon.workers() == []
+
+
+async def test_two_workers_on_one_redis_queue_share_it_with_one_admin_api(
+    daemon_factory: DaemonFactory, sink: Sink, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    daemon = await daemon_factory(
+        {
+            "workers": 2,
+            "storage": {"type": "redis", "url": redis_server.url, "prefix": redis_prefix},
+            "routes": {"dest.example": f"[127.0.0.1]:{sink.port}"},
+        }
+    )
+    await daemon.logged("all 2 workers ready")
+    rcpts = [f"r{n}@dest.example" for n in range(10)]
+    await asyncio.gather(*(send(daemon, rcpt) for rcpt in rcpts))
+    await until(lambda: len(sink.received) == 10, timeout=30)
+    assert delivered(sink) == sorted(rcpts)
+    # One admin API for the one queue: a second would have replaced the first one's socket.
+    admin = daemon.queue_dir / "admin.sock"
+    assert listening_unix_sockets(admin) == 1
+    assert await AdminClient(admin).available()
+    code, out, err = await daemon.cli("queue", "list")
+    assert code == 0, err
+    assert out.endswith("-- 0 messages\n")
+    assert await daemon.stop(signal.SIGTERM) == 0
