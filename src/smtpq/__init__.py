@@ -30,7 +30,7 @@ from smtpq.relay import (
     TransientRelayError,
 )
 from smtpq.reply import Reply
-from smtpq.storage import DictStorage, QueueStorage, StoredMessage
+from smtpq.storage import DictStorage, DiskStorage, QueueStorage, RedisStorage, StoredMessage
 
 __all__ = [
     "AddMissingHeaders",
@@ -41,6 +41,7 @@ __all__ = [
     "Clock",
     "DefaultBackoff",
     "DictStorage",
+    "DiskStorage",
     "EdgeConfig",
     "Envelope",
     "EnvelopeFormatError",
@@ -55,6 +56,7 @@ __all__ = [
     "QueueStorage",
     "RecipientDomainSplit",
     "RecipientSplit",
+    "RedisStorage",
     "Relay",
     "RelayError",
     "RelayResult",

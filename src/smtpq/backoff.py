@@ -1,9 +1,11 @@
 """Backoff functions: how long to wait before the next attempt, or None to give up.
 
-A backoff is any callable ``backoff(envelope, attempts) -> float | None``; ``attempts`` counts the
-attempts made so far (1 after the first failure). A backoff may expose ``lifetime`` (seconds a
-message may stay queued): when it gives up after that, the bounce says the message expired
-(status X.4.7) rather than that retries ran out.
+A backoff is any callable ``backoff(envelope, attempts) -> float | None`` (python-slimta's form);
+``attempts`` counts the attempts made so far (1 after the first failure). That is all the queue
+asks of it. How long a message may stay queued is the queue's own limit (``Queue(lifetime=...)``,
+as Postfix's ``maximal_queue_lifetime`` is its queue manager's): when the lifetime is over the
+queue gives up with status 4.4.7 whatever the backoff says; when the backoff gives up first,
+retries are exhausted.
 """
 
 from __future__ import annotations
@@ -17,11 +19,18 @@ from typing import Protocol
 from smtpq.clock import Clock, SystemClock
 from smtpq.envelope import Envelope
 
-__all__ = ["Backoff", "DefaultBackoff", "exponential_backoff"]
+__all__ = ["DEFAULT_LIFETIME", "Backoff", "DefaultBackoff", "exponential_backoff"]
+
+#: Five days, as Postfix's ``maximal_queue_lifetime`` (RFC 5321 §4.5.4.1: 4-5 days).
+DEFAULT_LIFETIME = 5 * 86400.0
 
 
 class Backoff(Protocol):
-    """The type of a backoff function."""
+    """What the queue asks of a backoff: ``backoff(envelope, attempts) -> seconds | None``.
+
+    ``envelope`` has the recipients still to be tried; ``attempts`` the count including the
+    attempt that just failed. None gives up: the recipients are bounced (retries exhausted).
+    """
 
     def __call__(self, envelope: Envelope, attempts: int) -> float | None:
         """Seconds until the next attempt, or None to give up."""
@@ -42,13 +51,15 @@ class DefaultBackoff:
     The n-th wait is ``initial * factor ** (n - 1)``, at most ``maximum``, spread by ±``jitter``
     (a fraction) so that a queue restarted with many deferred messages does not retry them all at
     once. The last attempt is made when ``lifetime`` runs out (5 days by default, as in Postfix's
-    maximal_queue_lifetime); after it the backoff gives up.
+    maximal_queue_lifetime); after it the backoff gives up. A :class:`~smtpq.queue.Queue` has a
+    lifetime of its own (the same default): give it the same value, since it is the queue that
+    reports an expiry (status 4.4.7) and announces it in delay warnings (Will-Retry-Until).
     """
 
     initial: float = 300.0
     factor: float = 2.0
     maximum: float = 4 * 3600.0
-    lifetime: float = 5 * 86400.0
+    lifetime: float = DEFAULT_LIFETIME
     jitter: float = 0.1
     clock: Clock = field(default_factory=SystemClock)
     random: Callable[[], float] = field(default=random.random, repr=False)

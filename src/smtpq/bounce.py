@@ -1,33 +1,31 @@
-"""Bounces: RFC 3464 delivery status notifications, built as raw bytes.
+"""Bounces: delivery status notifications as messages, and what makes them for the queue.
 
 A :class:`Bounce` is an :class:`~smtpq.envelope.Envelope` from the null sender to the original
-sender, whose message is a ``multipart/report; report-type=delivery-status`` with a human part, a
-``message/delivery-status`` part (RFC 3464 §2) and the original message (or its headers).
+sender, whose message is a ``multipart/report`` (RFC 3464, :mod:`smtpq.notice`). The queue asks
+a :class:`Notifier` for the DSNs of an event (a :class:`~smtpq.notice.Notice`): the default is
+:class:`BounceFactory`; a python-slimta style ``bounce_factory(envelope, reply)`` function is
+wrapped in a :class:`FunctionNotifier`, which it serves for failures.
 """
 
 from __future__ import annotations
 
 import socket
-import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import format_datetime
+from typing import Protocol
 
 from smtpq.envelope import Envelope
+from smtpq.notice import Action, Notice, Outcome, outcomes_for, render
 from smtpq.reply import Reply
 
-__all__ = ["Bounce", "BounceFactory", "notify_wants"]
-
-CRLF = "\r\n"
-
-
-def _date(ts: float) -> str:
-    return format_datetime(datetime.fromtimestamp(ts, UTC))
-
-
-def _oneline(text: str) -> str:
-    """Header-safe text: no line breaks can be injected into the report."""
-    return " ".join(text.split())
+__all__ = [
+    "Bounce",
+    "BounceFactory",
+    "BounceFunction",
+    "FunctionNotifier",
+    "Notifier",
+    "notify_wants",
+]
 
 
 class Bounce(Envelope):
@@ -35,11 +33,13 @@ class Bounce(Envelope):
 
     :param envelope: the original message, with only the recipients this notice is about.
     :param reply: the reply that failed them (or delayed them, with ``action='delayed'``).
-    :param headers_only: return only the original's headers (RET=HDRS), not the whole message.
+    :param headers_only: return only the original's header (RET=HDRS), not the whole message.
     :param reporting_mta: our host name, for Reporting-MTA and the From address.
     :param now: when the notice is made (Last-Attempt-Date, Date), epoch seconds.
-    :param action: ``'failed'`` or ``'delayed'`` (RFC 3464 §2.3.3).
-    :param diagnostic: text added to the explanation (for example, that retries ran out).
+    :param action: RFC 3464 §2.3.3 (``'failed'``, ``'delayed'``, ``'relayed'``...).
+    :param diagnostic: a line for the explanation (for example, that retries ran out).
+
+    :meth:`of` builds one from a :class:`~smtpq.notice.Notice`, with a reply per recipient.
     """
 
     def __init__(
@@ -50,110 +50,44 @@ class Bounce(Envelope):
         *,
         reporting_mta: str | None = None,
         now: float | None = None,
-        action: str = "failed",
+        action: str = Action.FAILED,
         diagnostic: str | None = None,
     ) -> None:
-        super().__init__("", [envelope.sender])
-        host = reporting_mta or socket.getfqdn()
-        when = now if now is not None else (envelope.timestamp or 0.0)
-        self.timestamp = when
+        notice = Notice(
+            Action(action),
+            envelope,
+            outcomes_for(envelope.recipients, reply),
+            now=now if now is not None else (envelope.timestamp or 0.0),
+            note=diagnostic,
+        )
+        self._fill(notice, reporting_mta or socket.getfqdn(), headers_only)
+
+    @classmethod
+    def of(cls, notice: Notice, reporting_mta: str, *, headers_only: bool = False) -> Bounce:
+        """The DSN of ``notice``, from ``MAILER-DAEMON@reporting_mta``."""
+        bounce = cls.__new__(cls)
+        bounce._fill(notice, reporting_mta, headers_only)
+        return bounce
+
+    def _fill(self, notice: Notice, host: str, headers_only: bool) -> None:
+        Envelope.__init__(self, "", [notice.envelope.sender])
+        self.timestamp = notice.now
         self.receiver = host
-        self.parse(_build(envelope, reply, headers_only, host, when, action, diagnostic))
-
-
-def _status(reply: Reply) -> str:
-    if reply.enhanced_status_code:
-        return reply.enhanced_status_code
-    return "5.0.0" if reply.is_permanent() else "4.0.0"
-
-
-def _build(
-    env: Envelope,
-    reply: Reply,
-    headers_only: bool,
-    host: str,
-    now: float,
-    action: str,
-    diagnostic: str | None,
-) -> bytes:
-    boundary = f"=_smtpq_{uuid.uuid4().hex}"
-    failed = action == "failed"
-    subject = (
-        "Undelivered Mail Returned to Sender" if failed else "Delayed Mail (still being retried)"
-    )
-    head = [
-        f"From: Mail Delivery System <MAILER-DAEMON@{host}>",
-        f"To: <{env.sender}>",
-        f"Subject: {subject}",
-        f"Date: {_date(now)}",
-        f"Message-ID: <{uuid.uuid4().hex}@{host}>",
-        "Auto-Submitted: auto-replied",
-        "MIME-Version: 1.0",
-        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
-    ]
-    rcpts = "".join(f"    <{r}>{CRLF}" for r in env.recipients)
-    what = (
-        "could not be delivered to the following recipients:"
-        if failed
-        else "has not yet been delivered to the following recipients; delivery will be retried:"
-    )
-    human = (
-        f"This is the mail system at host {host}.{CRLF}{CRLF}"
-        f"Your message {what}{CRLF}{CRLF}{rcpts}{CRLF}"
-        f"The remote reply was:{CRLF}    {_oneline(str(reply))}{CRLF}"
-    )
-    if diagnostic:
-        human += f"{CRLF}{_oneline(diagnostic)}{CRLF}"
-    report = [f"Reporting-MTA: dns; {host}"]
-    if env.dsn_envid:
-        report.append(f"Original-Envelope-Id: {_oneline(env.dsn_envid)}")
-    if env.timestamp is not None:
-        report.append(f"Arrival-Date: {_date(env.timestamp)}")
-    report.append("")
-    status = _status(reply)
-    diag = _oneline(str(reply))
-    if diagnostic:
-        diag = f"{diag} ({_oneline(diagnostic)})"
-    for rcpt in env.recipients:
-        orcpt = env.rcpt_params.get(rcpt, {}).get("ORCPT")
-        if orcpt:
-            report.append(f"Original-Recipient: {_oneline(orcpt)}")
-        utf8 = not rcpt.isascii()
-        report.append(f"Final-Recipient: {'utf-8' if utf8 else 'rfc822'}; {rcpt}")
-        report.append(f"Action: {action}")
-        report.append(f"Status: {status}")
-        if reply.remote_host:
-            report.append(f"Remote-MTA: dns; {_oneline(reply.remote_host)}")
-        if reply.code:
-            report.append(f"Diagnostic-Code: smtp; {diag}")
-        report.append(f"Last-Attempt-Date: {_date(now)}")
-        report.append("")
-    original_head, original_body = env.flatten()
-    if headers_only:
-        returned_type, returned = "text/rfc822-headers", original_head
-    else:
-        returned_type, returned = "message/rfc822", original_head + original_body
-    if env.smtputf8:  # RFC 6533: internationalised messages are returned as message/global
-        returned_type = "message/global-headers" if headers_only else "message/global"
-    text = CRLF.join(head) + CRLF + CRLF
-    text += "This is a MIME-encapsulated message." + CRLF + CRLF
-    text += f"--{boundary}{CRLF}Content-Type: text/plain; charset=utf-8{CRLF}"
-    text += f"Content-Description: Notification{CRLF}{CRLF}{human}{CRLF}"
-    text += f"--{boundary}{CRLF}Content-Type: message/delivery-status{CRLF}"
-    text += f"Content-Description: Delivery report{CRLF}{CRLF}{CRLF.join(report)}{CRLF}"
-    text += f"--{boundary}{CRLF}Content-Type: {returned_type}{CRLF}"
-    text += f"Content-Description: Undelivered message{CRLF}{CRLF}"
-    tail = f"{CRLF}--{boundary}--{CRLF}".encode()
-    if not returned.endswith(b"\n"):
-        returned += b"\r\n"
-    return text.encode("utf-8") + returned + tail
+        data = render(notice, host, headers_only=headers_only)
+        self.parse(data)
+        # A global DSN needs SMTPUTF8 where the next hop offers it (the relay asks for it);
+        # 8-bit content needs 8BITMIME.
+        self.smtputf8 = notice.envelope.smtputf8
+        if not data.isascii():
+            self.body_type = "8BITMIME"
 
 
 def notify_wants(envelope: Envelope, recipient: str, kind: str) -> bool:
-    """Whether RFC 3461 NOTIFY for ``recipient`` asks for ``kind`` (``FAILURE``, ``DELAY``).
+    """Whether RFC 3461 NOTIFY for ``recipient`` asks for ``kind`` (``SUCCESS``, ``FAILURE``,
+    ``DELAY``).
 
-    Without NOTIFY, failures and delays may be reported (RFC 3461 §4.1: the MTA's own settings
-    decide whether delay warnings are sent at all).
+    Without NOTIFY, failures and delays are reported (RFC 3461 §4.1: the MTA decides whether
+    it sends delay warnings at all), successes are not.
     """
     notify = envelope.rcpt_params.get(recipient, {}).get("NOTIFY")
     if notify is None:
@@ -162,15 +96,54 @@ def notify_wants(envelope: Envelope, recipient: str, kind: str) -> bool:
     return "NEVER" not in values and kind in values
 
 
+#: The NOTIFY keyword (RFC 3461 §4.1) that asks for each kind of notice.
+_NOTIFY_KIND = {
+    Action.FAILED: "FAILURE",
+    Action.DELAYED: "DELAY",
+    Action.RELAYED: "SUCCESS",
+    Action.DELIVERED: "SUCCESS",
+}
+
+
+class Notifier(Protocol):
+    """What the queue asks for: the DSNs reporting one event of one message."""
+
+    def notify(self, notice: Notice) -> Sequence[Envelope]:
+        """The messages to send to ``notice.envelope.sender`` (none where none is due).
+
+        The queue has already left out the recipients whose NOTIFY declines the notice, and
+        asks nothing for a message from the null sender.
+        """
+        ...
+
+
+class BounceFunction(Protocol):
+    """python-slimta's ``bounce_factory(envelope, reply) -> Envelope | None``."""
+
+    def __call__(self, envelope: Envelope, reply: Reply) -> Envelope | None:
+        """The bounce for ``envelope``'s recipients, which all got ``reply``; None for none."""
+        ...
+
+
 @dataclass
 class BounceFactory:
-    """The default ``bounce_factory(envelope, reply)``: a DSN unless none may or need be sent.
+    """The default :class:`Notifier`: one DSN per notice, from ``MAILER-DAEMON@reporting_mta``.
 
-    None for a null sender (RFC 5321 §6.1: never bounce a bounce) and for recipients whose NOTIFY
-    excludes failures; RET=HDRS returns headers only.
+    A failure returns the whole message, or its header with RET=HDRS; other notices (delay
+    warnings, success reports) return the header only, as Postfix does. Also callable as
+    python-slimta's ``bounce_factory(envelope, reply)``, honouring NOTIFY there itself.
     """
 
     reporting_mta: str | None = None
+
+    def notify(self, notice: Notice) -> list[Envelope]:
+        """The DSN of ``notice``, or none for the null sender or no recipient."""
+        env = notice.envelope
+        if not env.sender or not notice.outcomes:
+            return []
+        full = notice.action is Action.FAILED and (env.dsn_ret or "").upper() != "HDRS"
+        host = self.reporting_mta or socket.getfqdn()
+        return [Bounce.of(notice, host, headers_only=not full)]
 
     def __call__(
         self,
@@ -179,18 +152,17 @@ class BounceFactory:
         *,
         now: float | None = None,
         diagnostic: str | None = None,
-        action: str = "failed",
+        action: str = Action.FAILED,
     ) -> Bounce | None:
-        """Build the bounce, or None."""
+        """The bounce of ``envelope``'s recipients that want one (NOTIFY), or None."""
         if not envelope.sender:
             return None
-        kind = "FAILURE" if action == "failed" else "DELAY"
+        kind = _NOTIFY_KIND[Action(action)]
         wanted = [r for r in envelope.recipients if notify_wants(envelope, r, kind)]
         if not wanted:
             return None
-        subject = envelope if wanted == envelope.recipients else envelope.copy(wanted)
         return Bounce(
-            subject,
+            envelope.copy(wanted),
             reply,
             headers_only=(envelope.dsn_ret or "").upper() == "HDRS",
             reporting_mta=self.reporting_mta,
@@ -198,3 +170,32 @@ class BounceFactory:
             action=action,
             diagnostic=diagnostic,
         )
+
+
+@dataclass(frozen=True)
+class FunctionNotifier:
+    """A python-slimta ``bounce_factory(envelope, reply)`` as a :class:`Notifier`.
+
+    The function makes the failure bounces: it is called once per distinct reply of the event
+    (it can describe only one), with the recipients that got it; a recipient whose lifetime ran
+    out is given its last reply with status 4.4.7. Other notices (delay warnings, success
+    reports) come from ``others``.
+    """
+
+    function: BounceFunction
+    others: Notifier
+
+    def notify(self, notice: Notice) -> list[Envelope]:
+        """The function's bounces for a failure; ``others``' notices otherwise."""
+        if notice.action is not Action.FAILED:
+            return list(self.others.notify(notice))
+        groups: dict[Reply, list[str]] = {}
+        for outcome in notice.outcomes:
+            groups.setdefault(_final_reply(outcome), []).append(outcome.recipient)
+        bounces = (self.function(notice.envelope.copy(rcpts), r) for r, rcpts in groups.items())
+        return [b for b in bounces if b is not None]
+
+
+def _final_reply(outcome: Outcome) -> Reply:
+    reply = outcome.reply or Reply("550", "5.0.0 Delivery failed")
+    return reply.replace(enhanced_status_code="4.4.7") if outcome.expired else reply

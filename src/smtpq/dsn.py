@@ -8,6 +8,10 @@ and ``envelope.rcpt_params[address]`` with ``'NOTIFY'`` (``'NEVER'`` or a comma-
 ``SUCCESS``, ``FAILURE``, ``DELAY``, upper case) and ``'ORCPT'`` (``'addr-type;xtext'``). A
 bounce decodes them with :func:`xtext_decode` where it writes Original-Envelope-Id and
 Original-Recipient (RFC 3464 §2.2.1, §2.3.1).
+
+RFC 6533 writes UTF-8 addresses in ASCII as ``utf-8-addr-xtext``: ``\\x{HEX}`` for each character
+outside the printable ASCII that needs no quoting (:func:`utf8_addr_encode`,
+:func:`utf8_addr_decode`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ __all__ = [
     "parse_mail_params",
     "parse_rcpt_params",
     "split_orcpt",
+    "utf8_addr_decode",
+    "utf8_addr_encode",
     "xtext_decode",
     "xtext_encode",
 ]
@@ -33,6 +39,9 @@ _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*")
 _XCHAR_HEX = re.compile(r"\+([0-9A-F]{2})")
 _ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
 _NOTIFY = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+# RFC 6533 §3: QCHAR is printable ASCII but "+", "=" and "\\"; EmbeddedUnicodeChar is \\x{HEX}.
+_QCHAR = re.compile(r"[!-*,-<>-\[\]-~]")
+_EMBEDDED = re.compile(r"\\x\{([0-9A-Fa-f]{2,6})\}")
 
 
 class DsnParamError(ValueError):
@@ -69,6 +78,21 @@ def xtext_decode(value: str) -> str:
     for i, part in enumerate(_XCHAR_HEX.split(value)):
         data += bytes([int(part, 16)]) if i % 2 else part.encode("utf-8", "replace")
     return data.decode("utf-8", "replace")
+
+
+def utf8_addr_encode(address: str) -> str:
+    """``address`` as RFC 6533 ``utf-8-addr-xtext``: ASCII only, ``\\x{HEX}`` for the rest."""
+    return "".join(c if _QCHAR.match(c) else f"\\x{{{ord(c):02X}}}" for c in address)
+
+
+def utf8_addr_decode(value: str) -> str:
+    """The inverse of :func:`utf8_addr_encode` (also of ``utf-8-addr-unitext``)."""
+
+    def char(match: re.Match[str]) -> str:
+        point = int(match.group(1), 16)
+        return chr(point) if point <= 0x10FFFF else match.group(0)
+
+    return _EMBEDDED.sub(char, value)
 
 
 def split_orcpt(value: str) -> tuple[str, str]:

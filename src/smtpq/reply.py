@@ -1,4 +1,5 @@
-"""SMTP replies as values, and the one place where a reply is classified.
+"""SMTP replies as values, the one place where a reply is classified, and the one table of the
+standard replies smtpq gives (:class:`Replies`, with :class:`ReplyCode` naming the bare codes).
 
 A :class:`Reply` carries the three-digit code, the text (with its RFC 3463 enhanced status code
 split out), and optionally the command that provoked it and the remote host that gave it.
@@ -8,8 +9,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from enum import Enum
-from typing import Any, TypedDict, Unpack
+from enum import Enum, IntEnum
+from typing import Any, TypedDict, Unpack, final
 
 _ESC = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 _CODE = re.compile(r"^[2-5]\d\d$")
@@ -75,6 +76,7 @@ class Reply:
 
     __slots__ = (
         "_esc",
+        "_raw",
         "_text",
         "address",
         "code",
@@ -91,6 +93,7 @@ class Reply:
     remote_ip: str | None
     remote_dsn: bool | None
     _esc: str | None
+    _raw: str | None
     _text: str
 
     def __init__(
@@ -121,6 +124,7 @@ class Reply:
         init(self, "remote_ip", remote_ip)
         init(self, "remote_dsn", remote_dsn)
         init(self, "_esc", esc)
+        init(self, "_raw", message)
         init(self, "_text", text)
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -137,7 +141,7 @@ class Reply:
         fields.update(changes)
         esc = fields.pop("enhanced_status_code", None)
         if "message" not in changes:
-            fields["message"] = self._text if esc else self.message
+            fields["message"] = self._text if esc else self._raw
         if esc:
             fields["message"] = f"{esc} {fields['message'] or ''}".rstrip()
         return Reply(**fields)
@@ -148,6 +152,11 @@ class Reply:
         if self._esc is None:
             return self._text if self._text or self.code else None
         return f"{self._esc} {self._text}".rstrip()
+
+    def as_sent(self) -> str:
+        """The reply as its sender gave it: the code and the text without the enhanced status
+        code filled in or corrected here (for a DSN's Diagnostic-Code, RFC 3464 §2.3.6)."""
+        return f"{self.code or ''} {self._raw or ''}".strip()
 
     @property
     def text(self) -> str:
@@ -184,7 +193,7 @@ class Reply:
         """Plain values, for storage."""
         data: ReplyDict = {
             "code": self.code,
-            "message": self.message,
+            "message": self._raw,
             "command": self.command,
             "address": self.address,
             "remote_host": self.remote_host,
@@ -232,16 +241,179 @@ class Reply:
         return self.code is not None
 
 
+class ReplyCode(IntEnum):
+    """The bare reply codes smtpq gives or reads (RFC 5321 §4.2.3, RFC 3207, RFC 4954)."""
+
+    SERVICE_READY = 220
+    CLOSING = 221
+    AUTH_SUCCESSFUL = 235
+    OK = 250
+    CANNOT_VRFY = 252
+    HELP = 214
+    AUTH_CONTINUE = 334
+    START_MAIL_INPUT = 354
+    SERVICE_UNAVAILABLE = 421
+    MAILBOX_UNAVAILABLE_TEMPORARILY = 450
+    LOCAL_ERROR = 451
+    INSUFFICIENT_STORAGE = 452
+    TEMPORARY_FAILURE = 454
+    SYNTAX_ERROR = 500
+    PARAMETER_SYNTAX_ERROR = 501
+    NOT_IMPLEMENTED = 502
+    BAD_SEQUENCE = 503
+    PARAMETER_NOT_IMPLEMENTED = 504
+    ACCESS_REQUIRED = 530
+    AUTH_FAILED = 535
+    ENCRYPTION_REQUIRED = 538
+    MAILBOX_UNAVAILABLE = 550
+    EXCEEDED_STORAGE = 552
+    MAILBOX_NAME_NOT_ALLOWED = 553
+    TRANSACTION_FAILED = 554
+    PARAMETERS_NOT_RECOGNIZED = 555
+
+
+def _r(code: ReplyCode, message: str) -> Reply:
+    return Reply(str(int(code)), message)
+
+
+@final
+class Replies:
+    """The standard replies, in one table: what smtpq's server says, and its own outcomes.
+
+    Replies are immutable, so these are shared; a reply with a variable part is made by the
+    functions below the table.
+    """
+
+    BYE = _r(ReplyCode.CLOSING, "2.0.0 Bye")
+    AUTH_OK = _r(ReplyCode.AUTH_SUCCESSFUL, "2.7.0 Authentication successful")
+    OK = _r(ReplyCode.OK, "2.0.0 OK")
+    SENDER_OK = _r(ReplyCode.OK, "2.1.0 OK")
+    RECIPIENT_OK = _r(ReplyCode.OK, "2.1.5 OK")
+    VRFY = _r(
+        ReplyCode.CANNOT_VRFY,
+        "2.0.0 Cannot VRFY user, but will accept message and attempt delivery",
+    )
+    HELP = _r(
+        ReplyCode.HELP,
+        "2.0.0 Commands: AUTH BDAT DATA EHLO HELO HELP MAIL NOOP QUIT RCPT RSET STARTTLS VRFY",
+    )
+    START_DATA = _r(ReplyCode.START_MAIL_INPUT, "End data with <CR><LF>.<CR><LF>")
+    READY_FOR_TLS = _r(ReplyCode.SERVICE_READY, "2.0.0 Ready to start TLS")
+
+    SHUTTING_DOWN = _r(ReplyCode.SERVICE_UNAVAILABLE, "4.3.2 Service shutting down")
+    TOO_MANY_ERRORS = _r(ReplyCode.SERVICE_UNAVAILABLE, "4.7.0 Error: too many errors")
+    SERVER_ERROR = _r(ReplyCode.SERVICE_UNAVAILABLE, "4.3.0 Internal server error")
+    QUEUE_ERROR = _r(
+        ReplyCode.LOCAL_ERROR, "4.3.0 Queue error, message not accepted; try again later"
+    )
+    TOO_MANY_RECIPIENTS = _r(ReplyCode.INSUFFICIENT_STORAGE, "4.5.3 Too many recipients")
+    AUTH_UNAVAILABLE = _r(ReplyCode.TEMPORARY_FAILURE, "4.7.0 Temporary authentication failure")
+    TLS_UNAVAILABLE = _r(ReplyCode.TEMPORARY_FAILURE, "4.7.0 TLS not available")
+    UNEXPECTED_ERROR = _r(
+        ReplyCode.MAILBOX_UNAVAILABLE_TEMPORARILY, "4.0.0 Unexpected error during delivery attempt"
+    )
+    MISSING_RECIPIENT = _r(
+        ReplyCode.MAILBOX_UNAVAILABLE_TEMPORARILY, "4.0.0 No result for this recipient"
+    )
+
+    UNRECOGNIZED = _r(ReplyCode.SYNTAX_ERROR, "5.5.1 Error: command not recognized")
+    BAD_SYNTAX = _r(ReplyCode.SYNTAX_ERROR, "5.5.2 Error: bad syntax")
+    LINE_TOO_LONG = _r(ReplyCode.SYNTAX_ERROR, "5.5.6 Line too long")
+    BAD_SENDER = _r(ReplyCode.PARAMETER_SYNTAX_ERROR, "5.1.7 Bad sender address syntax")
+    BAD_RECIPIENT = _r(ReplyCode.PARAMETER_SYNTAX_ERROR, "5.1.3 Bad recipient address syntax")
+    BAD_BASE64 = _r(ReplyCode.PARAMETER_SYNTAX_ERROR, "5.5.2 Can't decode base64")
+    BAD_PLAIN = _r(ReplyCode.PARAMETER_SYNTAX_ERROR, "5.5.2 Can't split auth value")
+    AUTH_ABORTED = _r(ReplyCode.PARAMETER_SYNTAX_ERROR, "5.7.0 Auth aborted")
+    NOT_IMPLEMENTED = _r(ReplyCode.NOT_IMPLEMENTED, "5.5.1 Error: command not implemented")
+    BAD_SEQUENCE = _r(ReplyCode.BAD_SEQUENCE, "5.5.1 Error: bad sequence of commands")
+    NEED_HELO = _r(ReplyCode.BAD_SEQUENCE, "5.5.1 Error: send HELO/EHLO first")
+    NEED_EHLO = _r(ReplyCode.BAD_SEQUENCE, "5.5.1 Error: send EHLO first")
+    NESTED_MAIL = _r(ReplyCode.BAD_SEQUENCE, "5.5.1 Error: nested MAIL command")
+    NEED_MAIL = _r(ReplyCode.BAD_SEQUENCE, "5.5.1 Error: need MAIL command")
+    NEED_RCPT = _r(ReplyCode.BAD_SEQUENCE, "5.5.1 Error: need RCPT command")
+    IN_TRANSACTION = _r(ReplyCode.BAD_SEQUENCE, "5.5.1 Error: MAIL transaction in progress")
+    DATA_AFTER_BDAT = _r(ReplyCode.BAD_SEQUENCE, "5.5.1 Error: DATA after BDAT")
+    ALREADY_AUTHENTICATED = _r(ReplyCode.BAD_SEQUENCE, "5.5.1 Error: already authenticated")
+    AUTH_NOT_ENABLED = _r(ReplyCode.BAD_SEQUENCE, "5.5.1 Error: authentication not enabled")
+    TLS_ACTIVE = _r(ReplyCode.BAD_SEQUENCE, "5.5.1 Error: TLS already active")
+    UNKNOWN_MECHANISM = _r(
+        ReplyCode.PARAMETER_NOT_IMPLEMENTED, "5.5.4 Unrecognized authentication type"
+    )
+    TLS_REQUIRED = _r(ReplyCode.ACCESS_REQUIRED, "5.7.0 Must issue a STARTTLS command first")
+    AUTH_REQUIRED = _r(ReplyCode.ACCESS_REQUIRED, "5.7.0 Authentication required")
+    AUTH_FAILED = _r(ReplyCode.AUTH_FAILED, "5.7.8 Authentication credentials invalid")
+    ENCRYPTION_REQUIRED = _r(
+        ReplyCode.ENCRYPTION_REQUIRED,
+        "5.7.11 Encryption required for requested authentication mechanism",
+    )
+    NO_DOMAIN = _r(ReplyCode.MAILBOX_UNAVAILABLE, "5.1.3 Recipient address must include a domain")
+    TOO_BIG = _r(
+        ReplyCode.EXCEEDED_STORAGE, "5.3.4 Message size exceeds fixed maximum message size"
+    )
+    NOT_UTF8 = _r(ReplyCode.MAILBOX_NAME_NOT_ALLOWED, "5.6.7 Address is not valid UTF-8")
+    NEEDS_SMTPUTF8 = _r(
+        ReplyCode.MAILBOX_NAME_NOT_ALLOWED, "5.6.7 Non-ASCII address requires SMTPUTF8"
+    )
+
+
+# RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets with its CRLF.
+_MAX_REPLY_LINE = 510
+
+
+def greeting_reply(hostname: str) -> Reply:
+    """``220``: the server's greeting (sent without an enhanced code, RFC 2034 §3)."""
+    return _r(ReplyCode.SERVICE_READY, f"{hostname} ESMTP smtpq")
+
+
+def timeout_reply(hostname: str) -> Reply:
+    """``421 4.4.2``: the client was silent too long (RFC 5321 §4.5.3.2)."""
+    return _r(ReplyCode.SERVICE_UNAVAILABLE, f"4.4.2 {hostname} Timeout exceeded")
+
+
+def syntax_reply(usage: str) -> Reply:
+    """``501 5.5.4``: a command's arguments are wrong; ``usage`` shows the right form."""
+    return _r(ReplyCode.PARAMETER_SYNTAX_ERROR, f"5.5.4 Syntax: {usage}")
+
+
+def parameter_reply(text: str) -> Reply:
+    """``501 5.5.4``: an ESMTP parameter has a bad value."""
+    return _r(ReplyCode.PARAMETER_SYNTAX_ERROR, f"5.5.4 {text}")
+
+
+def unsupported_parameter_reply(keyword: str) -> Reply:
+    """``555 5.5.4``: a MAIL or RCPT parameter we do not know (RFC 5321 §4.1.1.11)."""
+    return _r(ReplyCode.PARAMETERS_NOT_RECOGNIZED, f"5.5.4 Unsupported option: {keyword}")
+
+
+def relay_denied_reply(address: str) -> Reply:
+    """``554 5.7.1``: the client may not send to ``address`` through us."""
+    return _r(ReplyCode.TRANSACTION_FAILED, f"5.7.1 <{address}>: Relay access denied")
+
+
+def chunk_received_reply(size: int) -> Reply:
+    """``250 2.0.0``: a BDAT chunk (not the last) arrived (RFC 3030)."""
+    return _r(ReplyCode.OK, f"2.0.0 Ok: {size} bytes")
+
+
+def accepted_reply(ids: list[str]) -> Reply:
+    """``250 2.6.0`` naming the queue ids, kept within one reply line."""
+    head = "2.6.0 Message accepted for delivery; queued as "
+    text = head + " ".join(ids)
+    if len(text) + 4 > _MAX_REPLY_LINE:
+        text = f"{head}{ids[0]} and {len(ids) - 1} more"
+    return _r(ReplyCode.OK, text)
+
+
 def queue_error_reply() -> Reply:
     """``451 4.3.0``: the queue could not take responsibility for the message."""
-    return Reply("451", "4.3.0 Queue error, message not accepted; try again later")
+    return Replies.QUEUE_ERROR
 
 
 def unexpected_error_reply() -> Reply:
     """``450 4.0.0``: the relay failed in a way nobody foresaw; try again later."""
-    return Reply("450", "4.0.0 Unexpected error during delivery attempt")
+    return Replies.UNEXPECTED_ERROR
 
 
 def missing_recipient_reply() -> Reply:
     """``450 4.0.0``: the relay returned no result for a recipient; treat it as transient."""
-    return Reply("450", "4.0.0 No result for this recipient")
+    return Replies.MISSING_RECIPIENT

@@ -147,6 +147,11 @@ class DaemonProcess:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 preexec_fn=obey_file_permissions if self.obey_permissions else None,
             )
+        return await self.wait_ready(timeout)
+
+    async def wait_ready(self, timeout: float = 20.0) -> DaemonProcess:
+        """Wait until the SMTP port of the started process accepts connections."""
+        assert self.proc is not None
         async with asyncio.timeout(timeout):
             while True:
                 if self.proc.poll() is not None:

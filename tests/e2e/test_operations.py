@@ -87,7 +87,8 @@ async def test_queue_commands(
     code, out, _ = await daemon.cli("queue", "list")
     assert code == 0
     assert m1 in out
-    assert "-- 3 messages" in out
+    size = sum(m["size"] for m in messages)
+    assert f"-- {-(-size // 1024)} Kbytes in 3 messages" in out
     code, out, _ = await daemon.cli("queue", "show", m1, "--body")
     assert code == 0
     assert "<ok@dest.example> done" in out

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,7 @@ from smtpq.daemon.admin import AdminServer
 from smtpq.daemon.client import AdminClient, AdminError
 from smtpq.daemon.metrics import Metrics
 from tests.helpers import ScriptedRelay, make_envelope, until
+from tests.integration.smtp.conftest import free_port
 
 GREYLIST = Reply("451", "4.7.1 Greylisted")
 
@@ -189,3 +194,124 @@ async def test_metrics_parse_and_match(admin: Admin) -> None:
     assert samples[("smtpq_oldest_message_age_seconds", ())] == pytest.approx(120, abs=1)
     assert samples[("smtpq_delivery_attempt_seconds_count", ())] == 2
     assert samples[("smtpq_storage_write_seconds_count", ())] == 2
+
+
+async def test_actions_are_logged_with_the_peer_uid(
+    admin: Admin, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    by = f"by=uid:{os.getuid()}"
+    a = await admin.enqueue("s@one.example", ["x@slow.example"])
+    b = await admin.enqueue("s@two.example", ["y@slow.example"])
+    c = await admin.enqueue("s@two.example", ["z@slow.example"])
+    await admin.client.post("/queue/hold", {"ids": [a]})
+    await admin.client.post("/queue/release", {"ids": [a]})
+    await admin.client.post("/queue/flush", {"ids": [a]})
+    await admin.client.post("/queue/delete", {"ids": [c]})
+    [new] = (await admin.client.post("/queue/requeue", {"ids": [b]}))["ids"]
+    await until(lambda: admin.queue.inflight == 0)
+    assert (await admin.client.post("/queue/bounce", {"ids": [new]}))["count"] == 1
+    await until(lambda: admin.queue.inflight == 0)
+    assert (await admin.client.post("/queue/flush", {}))["count"] == 2  # no body: a and the DSN
+    lines = [r.getMessage() for r in caplog.records]
+    assert f"held id={a} {by}" in lines
+    assert f"released id={a} {by}" in lines
+    assert f"flushed id={a} {by}" in lines
+    assert f"deleted id={c} to=<z@slow.example> {by}" in lines
+    assert f"requeued id={b} to=<y@slow.example> new={new} {by}" in lines
+    [bounced] = [line for line in lines if line.startswith(f"bounced id={new} ")]
+    dsn = next(m["id"] for m in await admin.listing() if m["sender"] == "")
+    assert bounced == (
+        f'bounced id={new} to=<y@slow.example> reply="550 5.0.0 Delivery cancelled by the'
+        f' administrator" dsn={dsn} {by}'
+    )
+    assert f"flushed all: 2 messages {by}" in lines
+    # Nothing is logged for what was not done: a message that is gone.
+    await admin.client.post("/queue/hold", {"ids": [c]})
+    assert f"held id={c} {by}" not in [r.getMessage() for r in caplog.records]
+    # An operator's bounce counts as a bounce; every action is counted per message.
+    text = await admin.client.get_text("/metrics")
+    samples = {
+        (s.name, s.labels.get("action")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("smtpq_recipients_bounced_total", None)] == 1
+    actions = {a: v for (n, a), v in samples.items() if n == "smtpq_operator_actions_total"}
+    assert actions == {
+        "held": 1, "released": 1, "flushed": 1, "deleted": 1, "requeued": 1, "bounced": 1
+    }  # fmt: skip
+
+
+async def _tcp_post(port: int, path: str, body: dict[str, Any], token: str) -> tuple[int, Any]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    data = json.dumps(body).encode()
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    response = await reader.read()
+    writer.close()
+    head, _, text = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(text)
+
+
+async def test_actions_over_tcp_are_logged_as_the_token(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    store, clock = DictStorage(), ManualClock()
+    queue = Queue(store, ScriptedRelay(lambda rcpt, n: GREYLIST), clock=clock, hostname="mx")
+    port = free_port()
+    server = AdminServer(
+        queue, Metrics(store, clock), socket_path=None, tcp=("127.0.0.1", port), token="s3cret"
+    )
+    async with queue:
+        await server.start()
+        try:
+            [(_, id)] = await queue.enqueue(make_envelope())
+            await until(lambda: queue.inflight == 0)
+            assert await _tcp_post(port, "/queue/hold", {"ids": [id]}, "wrong") == (
+                401, {"error": "a valid admin token is required"}
+            )  # fmt: skip
+            assert await _tcp_post(port, "/queue/hold", {"ids": [id]}, "s3cret") == (
+                200, {"count": 1}
+            )  # fmt: skip
+        finally:
+            await server.stop()
+    assert f"held id={id} by=token" in [r.getMessage() for r in caplog.records]
+
+
+async def test_a_live_admin_socket_is_never_taken(
+    admin: Admin, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A second server on the path of a live one (another daemon, a worker of a shared queue):
+    # it leaves the socket alone, and stopping it does not remove the first one's.
+    path = tmp_path / "admin.sock"
+    second = AdminServer(admin.queue, Metrics(admin.queue.store, admin.clock), socket_path=path)
+    await second.start()
+    assert f"admin socket {path} is served by another process" in caplog.text
+    await second.stop()
+    assert path.exists()
+    assert await admin.client.available()
+
+
+async def test_a_stale_admin_socket_is_replaced_and_other_files_are_kept(tmp_path: Path) -> None:
+    store, clock = DictStorage(), ManualClock()
+    queue = Queue(store, None, clock=clock, hostname="mx")
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as dead:  # bound, never listening: a dead daemon's
+        dead.bind(str(stale))
+    server = AdminServer(queue, Metrics(store, clock), socket_path=stale)
+    await server.start()
+    assert await AdminClient(stale).available()
+    await server.stop()
+    assert not stale.exists()
+
+    precious = tmp_path / "precious"
+    precious.write_text("not a socket")
+    server = AdminServer(queue, Metrics(store, clock), socket_path=precious)
+    with pytest.raises(OSError, match="in use"):
+        await server.start()
+    assert precious.read_text() == "not a socket"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import email
+import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -22,6 +24,8 @@ from smtpq import (
     exponential_backoff,
 )
 from smtpq.policy import RecipientDomainSplit
+from smtpq.queue.driver import RECORD_RETRY_DELAY
+from tests.dsn_grammar import check_dsn
 from tests.helpers import ScriptedRelay, make_envelope, until
 
 OK = Reply("250", "2.0.0 Ok")
@@ -32,9 +36,15 @@ NO_USER = Reply("550", "5.1.1 No such user")
 class Harness:
     """A queue whose relay is scripted and whose bounces land in a second, relay-less queue."""
 
-    def __init__(self, relay: Relay, backoff: object = exponential_backoff) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        backoff: object = exponential_backoff,
+        store: DictStorage | None = None,
+        **options: Any,
+    ) -> None:
         self.clock = ManualClock()
-        self.store = DictStorage()
+        self.store = store or DictStorage()
         self.bounce_store = DictStorage()
         self.bounces = Queue(self.bounce_store, clock=self.clock)
         self.relay = relay
@@ -45,6 +55,7 @@ class Harness:
             bounce_queue=self.bounces,
             clock=self.clock,
             hostname="mx.test",
+            **options,
         )
 
     async def size(self) -> int:
@@ -116,7 +127,8 @@ async def test_permanent_failure_bounces_once_and_removes(
     assert b"Final-Recipient: rfc822; rcpt@example.com" in text
     assert b"Status: 5.1.1" in text
     assert b"Action: failed" in text
-    assert b"Diagnostic-Code: smtp; 550 5.1.1 No such user" in text
+    # The scripted relay's replies come from no remote host: locally generated.
+    assert b"Diagnostic-Code: x-local; 550 5.1.1 No such user" in text
     assert len(scripted.calls) == 1
 
 
@@ -146,10 +158,13 @@ async def test_transient_retries_on_schedule_then_bounces_once(
     assert harness.clock.time() - start == pytest.approx(sum(12.0 * 5.0**a for a in range(1, 6)))
     assert await harness.size() == 0
     [bounce] = await harness.bounce_messages()
-    text = b"".join(bounce.flatten())
-    assert b"Status: 4.7.1" in text  # the last reply's status, Action: failed
-    assert b"Action: failed" in text
-    assert b"retries exhausted after 6 attempts" in text
+    dsn = check_dsn(b"".join(bounce.flatten()))
+    [fields] = dsn.recipients
+    assert fields["Status"] == "4.7.1"  # the last reply's status, Action: failed
+    assert fields["Action"] == "failed"
+    assert fields["Diagnostic-Code"] == "x-local; 451 4.7.1 Greylisted, try later"
+    human = " ".join(dsn.human.split())
+    assert "given up after 13 hours 1 minute and 6 attempts: retries exhausted" in human
 
 
 async def test_mixed_recipients_each_handled_exactly_once(
@@ -428,8 +443,7 @@ async def test_lease_is_renewed_during_a_long_attempt() -> None:
 
 async def test_delay_warning_sent_once_honouring_notify(scripted: ScriptedRelay) -> None:
     scripted.script = lambda rcpt, n: GREYLIST if n < 3 else None
-    h = Harness(scripted, backoff=lambda env, n: 3600.0)
-    h.queue.delay_warnings = (2 * 3600.0,)
+    h = Harness(scripted, backoff=lambda env, n: 3600.0, delay_warnings=[2 * 3600.0])
     env = make_envelope(recipients=["a@x.example", "b@x.example"])
     env.rcpt_params["b@x.example"] = {"NOTIFY": "FAILURE"}  # asked for no delay notices
     async with h.queue:
@@ -446,3 +460,96 @@ async def test_delay_warning_sent_once_honouring_notify(scripted: ScriptedRelay)
     assert b"Final-Recipient: rfc822; a@x.example" in text
     assert b"b@x.example" not in text.split(b"message/rfc822")[0]
     assert b"Status: 4.7.1" in text
+
+
+class FailingOnce(DictStorage):
+    """Fails the first ``set_timestamp`` (a full disk, say), then works."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 0
+
+    async def set_timestamp(
+        self, id: str, timestamp: float, *, last_reply: Reply | None = None
+    ) -> None:
+        if self.failures == 0:
+            self.failures += 1
+            raise QueueError("no space left on device")
+        await super().set_timestamp(id, timestamp, last_reply=last_reply)
+
+
+async def test_a_storage_failure_while_recording_is_one_line_and_retried(
+    scripted: ScriptedRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    scripted.script = lambda rcpt, n: GREYLIST if rcpt.startswith("late") else None
+    store = FailingOnce()
+    h = Harness(scripted, backoff=lambda env, n: 300.0, store=store)
+    caplog.set_level(logging.INFO, logger="smtpq.queue")
+    async with h.queue:
+        start = h.clock.time()
+        [id] = await enqueue_ok(
+            h.queue, make_envelope(recipients=["ok@x.example", "late@x.example"])
+        )
+        await h.drained()
+        failures = [r for r in caplog.records if "recording the outcome" in r.getMessage()]
+        assert len(failures) == 1
+        assert failures[0].exc_info is None  # one line, no traceback
+        assert "no space left on device" in failures[0].getMessage()
+        # What was recorded before the failure stays; the lease stays with us meanwhile.
+        entry = await store.get_entry(id)
+        assert entry.envelope.recipients == ["late@x.example"]
+        assert await store.claim(start + 30, 10) == []
+        await h.clock.advance(RECORD_RETRY_DELAY)
+        await until(lambda: "deferred id=" in caplog.text)
+        entry = await store.get_entry(id)
+        assert (entry.attempts, entry.timestamp) == (1, start + 300)
+        # Retried on its schedule (not at once), and ok@ was delivered only once.
+        await h.clock.advance(300 - RECORD_RETRY_DELAY - 1)
+        await h.drained()
+        assert len(scripted.calls) == 1
+        await h.clock.advance(1)
+        await until(calls_reach(scripted, 2))
+        await h.drained()
+    assert scripted.delivered == ["ok@x.example"]
+    assert scripted.calls[1] == (["late@x.example"], 1)
+
+
+async def test_a_slimta_bounce_factory_makes_the_failure_bounces(scripted: ScriptedRelay) -> None:
+    made: list[tuple[list[str], Reply]] = []
+
+    def bounce_factory(envelope: Envelope, reply: Reply) -> Envelope | None:
+        made.append((list(envelope.recipients), reply))
+        bounce = Envelope("", [envelope.sender])
+        bounce.parse(b"Subject: bounced\r\n\r\n" + str(reply).encode() + b"\r\n")
+        return bounce
+
+    other = Reply("550", "5.7.1 Refused")
+    scripted.script = lambda rcpt, n: other if rcpt.startswith("b") else NO_USER
+    h = Harness(scripted)
+    h.queue = Queue(
+        h.store, scripted, exponential_backoff, bounce_factory, h.bounces, clock=h.clock
+    )
+    async with h.queue:
+        await enqueue_ok(
+            h.queue, make_envelope(recipients=["a@x.example", "b@x.example", "c@x.example"])
+        )
+        await h.drained()
+    assert made == [(["a@x.example", "c@x.example"], NO_USER), (["b@x.example"], other)]
+    assert len(await h.bounce_messages()) == 2
+    assert await h.size() == 0
+
+
+async def test_notify_success_through_a_relay_that_is_not_smtp(scripted: ScriptedRelay) -> None:
+    h = Harness(scripted)
+    env = make_envelope(recipients=["a@x.example", "b@x.example"])
+    env.rcpt_params["a@x.example"] = {"NOTIFY": "SUCCESS"}
+    async with h.queue:
+        await enqueue_ok(h.queue, env)
+        await h.drained()
+    # The relay gave no reply: whether a next hop reports is unknown, so smtpq reports relayed.
+    [notice] = await h.bounce_messages()
+    dsn = check_dsn(b"".join(notice.flatten()))
+    [fields] = dsn.recipients
+    assert fields["Final-Recipient"] == "rfc822; a@x.example"
+    assert (fields["Action"], fields["Status"]) == ("relayed", "2.0.0")
+    assert await h.size() == 0

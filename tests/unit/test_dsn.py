@@ -12,6 +12,8 @@ from smtpq.dsn import (
     parse_mail_params,
     parse_rcpt_params,
     split_orcpt,
+    utf8_addr_decode,
+    utf8_addr_encode,
     xtext_decode,
     xtext_encode,
 )
@@ -82,3 +84,20 @@ def test_xtext_round_trip(text: str) -> None:
     encoded = xtext_encode(text)
     assert is_xtext(encoded)
     assert xtext_decode(encoded) == text
+
+
+def test_utf8_addr_xtext_examples() -> None:
+    # RFC 6533 §3: "+", "=", "\\" and everything outside printable ASCII as \\x{HEX}.
+    assert utf8_addr_encode("jürgen+x=y@bücher.example") == (
+        "j\\x{FC}rgen\\x{2B}x\\x{3D}y@b\\x{FC}cher.example"
+    )
+    assert utf8_addr_decode("\\x{1F600}@x") == "\U0001f600@x"
+
+
+@given(st.text(min_size=1))
+def test_utf8_addr_round_trip(text: str) -> None:
+    encoded = utf8_addr_encode(text)
+    assert encoded.isascii()
+    assert "+" not in encoded
+    assert "=" not in encoded
+    assert utf8_addr_decode(encoded) == text

@@ -5,7 +5,18 @@ from __future__ import annotations
 import pytest
 
 from smtpq.errors import QueueError
-from smtpq.reply import Reply, ReplyClass, classify
+from smtpq.reply import (
+    Replies,
+    Reply,
+    ReplyClass,
+    ReplyCode,
+    accepted_reply,
+    classify,
+    greeting_reply,
+    queue_error_reply,
+    relay_denied_reply,
+    timeout_reply,
+)
 
 
 def test_default_enhanced_code_from_class() -> None:
@@ -101,3 +112,44 @@ def test_round_trip_keeps_remote_ip_and_dsn() -> None:
     back = Reply.from_dict(r.to_dict())
     assert (back.remote_ip, back.remote_dsn) == ("::1", False)
     assert "remote_ip" not in Reply("250", "Ok").to_dict()
+
+
+def test_as_sent_keeps_the_text_as_given() -> None:
+    bare = Reply("550", "No such user here")
+    assert bare.message == "5.0.0 No such user here"
+    assert bare.as_sent() == "550 No such user here"
+    assert Reply("452", "4.2.2 Mailbox full").as_sent() == "452 4.2.2 Mailbox full"
+    assert Reply("450", "5.1.1 odd").as_sent() == "450 5.1.1 odd"
+    back = Reply.from_dict(bare.to_dict())
+    assert (back.as_sent(), back.message) == (bare.as_sent(), bare.message)
+    assert bare.replace(address="a@b").as_sent() == "550 No such user here"
+    assert bare.replace(enhanced_status_code="5.1.1").as_sent() == "550 5.1.1 No such user here"
+
+
+def test_the_table_of_standard_replies() -> None:
+    replies = [r for r in vars(Replies).values() if isinstance(r, Reply)]
+    assert len(replies) > 40
+    codes = {int(code) for code in ReplyCode}
+    for reply in replies:
+        assert reply.code is not None
+        assert int(reply.code) in codes, reply
+        # Every one carries an enhanced code of its own class (RFC 2034), but 3xx carry none.
+        if reply.code[0] == "3":
+            assert reply.enhanced_status_code is None
+        else:
+            assert reply.enhanced_status_code is not None
+            assert reply.enhanced_status_code[0] == reply.code[0], reply
+    assert str(ReplyCode.START_MAIL_INPUT) == "354"
+    assert queue_error_reply() is Replies.QUEUE_ERROR
+
+
+def test_replies_with_a_variable_part() -> None:
+    assert str(relay_denied_reply("a@b")) == "554 5.7.1 <a@b>: Relay access denied"
+    assert str(accepted_reply(["A1", "B2"])) == (
+        "250 2.6.0 Message accepted for delivery; queued as A1 B2"
+    )
+    many = accepted_reply([f"{i:032x}" for i in range(40)])
+    assert len(str(many)) <= 510
+    assert str(many).endswith(f"queued as {0:032x} and 39 more")
+    assert str(greeting_reply("mx.example")) == "220 2.0.0 mx.example ESMTP smtpq"
+    assert str(timeout_reply("mx.example")) == "421 4.4.2 mx.example Timeout exceeded"

@@ -1,8 +1,9 @@
 """The operators' API: a small HTTP/1.1 server on a Unix socket (and optionally loopback TCP).
 
 The Unix socket is protected by file permissions (0600, the daemon's user); a TCP listener
-requires ``Authorization: Bearer <token>``. One request per connection. Lists are streamed as
-JSON lines, so that a queue of any size lists in bounded memory.
+requires ``Authorization: Bearer <token>``. Every action is logged with who asked: the Unix
+peer's uid (``by=uid:1000``, from SO_PEERCRED) or ``by=token``. One request per connection.
+Lists are streamed as JSON lines, so that a queue of any size lists in bounded memory.
 
 Routes (``ID`` is a queue id; selection bodies are ``{"ids": [...]}``, ``{"all": true}`` or a
 filter such as ``{"recipient_domain": "example.com"}``):
@@ -13,7 +14,7 @@ GET      /metrics                  Prometheus text format
 GET      /queue                    one JSON object per line; filters as query parameters
 GET      /queue/shape              qshape-like table (``?by=sender``)
 GET      /queue/ID                 one message (``?body=1`` adds the message text)
-POST     /queue/flush              attempt now
+POST     /queue/flush              attempt now (everything when nothing is selected)
 POST     /queue/delete             remove without bouncing
 POST     /queue/hold, /release     hold / release
 POST     /queue/bounce             give up now, with a DSN
@@ -29,6 +30,9 @@ import hmac
 import json
 import logging
 import os
+import socket
+import stat
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -39,11 +43,19 @@ from smtpq.daemon.metrics import Metrics
 from smtpq.queue import Queue
 from smtpq.storage.base import MessageInfo, is_valid_id
 
-__all__ = ["AdminServer", "describe_message", "limited", "run_action", "selector_from"]
+__all__ = [
+    "AdminServer",
+    "describe_message",
+    "limited",
+    "peer_identity",
+    "run_action",
+    "selector_from",
+]
 
 log = logging.getLogger("smtpq.admin")
 _MAX_BODY = 1 << 20
 _STREAM_BUFFER = 1 << 16
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class HttpError(Exception):
@@ -123,54 +135,69 @@ class AdminServer:
         self.tcp = tcp
         self.token = token
         self._servers: list[asyncio.Server] = []
+        self._socket_inode: int | None = None  # of the socket file this server made
 
     async def start(self) -> None:
-        """Listen on the Unix socket (mode 0600) and the TCP address, if configured."""
+        """Listen on the Unix socket (mode 0600) and the TCP address, if configured.
+
+        A stale socket, left by a daemon that died, is replaced; one where a live process
+        answers is left alone (a warning says so), so that starting never takes the socket of a
+        running daemon: the workers of a shared (Redis) queue can be given the same path.
+        """
         if self.socket_path is not None:
             path = self.socket_path
             path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()  # a stale socket from a daemon that died
-            old = os.umask(0o177)
-            try:
-                server = await asyncio.start_unix_server(self._unix_client, path=str(path))
-            finally:
-                os.umask(old)
-            self._servers.append(server)
+            if await _answers(path):
+                log.warning("admin socket %s is served by another process; not listening", path)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    if stat.S_ISSOCK(path.stat().st_mode):  # never another kind of file
+                        path.unlink()
+                old = os.umask(0o177)
+                try:
+                    server = await asyncio.start_unix_server(self._unix_client, path=str(path))
+                finally:
+                    os.umask(old)
+                self._servers.append(server)
+                self._socket_inode = path.stat().st_ino
         if self.tcp is not None:
             server = await asyncio.start_server(self._tcp_client, self.tcp[0], self.tcp[1])
             self._servers.append(server)
 
     async def stop(self) -> None:
-        """Stop listening and remove the socket file."""
+        """Stop listening and remove the socket file (if it is still this server's)."""
         for server in self._servers:
             server.close()
         for server in self._servers:
             await server.wait_closed()
         self._servers = []
-        if self.socket_path is not None:
+        if self.socket_path is not None and self._socket_inode is not None:
             with contextlib.suppress(FileNotFoundError):
-                self.socket_path.unlink()
+                if self.socket_path.stat().st_ino == self._socket_inode:
+                    self.socket_path.unlink()
+            self._socket_inode = None
 
     async def _unix_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        await self._client(reader, writer, trusted=True)
+        await self._client(reader, writer, by=peer_identity(writer))
 
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._client(reader, writer, trusted=False)
+        await self._client(reader, writer, by=None)
 
     async def _client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, trusted: bool
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, by: str | None
     ) -> None:
+        """Answer one request; ``by`` names a Unix socket's peer, None asks for the token."""
         try:
             async with asyncio.timeout(30):
                 method, target, headers, body = await _read_request(reader)
-            if not trusted:
+            if by is None:
                 given = headers.get("authorization", "").removeprefix("Bearer ").strip()
                 if not self.token or not hmac.compare_digest(given, self.token):
                     raise HttpError(401, "a valid admin token is required")
-            await self._route(method, target, body, writer)
+                by = "token"
+            await self._route(method, target, body, writer, by)
         except HttpError as exc:
             await _respond_json(writer, exc.status, {"error": str(exc)})
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
@@ -185,7 +212,7 @@ class AdminServer:
                 await writer.wait_closed()
 
     async def _route(
-        self, method: str, target: str, body: bytes, writer: asyncio.StreamWriter
+        self, method: str, target: str, body: bytes, writer: asyncio.StreamWriter, by: str
     ) -> None:
         url = urlsplit(target)
         path = url.path.rstrip("/") or "/"
@@ -223,33 +250,66 @@ class AdminServer:
         if action not in ("flush", "delete", "hold", "release", "bounce", "requeue"):
             raise HttpError(404, "no such action")
         params = _json_body(body)
-        result = await run_action(queue, action, params)
+        result = await run_action(queue, action, params, by)
         await _respond_json(writer, 200, result)
 
 
-async def run_action(queue: Queue, action: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Carry out an operator action on the messages ``params`` select."""
+async def run_action(
+    queue: Queue, action: str, params: dict[str, Any], by: str, *, stored: bool = False
+) -> dict[str, Any]:
+    """Carry out an operator action on the messages ``params`` select, logged with ``by``.
+
+    ``stored``: no daemon runs this disk queue, so a flush writes each message's new time (see
+    :func:`ops.flush`). A flush with no selection flushes everything (``postqueue -f``); the
+    other actions need ids, a filter, or ``all``.
+    """
     now = queue.clock.time()
     ids = params.get("ids")
     if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
         raise HttpError(400, "ids must be a list of queue ids")
     selector = selector_from(params)
-    if ids is None and selector is None and not params.get("all"):
+    if ids is None and selector is None and not params.get("all") and action != "flush":
         raise HttpError(400, "name the messages: ids, a filter, or all")
     if action == "flush" and ids is None and selector is None:
-        return {"count": await queue.flush()}
+        return {"count": await ops.flush(queue, None, by, stored=stored)}
     chosen = await ops.select_ids(queue.store, now, selector, ids)
     if action == "flush":
-        return {"count": await queue.flush(chosen)}
+        return {"count": await ops.flush(queue, chosen, by, stored=stored)}
     if action == "delete":
-        return {"count": await ops.delete(queue.store, chosen)}
+        return {"count": await ops.delete(queue, chosen, by)}
     if action in ("hold", "release"):
-        return {"count": await ops.hold(queue.store, chosen, action == "hold")}
+        return {"count": await ops.hold(queue, chosen, action == "hold", by)}
     if action == "bounce":
-        return {"count": await ops.bounce_now(queue, chosen)}
-    new_ids = await ops.requeue(queue.store, chosen, now)
+        return {"count": await ops.bounce_now(queue, chosen, by)}
+    new_ids = await ops.requeue(queue, chosen, by)
     await queue.flush(new_ids)
     return {"count": len(new_ids), "ids": new_ids}
+
+
+def peer_identity(writer: asyncio.StreamWriter) -> str:
+    """Who is at the other end of a Unix socket: ``uid:N`` from the kernel (SO_PEERCRED)."""
+    sock = writer.get_extra_info("socket")
+    option = getattr(socket, "SO_PEERCRED", None)
+    if sock is None or option is None:  # not Linux: the socket's permissions still apply
+        return "unix"
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, option, _PEERCRED.size)
+    except OSError:
+        return "unix"
+    _pid, uid, _gid = _PEERCRED.unpack(creds)
+    return f"uid:{uid}"
+
+
+async def _answers(path: Path) -> bool:
+    """Whether a server listens on the Unix socket ``path``."""
+    try:
+        _, writer = await asyncio.open_unix_connection(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 def _int(text: str | None) -> int | None:

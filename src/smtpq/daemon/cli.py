@@ -9,15 +9,27 @@ import asyncio
 import datetime as dt
 import getpass
 import json
+import logging
+import math
+import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import urlencode
 
 import click
 
-from smtpq.daemon.config import Config, ConfigError, ConfigSource, load_config
+from smtpq.daemon.config import (
+    Config,
+    ConfigError,
+    ConfigSource,
+    default_config_path,
+    load_config,
+)
 from smtpq.daemon.errors import StartupError
+
+if TYPE_CHECKING:  # the server's modules are imported by the commands that need them
+    from smtpq.daemon.server import Shard
 
 __all__ = ["main"]
 
@@ -31,11 +43,23 @@ def _fail(exc: StartupError) -> NoReturn:
     sys.exit(2)
 
 
+class QueueUnavailable(Exception):
+    """The command cannot reach the queue it was pointed at; the message says why."""
+
+
 def _load(config_path: str | None, **overrides: Any) -> Config:
+    """The configuration of ``-c FILE``, else of the default path (``$SMTPQ_CONFIG`` or
+    /etc/smtpq/smtpq.toml), else the defaults: ``serve`` and ``queue`` find the same queue."""
     try:
-        return load_config(config_path, **overrides)
+        return load_config(_config_path(config_path), **overrides)
     except StartupError as exc:
         _fail(exc)
+
+
+def _config_path(given: str | None) -> str | None:
+    """``-c FILE``, else the default path (``$SMTPQ_CONFIG`` or /etc/smtpq/smtpq.toml) if any."""
+    path = given or default_config_path()
+    return str(path) if path is not None else None
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -43,6 +67,9 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     except StartupError as exc:
         _fail(exc)
+    except QueueUnavailable as exc:
+        click.echo(f"smtpq: {exc}", err=True)
+        sys.exit(2)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,7 +122,9 @@ def serve(
         except ConfigError as exc:
             _fail(exc)
         overrides.update({"relay.type": "smarthost", "relay.host": host, "relay.port": port})
-    source = ConfigSource(config_path, {k: v for k, v in overrides.items() if v is not None})
+    source = ConfigSource(
+        _config_path(config_path), {k: v for k, v in overrides.items() if v is not None}
+    )
     try:
         config = source.load()
     except StartupError as exc:
@@ -121,7 +150,7 @@ _config_file = click.option(
 def config_check(config_path: str | None) -> None:
     """Validate the configuration: exit 0, or 2 with the error on one line."""
     _load(config_path)
-    click.echo(f"smtpq: configuration {config_path or '(the defaults)'} is valid")
+    click.echo(f"smtpq: configuration {_config_path(config_path) or '(the defaults)'} is valid")
 
 
 @config_group.command("show")
@@ -163,13 +192,30 @@ def passwd(user: str, password_stdin: bool) -> None:
 class QueueAccess:
     """How ``smtpq queue`` reaches each queue: through the daemon, or the storage itself.
 
-    A running daemon answers on each shard's admin socket, so that its schedule sees every
-    change at once. Where none answers, the command opens the stored queue directly. Redis is
-    always used directly: every worker shares its schedule and is woken by its changes.
+    A running daemon answers on each queue's admin socket (a shard's, or the configured one),
+    so that its schedule sees every change at once and its log records the action and who
+    asked. Where none answers, the command opens the stored queue itself: the changes are
+    stored, so the next start honours them, and the command logs them on standard error. It
+    never creates a queue: a disk queue directory without shards is no queue.
     """
 
     def __init__(self, config: Config) -> None:
         self.config = config
+
+    def shards(self) -> list[Shard]:
+        """The queues to visit: for disk storage, the shard directories that exist."""
+        from smtpq.daemon.server import shards
+
+        found = shards(self.config)
+        if self.config.storage.type != "disk":
+            return found
+        present = [s for s in found if s.path is not None and s.path.is_dir()]
+        if not present:
+            raise QueueUnavailable(
+                f"no queue in {self.config.storage.path}: no daemon has stored mail there"
+                " (give the daemon's -c FILE or --queue-dir)"
+            )
+        return present
 
     async def each(
         self,
@@ -178,19 +224,38 @@ class QueueAccess:
     ) -> list[T]:
         """Run ``online(client)`` or ``offline(queue)`` on every queue of the daemon."""
         from smtpq.daemon.client import AdminClient
-        from smtpq.daemon.server import open_offline_queue, shards
+        from smtpq.daemon.server import open_offline_queue
 
         results: list[T] = []
-        for shard in shards(self.config):
+        for shard in self.shards():
             client = AdminClient(shard.admin_socket)
-            if self.config.storage.type != "redis" and await client.available():
+            try:
+                running = await client.available()
+            except OSError as exc:
+                raise QueueUnavailable(
+                    f"cannot reach the daemon on {shard.admin_socket}: {exc.strerror or exc}"
+                ) from None
+            if running:
                 results.append(await online(client))
             elif self.config.storage.type == "memory":
-                raise click.ClickException("memory storage: no daemon runs, so no queue exists")
+                raise QueueUnavailable(
+                    f"memory storage: no daemon answers on {shard.admin_socket}, so no queue exists"
+                )
             else:
                 async with open_offline_queue(self.config, shard) as q:
                     results.append(await offline(q))
         return results
+
+
+def _log_offline_actions() -> None:
+    """Without a daemon the command is the log: its actions' lines go to standard error."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("smtpq: %(message)s"))
+    root = logging.getLogger("smtpq")
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    for name in ("smtpq.queue", "smtpq.admin"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def _queue_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -205,7 +270,12 @@ def _config(config_path: str | None, queue_dir: str | None) -> Config:
 
 @main.group()
 def queue() -> None:
-    """Inspect and steer the queue (through the daemon when it runs)."""
+    """Inspect and steer the queue (through the daemon when it runs).
+
+    The queue is the one of -c FILE, else of $SMTPQ_CONFIG, else of /etc/smtpq/smtpq.toml when
+    it exists, else of the defaults (./smtpq-queue): the same rule as `smtpq serve`'s.
+    Without a daemon the changes are made to the stored queue and honoured at its next start.
+    """
 
 
 def _filters(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -230,39 +300,54 @@ def _when(ts: float | None) -> str:
 @queue.command("list")
 @_queue_options
 @_filters
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option(
+    "--json", "as_json", is_flag=True,
+    help="One JSON object per line (JSON Lines); an empty queue prints nothing.",
+)  # fmt: skip
 @click.option("--limit", type=int, help="At most this many messages.")
 def list_(config_path: str | None, queue_dir: str | None, as_json: bool, limit: int | None,
           **filters: Any) -> None:  # fmt: skip
-    """List queued messages, oldest first (like mailq)."""
+    """List queued messages, oldest first (like mailq).
+
+    Ends with the total, as mailq does: "-- 3 Kbytes in 2 messages", or "Mail queue is empty".
+    """
     from smtpq.daemon import admin, ops
 
     params = _filter_params(**filters)
     config = _config(config_path, queue_dir)
 
-    async def online(client: Any) -> int:
+    async def online(client: Any) -> tuple[int, int]:
         query = urlencode({**params, **({"limit": limit} if limit is not None else {})})
         if as_json:  # the daemon's lines as they are
-            return await _print_json_lines(client.blocks(f"/queue?{query}"))
+            return await _print_json_lines(client.blocks(f"/queue?{query}")), 0
         return await _print_messages(client.lines(f"/queue?{query}"), as_json)
 
-    async def offline(q: Any) -> int:
+    async def offline(q: Any) -> tuple[int, int]:
         selector = admin.selector_from(params)
         stream = ops.iter_messages(q.store, q.clock.time(), selector)
         return await _print_messages(admin.limited(stream, limit), as_json)
 
-    count = sum(_run(QueueAccess(config).each(online, offline)))
+    totals = _run(QueueAccess(config).each(online, offline))
     if not as_json:
-        click.echo(f"-- {count} message{'s' if count != 1 else ''}")
+        click.echo(_summary(sum(n for n, _ in totals), sum(size for _, size in totals)))
 
 
-async def _print_messages(stream: AsyncIterator[dict[str, Any]], as_json: bool) -> int:
+def _summary(count: int, size: int) -> str:
+    """mailq's last line: the size in Kbytes (rounded up) and the number of messages."""
+    if not count:
+        return "Mail queue is empty"
+    return f"-- {math.ceil(size / 1024)} Kbytes in {count} message{'s' if count != 1 else ''}"
+
+
+async def _print_messages(stream: AsyncIterator[dict[str, Any]], as_json: bool) -> tuple[int, int]:
+    """Print a listing; the number of messages and their total size."""
     # Written to sys.stdout, buffered as it is (by line on a terminal, in blocks into a pipe or
     # a file), rather than echoed and flushed line by line: a million messages list in seconds.
     out = sys.stdout
-    count = 0
+    count = size = 0
     async for m in stream:
         count += 1
+        size += m["size"]
         if as_json:
             out.write(json.dumps(m) + "\n")
             continue
@@ -276,7 +361,7 @@ async def _print_messages(stream: AsyncIterator[dict[str, Any]], as_json: bool) 
         lines.extend(f"    <{rcpt}>" for rcpt in m["recipients"])
         out.write("\n".join(lines) + "\n")
     out.flush()
-    return count
+    return count, size
 
 
 async def _print_json_lines(blocks: AsyncIterator[list[bytes]]) -> int:
@@ -355,7 +440,7 @@ def _action_command(name: str, doc: str, confirm: bool = False) -> None:
         params: dict[str, Any] = _filter_params(**filters)
         if ids:
             params["ids"] = list(ids)
-        if all_:
+        if all_ or (name == "flush" and not params):  # a bare flush is postqueue -f
             params["all"] = True
         if not params:
             raise click.UsageError("name the messages: IDs, --all, or a filter such as --domain")
@@ -372,11 +457,16 @@ def _action_command(name: str, doc: str, confirm: bool = False) -> None:
             return result
 
         async def offline(q: Any) -> dict[str, Any]:
+            by = f"uid:{os.getuid()}"
             try:
-                return await admin.run_action(q, name, params)
+                # A disk queue's schedule is rebuilt from its files at the next start: a flush
+                # is stored there. A shared (Redis) queue stores its schedule anyway.
+                stored = config.storage.type == "disk"
+                return await admin.run_action(q, name, params, by, stored=stored)
             except admin.HttpError as exc:
                 raise click.ClickException(str(exc)) from None
 
+        _log_offline_actions()  # only the offline path logs in this process
         results = _run(QueueAccess(config).each(online, offline))
         count = sum(r["count"] for r in results)
         click.echo(f"{name}: {count} message{'s' if count != 1 else ''}")
@@ -387,7 +477,11 @@ def _action_command(name: str, doc: str, confirm: bool = False) -> None:
             sys.exit(1)
 
 
-_action_command("flush", "Attempt deferred messages now (IDs, --all or a filter).")
+_action_command(
+    "flush",
+    "Attempt messages now: IDs, --all or a filter; with none of them, every message (like"
+    " postqueue -f). Without a daemon the new time is stored: the next start attempts them.",
+)
 _action_command("delete", "Remove messages without a bounce.", confirm=True)
 _action_command("hold", "Hold messages: never attempted until released (survives restarts).")
 _action_command("release", "Release held messages.")

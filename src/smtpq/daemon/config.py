@@ -77,6 +77,7 @@ from smtpq.relay.mx import MxRelayConfig, Route
 from smtpq.relay.smtp import SmtpRelayConfig
 
 __all__ = [
+    "DEFAULT_CONFIG_PATH",
     "AdminConfig",
     "Config",
     "ConfigError",
@@ -90,6 +91,7 @@ __all__ = [
     "StorageType",
     "SyncMode",
     "build_config",
+    "default_config_path",
     "default_workers",
     "load_config",
     "parse_hostport",
@@ -439,6 +441,24 @@ def _validate_edge_files(edge: EdgeConfig) -> None:
         except (OSError, UnicodeError) as exc:
             reason = getattr(exc, "strerror", None) or exc
             raise ConfigError(f"edge.credentials_file {edge.credentials_file}: {reason}") from None
+
+
+#: The configuration file of a configured host, used when no ``-c`` is given.
+DEFAULT_CONFIG_PATH = Path("/etc/smtpq/smtpq.toml")
+
+
+def default_config_path(environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The file ``smtpq serve`` and ``smtpq queue`` read when no ``-c`` is given.
+
+    ``$SMTPQ_CONFIG`` when set (it must exist: a name given on purpose that is wrong is an
+    error, not a silent fall-back to the defaults), else :data:`DEFAULT_CONFIG_PATH` when it
+    exists, else None: the built-in defaults. So the daemon and the operators' commands on a
+    configured host agree on the queue and its admin socket without being told.
+    """
+    named = environ.get("SMTPQ_CONFIG")
+    if named:
+        return Path(named)
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
 
 
 def load_config(path: str | Path | None, **overrides: Any) -> Config:

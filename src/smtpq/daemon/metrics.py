@@ -1,8 +1,9 @@
 """Prometheus metrics of a running queue, fed by the Queue's events.
 
 Counters count recipients where the event is about recipients (delivered, deferred, bounced,
-expired) and messages where it is about messages (accepted). Gauges are read from the storage at
-scrape time.
+expired) and messages where it is about messages (accepted, operator actions). Gauges are read
+from the storage at scrape time. docs/grafana/smtpq.json is a dashboard of these metrics (a test
+checks that every metric it queries is served here).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from smtpq.queue import QueueEvent
 from smtpq.storage.base import QueueStorage
 
 __all__ = ["Metrics"]
+
+#: The operators' actions, counted per message (see :mod:`smtpq.daemon.ops`).
+OPERATOR_ACTIONS = ("flushed", "held", "released", "deleted", "requeued", "bounced")
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -72,6 +76,13 @@ class Metrics:
             "smtpq_storage_write_seconds", "Duration of durable message writes.",
             buckets=_LATENCY, registry=r,
         )  # fmt: skip
+        self.operator_actions = Counter(
+            "smtpq_operator_actions",
+            "Messages an operator named and changed, by action (a bare flush is not counted).",
+            labelnames=["action"], registry=r,
+        )  # fmt: skip
+        for action in OPERATOR_ACTIONS:  # every series exists from the start, at 0
+            self.operator_actions.labels(action)
         r.register(_QueueGauges(self))
 
     def observe(self, event: QueueEvent) -> None:
@@ -90,8 +101,12 @@ class Metrics:
             self.deferred.inc(n)
         elif event.kind == "bounced":
             self.bounced.inc(n)
+            if "by" in event.detail:  # an operator's bounce
+                self.operator_actions.labels("bounced").inc()
         elif event.kind in ("expired", "failed"):
             self.expired.inc(n)
+        elif event.kind in OPERATOR_ACTIONS:  # bounced is matched above
+            self.operator_actions.labels(event.kind).inc()
 
     async def render(self) -> bytes:
         """The text exposition format, with gauges fresh from the storage."""

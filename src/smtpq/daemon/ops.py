@@ -7,26 +7,36 @@ command calls them directly when no daemon is running.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from smtpq.queue import Queue
+from smtpq.queue import Queue, QueueEvent
+from smtpq.queue.event import EventKind
 from smtpq.reply import Reply
 from smtpq.storage.base import MessageInfo, QueueStorage, id_time, is_valid_id
 
 __all__ = [
+    "CANCELLED",
     "MessageFilter",
     "Shape",
+    "bounce_now",
     "delete",
+    "flush",
+    "hold",
     "iter_messages",
     "merge_shapes",
     "message_summary",
     "render_shape",
+    "requeue",
+    "select_ids",
     "shape",
 ]
+
+log = logging.getLogger("smtpq.admin")
 
 
 def _domain(address: str) -> str:
@@ -120,58 +130,121 @@ async def select_ids(
     return [m["id"] async for m in iter_messages(storage, now, selector, ids)]
 
 
-async def delete(storage: QueueStorage, ids: Iterable[str]) -> int:
+# The actions below log one queue event per message they changed, with who asked (``by``), as
+# Postfix's postsuper logs each message it deletes, holds or requeues; a message they left alone
+# (gone, held, in flight) is not logged and not counted.
+
+
+async def flush(queue: Queue, ids: Sequence[str] | None, by: str, *, stored: bool = False) -> int:
+    """Make messages (all when ``ids`` is None) due now; returns how many were made due.
+
+    A running queue keeps a disk queue's schedule in memory, and is woken. With ``stored``
+    (a disk queue that no daemon runs) the new time is written to each message instead, so
+    that the next start attempts them at once. Held and in-flight messages are left alone.
+    """
+    now = queue.clock.time()
+    if ids is None:
+        if stored:
+            count = 0
+            async for page in queue.store.iter_ids():
+                count += await _flush_stored(queue.store, page, now)
+        else:
+            count = await queue.flush()
+        log.info("flushed all: %d message%s by=%s", count, "s" if count != 1 else "", by)
+        return count
+    count = 0
+    for id in ids:
+        done = await (_flush_stored(queue.store, [id], now) if stored else queue.flush([id]))
+        if done:
+            count += done
+            queue.emit(QueueEvent(EventKind.FLUSHED, id, by=by))
+    return count
+
+
+async def _flush_stored(storage: QueueStorage, ids: Sequence[str], now: float) -> int:
+    count = 0
+    for info in await storage.get_infos(ids):
+        if info.held:
+            continue
+        if info.timestamp > now:
+            try:
+                await storage.set_timestamp(info.id, now)
+            except KeyError:
+                continue
+        count += 1
+    return count
+
+
+async def delete(queue: Queue, ids: Iterable[str], by: str) -> int:
     """Remove messages without bouncing them (like ``postsuper -d``); returns how many."""
-    count = 0
-    for id in ids:
-        try:
-            await storage.get_entry(id)
-        except KeyError:
-            continue
-        await storage.remove(id)
-        count += 1
-    return count
-
-
-async def hold(storage: QueueStorage, ids: Iterable[str], held: bool) -> int:
-    """Hold (never attempt) or release messages; returns how many changed."""
-    count = 0
-    for id in ids:
-        try:
-            await storage.set_held(id, held)
-        except KeyError:
-            continue
-        count += 1
-    return count
-
-
-async def bounce_now(queue: Queue, ids: Iterable[str]) -> int:
-    """Give up on messages now (like Exim's ``-Mg``): bounce what is pending, then remove them."""
     count = 0
     for id in ids:
         try:
             entry = await queue.store.get_entry(id)
         except KeyError:
             continue
-        reply = Reply("550", "5.0.0 Delivery cancelled by the administrator")
-        last = f"last reply: {entry.last_reply}" if entry.last_reply else None
-        if await queue.send_bounce(entry.envelope, reply, last) is None:
-            continue  # the bounce could not be stored: keep the message
         await queue.store.remove(id)
+        queue.emit(QueueEvent(EventKind.DELETED, id, entry.envelope.recipients, by=by))
         count += 1
     return count
 
 
-async def requeue(storage: QueueStorage, ids: Iterable[str], now: float) -> list[str]:
+async def hold(queue: Queue, ids: Iterable[str], held: bool, by: str) -> int:
+    """Hold (never attempt) or release messages; returns how many changed."""
+    count = 0
+    for id in ids:
+        try:
+            await queue.store.set_held(id, held)
+        except KeyError:
+            continue
+        queue.emit(QueueEvent(EventKind.HELD if held else EventKind.RELEASED, id, by=by))
+        count += 1
+    return count
+
+
+#: The reply of a bounce an operator asked for.
+CANCELLED = Reply("550", "5.0.0 Delivery cancelled by the administrator")
+
+
+async def bounce_now(queue: Queue, ids: Iterable[str], by: str) -> int:
+    """Give up on messages now (like Exim's ``-Mg``): bounce what is pending, then remove them.
+
+    Logged as ``bounced`` for the original message, with its pending recipients and the DSN's
+    id, as when its delivery failed.
+    """
+    count = 0
+    for id in ids:
+        try:
+            entry = await queue.store.get_entry(id)
+        except KeyError:
+            continue
+        last = f"last reply: {entry.last_reply}" if entry.last_reply else None
+        dsn = await queue.send_bounce(entry.envelope, CANCELLED, last)
+        if dsn is None:
+            continue  # the bounce could not be stored: keep the message
+        await queue.store.remove(id)
+        queue.emit(
+            QueueEvent(
+                EventKind.BOUNCED, id, entry.envelope.recipients, CANCELLED,
+                dsn=",".join(dsn) or "none", by=by,
+            )
+        )  # fmt: skip
+        count += 1
+    return count
+
+
+async def requeue(queue: Queue, ids: Iterable[str], by: str) -> list[str]:
     """Store each message again as new (fresh id, no attempts, due now); returns the new ids."""
     new_ids: list[str] = []
     for id in ids:
         try:
-            entry = await storage.get_entry(id)
+            entry = await queue.store.get_entry(id)
         except KeyError:
             continue
-        new_ids.append(await storage.write(entry.envelope, now))
-        await storage.remove(id)
+        new = await queue.store.write(entry.envelope, queue.clock.time())
+        await queue.store.remove(id)
+        queue.emit(QueueEvent(EventKind.REQUEUED, id, entry.envelope.recipients, new=new, by=by))
+        new_ids.append(new)
     return new_ids
 
 

@@ -253,6 +253,7 @@ def build_queue(config: Config, storage: QueueStorage, relay: Relay | None, cloc
         hostname=config.hostname,
         policies=[AddReceivedHeader(config.hostname), AddMissingHeaders(config.hostname)],
         delay_warnings=config.retry.delay_warnings,
+        lifetime=config.retry.lifetime,
     )
 
 

@@ -40,6 +40,7 @@ from smtpq.daemon.server import (
 )
 from smtpq.edge.server import SmtpEdge
 from smtpq.queue import Queue
+from smtpq.queue.rules import RetryRules
 from smtpq.storage.base import QueueStorage
 from smtpq.storage.lock import ShardLock, ShardLocked
 
@@ -210,7 +211,7 @@ class Daemon:
         for queue in self.queues:
             if plan.changes("retry"):
                 queue.backoff = build_backoff(config, self.clock)
-                queue.delay_warnings = config.retry.delay_warnings
+                queue.rules = RetryRules(config.retry.delay_warnings, config.retry.lifetime)
             queue.grace_period = config.grace_period
         configure_logging(config.log_level, config.log_format)
         self.config = config

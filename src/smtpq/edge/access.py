@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -34,15 +35,9 @@ class RelayPolicy:
 
     def network_trusted(self, ip: str | None) -> bool:
         """Whether a client at ``ip`` may relay anywhere."""
-        if not ip:
+        addr = _address(ip) if ip else None
+        if addr is None:
             return False
-        try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            return False
-        # An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
         return any(addr.version == net.version and addr in net for net in self._networks)
 
     def allows(self, recipient: str, ip: str | None, authenticated: bool) -> bool:
@@ -51,3 +46,16 @@ class RelayPolicy:
             return True
         _, at, domain = recipient.rpartition("@")
         return bool(at) and self.domain_accepted(domain)
+
+
+@functools.lru_cache(maxsize=4096)
+def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``ip`` parsed (once per recent client: each RCPT asks), or None if it is not one."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return None
+    # An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr

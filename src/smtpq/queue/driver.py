@@ -2,8 +2,13 @@
 
 It stores what it accepts, makes the first attempt at once from the envelope in memory, claims
 due messages from the storage's schedule, renews the leases of running attempts, and carries out
-the decisions of :mod:`smtpq.queue.rules`. Bookkeeping after an attempt runs shielded from
-cancellation, so that stopping never loses what an attempt achieved.
+the steps that :func:`smtpq.queue.rules.plan` decides, in their order. Bookkeeping after an
+attempt runs shielded from cancellation, so that stopping never loses what an attempt achieved.
+
+When a step fails (the storage, or a DSN that could not be queued), the steps left are kept in
+memory with the message's lease and carried out again :data:`RECORD_RETRY_DELAY` seconds later:
+what the attempt achieved is neither lost nor repeated (no second delivery, no second bounce),
+and the failure is one log line.
 """
 
 from __future__ import annotations
@@ -11,101 +16,69 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol, TypeVar
+from typing import TypeVar
 
-from smtpq.backoff import Backoff, DefaultBackoff
-from smtpq.bounce import BounceFactory
+from smtpq.backoff import DEFAULT_LIFETIME, Backoff, DefaultBackoff
+from smtpq.bounce import BounceFactory, BounceFunction, FunctionNotifier, Notifier, notify_wants
 from smtpq.clock import Clock, SystemClock
 from smtpq.envelope import Envelope
 from smtpq.errors import EnvelopeFormatError, QueueError
+from smtpq.notice import Action, Notice, outcomes_for
 from smtpq.policy import QueuePolicy
-from smtpq.queue.rules import Judgement, delay_warning_due, exhausted_reply, is_expired, judge
+from smtpq.queue.event import EventKind, QueueEvent
+from smtpq.queue.rules import (
+    Attempt,
+    CountAttempt,
+    MarkDone,
+    Reschedule,
+    RetryRules,
+    SendNotice,
+    Step,
+    judge,
+    plan,
+)
 from smtpq.relay.base import Relay, RelayError, RelayResult
 from smtpq.reply import Reply
 from smtpq.storage.base import QueueStorage
 
-__all__ = ["Queue", "QueueEvent"]
+__all__ = ["RECORD_RETRY_DELAY", "Queue", "QueueEvent"]
 
 log = logging.getLogger("smtpq.queue")
 T = TypeVar("T")
 
 #: Events logged at DEBUG only.
-_DETAIL_EVENTS = frozenset({"attempted", "removed"})
+_DETAIL_EVENTS = frozenset({EventKind.ATTEMPTED, EventKind.REMOVED})
 
-#: Seconds before a message whose bounce could not be enqueued is tried again.
-BOUNCE_RETRY_DELAY = 60.0
+#: Seconds before the steps left of a failed recording are tried again.
+RECORD_RETRY_DELAY = 60.0
 
-
-class BounceFactoryType(Protocol):
-    """``bounce_factory(envelope, reply) -> Envelope | None``."""
-
-    def __call__(self, envelope: Envelope, reply: Reply) -> Envelope | None:
-        """The bounce to send, or None to send none."""
-        ...
+_MESSAGE_ID = re.compile(rb"(?:^|\n)message-id[ \t]*:[ \t]*((?:[^\r\n]|\r?\n[ \t])*)", re.I)
+#: The longest Message-ID logged: a sender's header must not make a log line of any length.
+_MESSAGE_ID_MAX = 250
 
 
-class QueueEvent:
-    """One thing that happened to a message, for logs and metrics observers."""
-
-    __slots__ = ("detail", "id", "kind", "recipients", "reply")
-
-    def __init__(
-        self,
-        kind: str,
-        id: str,
-        recipients: Sequence[str] = (),
-        reply: Reply | None = None,
-        **detail: Any,
-    ) -> None:
-        #: accepted, attempted, delivered, deferred, bounced, expired, failed, removed.
-        self.kind = kind
-        self.id = id
-        self.recipients = tuple(recipients)
-        self.reply = reply
-        self.detail = detail
-
-    def __str__(self) -> str:
-        parts = [self.kind, f"id={self.id}"]
-        if self.recipients:
-            parts.append("to=" + ",".join(f"<{r}>" for r in self.recipients))
-        if self.reply is not None:
-            if self.reply.remote_host:
-                parts.append(f"relay={self.reply.remote_host}")
-            parts.append(f'reply="{self.reply}"')
-        for key, value in self.detail.items():
-            parts.append(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}")
-        return " ".join(parts)
-
-
-@dataclass(slots=True)
-class _Attempt:
-    """One delivery attempt of a stored message: what the driver carries from start to record.
-
-    :ivar pending: the original index of each recipient of :attr:`envelope`.
-    :ivar scheduled: when the attempt was due (for delay warnings).
-    """
-
-    id: str
-    envelope: Envelope
-    attempts: int
-    pending: tuple[int, ...]
-    scheduled: float
-
-    def recipients(self, indexes: Sequence[int]) -> list[str]:
-        """The recipients at these original indexes."""
-        if tuple(indexes) == self.pending:  # the usual case: all of them
-            return list(self.envelope.recipients)
-        position = {orig: k for k, orig in enumerate(self.pending)}
-        return [self.envelope.recipients[position[i]] for i in indexes]
-
-    def subset(self, indexes: Sequence[int]) -> Envelope:
-        """A copy of the envelope for the recipients at these original indexes."""
-        return self.envelope.copy(self.recipients(indexes))
+def _origin(env: Envelope) -> dict[str, str]:
+    """Where a message came from, for its ``accepted`` line: the sender, the client's address
+    and the Message-ID (Postfix's ``client=`` and ``message-id=``), so that a sender's
+    Message-ID leads to the queue id. The header is found in the raw block, not parsed."""
+    origin = {"sender": f"<{env.sender}>"}
+    ip = env.client.get("ip")
+    if ip:
+        origin["client"] = f"[{ip}]"
+    head, _ = env.flatten()
+    match = _MESSAGE_ID.search(head)
+    if match is not None:
+        # The first word of the unfolded value, printable ASCII only: one key=value in the line.
+        words = match.group(1).decode("ascii", "replace").split()
+        value = "".join(c for c in words[0] if c.isprintable() and c.isascii()) if words else ""
+        if value:
+            origin["message-id"] = value[:_MESSAGE_ID_MAX]
+    return origin
 
 
 class Queue:
@@ -115,7 +88,9 @@ class Queue:
     :param relay: delivers messages; None makes an edge-only queue that only stores.
     :param backoff: ``backoff(envelope, attempts) -> seconds | None``; the default retries for
         5 days with growing spacing (:class:`~smtpq.backoff.DefaultBackoff`).
-    :param bounce_factory: ``bounce_factory(envelope, reply) -> Envelope | None``.
+    :param bounce_factory: python-slimta's ``bounce_factory(envelope, reply) -> Envelope |
+        None``: when given, it makes the failure bounces (once per distinct reply; see
+        :class:`~smtpq.bounce.FunctionNotifier`), and ``notifier`` the other notices.
     :param bounce_queue: where bounces are enqueued (default: this queue).
     :param store_pool: at most this many storage operations at once (None: no bound).
     :param relay_pool: at most this many delivery attempts at once (default 100).
@@ -123,7 +98,11 @@ class Queue:
     :param grace_period: seconds that stopping waits for running attempts.
     :param poll_interval: longest idle wait before the schedule is looked at again anyway.
     :param delay_warnings: message ages (seconds) at which the sender is sent a "delayed" DSN
-        (RFC 3464 Action: delayed), honouring NOTIFY; none by default, like Postfix.
+        (RFC 3464 Action: delayed), once each, honouring NOTIFY; none by default, like Postfix.
+    :param lifetime: seconds after arrival when the queue gives up on a message (status 4.4.7),
+        after a last attempt then; None: only the backoff gives up. Default 5 days.
+    :param notifier: makes the DSNs (:class:`~smtpq.bounce.Notifier`; default
+        :class:`~smtpq.bounce.BounceFactory` with ``hostname``).
     """
 
     def __init__(
@@ -131,7 +110,7 @@ class Queue:
         store: QueueStorage,
         relay: Relay | None = None,
         backoff: Backoff | None = None,
-        bounce_factory: BounceFactoryType | None = None,
+        bounce_factory: BounceFunction | None = None,
         bounce_queue: Queue | None = None,
         store_pool: int | None = None,
         relay_pool: int | None = None,
@@ -142,22 +121,28 @@ class Queue:
         poll_interval: float = 5.0,
         hostname: str | None = None,
         delay_warnings: Sequence[float] = (),
+        lifetime: float | None = DEFAULT_LIFETIME,
+        notifier: Notifier | None = None,
     ) -> None:
         self.store = store
         self.relay = relay
         self.clock: Clock = clock or SystemClock()
         self.backoff: Backoff = backoff or DefaultBackoff(clock=self.clock)
         self.hostname = hostname or socket.getfqdn()
-        self.bounce_factory: BounceFactoryType = bounce_factory or BounceFactory(self.hostname)
+        self.notifier: Notifier = notifier or BounceFactory(self.hostname)
+        if bounce_factory is not None:
+            self.notifier = FunctionNotifier(bounce_factory, self.notifier)
         self.bounce_queue = bounce_queue if bounce_queue is not None else self
         self.policies: list[QueuePolicy] = list(policies)
         self.grace_period = grace_period
         self.poll_interval = poll_interval
-        self.delay_warnings = tuple(delay_warnings)
+        self.rules = RetryRules(tuple(delay_warnings), lifetime)
         self.capacity = relay_pool or 100
         self._relay_sem = asyncio.Semaphore(self.capacity)
         self._store_sem = asyncio.Semaphore(store_pool) if store_pool else None
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        #: Messages whose recording failed: the steps left wait here, with the lease kept.
+        self._parked: dict[str, asyncio.Task[None]] = {}
         self._settling: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
@@ -200,6 +185,7 @@ class Queue:
             await asyncio.gather(*late, return_exceptions=True)
         while self._settling:
             await asyncio.gather(*list(self._settling), return_exceptions=True)
+        await self._unpark()
         for task in self._tasks[1:]:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -273,11 +259,11 @@ class Queue:
             return QueueError(f"storage failure: {exc!r}")
         took = time.perf_counter() - started
         self._emit(
-            QueueEvent("accepted", id, env.recipients, sender=f"<{env.sender}>", seconds=took)
+            QueueEvent(EventKind.ACCEPTED, id, env.recipients, None, **_origin(env), seconds=took)
         )
         if deliver:
             pending = tuple(range(len(env.recipients)))
-            self._spawn(id, self._attempt(_Attempt(id, env.copy(), 0, pending, now)))
+            self._spawn(id, self._attempt(Attempt(id, env.copy(), 0, pending, now)))
         return id
 
     async def flush(self, ids: Sequence[str] | None = None) -> int:
@@ -320,7 +306,8 @@ class Queue:
                     failures += 1
                     log.exception("claiming due messages failed (%d in a row)", failures)
                 for id in claimed:
-                    if id in self._inflight:  # our own lease ran out under a slow attempt
+                    # Our own lease ran out under a slow attempt or a parked recording.
+                    if id in self._inflight or id in self._parked:
                         continue
                     self._spawn(id, self._attempt_stored(id))
                 if claimed and len(claimed) == free:
@@ -363,7 +350,7 @@ class Queue:
         interval = max(0.05, self.store.lease_timeout / 3)
         while True:
             await self.clock.sleep(interval)
-            ids = list(self._inflight)
+            ids = [*self._inflight, *self._parked]
             if ids:
                 try:
                     await self._store(self.store.renew(ids, self.clock.time()))
@@ -391,10 +378,10 @@ class Queue:
             await self._store(self.store.release(id))
             return
         await self._attempt(
-            _Attempt(id, entry.envelope, entry.attempts, entry.pending, entry.timestamp)
+            Attempt(id, entry.envelope, entry.attempts, entry.pending, entry.timestamp)
         )
 
-    async def _attempt(self, a: _Attempt) -> None:
+    async def _attempt(self, a: Attempt) -> None:
         assert self.relay is not None
         result: RelayResult | BaseException
         if not a.envelope.recipients:
@@ -417,135 +404,133 @@ class Queue:
             took = time.perf_counter() - started
             self._emit(
                 QueueEvent(
-                    "attempted", a.id, a.envelope.recipients, attempt=a.attempts + 1, seconds=took
+                    EventKind.ATTEMPTED,
+                    a.id,
+                    a.envelope.recipients,
+                    attempt=a.attempts + 1,
+                    seconds=took,
                 )
             )
         judgement = judge(a.envelope.recipients, a.pending, result)
-        settle = asyncio.create_task(self._settle(a, judgement))
+        retry = a.subset(judgement.transient) if judgement.transient else None
+        wait = self._ask_backoff(a, retry)
+        steps = plan(judgement, a, wait, self.rules, self.clock.time())
+        settle = asyncio.create_task(self._carry_out(a, steps))
         self._settling.add(settle)
         settle.add_done_callback(self._settling.discard)
         await asyncio.shield(settle)
 
-    async def _settle(self, a: _Attempt, judgement: Judgement) -> None:
-        """Record an attempt's outcome: delivered first, then bounces, then the retry."""
+    def _ask_backoff(self, a: Attempt, retry: Envelope | None) -> float | None:
+        """The backoff's answer for the recipients to retry (None when there are none).
+
+        A backoff that raises is a bug: logged, and the message is tried again soon rather
+        than bounced.
+        """
+        if retry is None:
+            return None
         try:
-            await self._record(a, judgement)
+            return self.backoff(retry, a.attempts + 1)
         except Exception:
-            # The lease runs out and the message is attempted again: duplicates are bounded by
-            # what was in flight, nothing is lost.
-            log.exception("recording the outcome of %s failed; it will be attempted again", a.id)
+            log.exception("the backoff failed for %s; retrying in %.0fs", a.id, RECORD_RETRY_DELAY)
+            return RECORD_RETRY_DELAY
 
-    async def _record(self, a: _Attempt, judgement: Judgement) -> None:
-        id, envelope = a.id, a.envelope
-        now = self.clock.time()
-        done: set[int] = set()
-        if judgement.delivered:
-            # When every recipient was delivered, removing the message records it: the usual
-            # case costs no meta update. Otherwise the delivered ones are persisted first.
-            if judgement.permanent or judgement.transient:
-                await self._store(self.store.set_recipients_delivered(id, judgement.delivered))
-            done.update(judgement.delivered)
-            delivered = a.recipients(judgement.delivered)
-            self._emit(QueueEvent("delivered", id, delivered, judgement.success))
-        retry_soon = False
-        for reply, idx in judgement.permanent:
-            if await self._bounce(id, a.subset(idx), reply):
-                await self._store(self.store.set_recipients_delivered(id, idx))
-                done.update(idx)
-            else:
-                retry_soon = True
-        transient = judgement.transient_indexes
-        if transient:
-            attempts = await self._store(self.store.increment_attempts(id))
-            retry_env = a.subset(transient)
-            wait = self.backoff(retry_env, attempts)
-            if wait is None:
-                lifetime = getattr(self.backoff, "lifetime", None)
-                expired = is_expired(lifetime, envelope.timestamp, now)
-                for reply, idx in judgement.transient:
-                    final, why = exhausted_reply(reply, attempts, expired)
-                    sub = a.subset(idx)
-                    self._emit(
-                        QueueEvent("expired" if expired else "failed", id, sub.recipients, reply)
-                    )
-                    if await self._bounce(id, sub, final, why):
-                        await self._store(self.store.set_recipients_delivered(id, idx))
-                        done.update(idx)
-                    else:
-                        retry_soon = True
-            else:
-                at = now + max(0.0, wait)
-                await self._store(self.store.set_timestamp(id, at, last_reply=judgement.last_reply))
-                await self._warn_delay(id, retry_env, judgement, a.scheduled, now)
-                self._emit(
-                    QueueEvent(
-                        "deferred",
-                        id,
-                        retry_env.recipients,
-                        judgement.last_reply,
-                        attempts=attempts,
-                        delay=f"{wait:.0f}s",
-                    )
-                )
+    # -- recording -----------------------------------------------------------------------------
+
+    async def _carry_out(self, a: Attempt, steps: Sequence[Step]) -> None:
+        """Carry out ``steps`` in order; park the ones left when one fails."""
+        for i, step in enumerate(steps):
+            try:
+                await self._step(a.id, step)
+            except KeyError:
+                log.info("message %s is gone; the rest of its outcome is not recorded", a.id)
                 return
-        if done.issuperset(a.pending):
-            await self._store(self.store.remove(id))
-            self._emit(QueueEvent("removed", id))
-        elif retry_soon:
-            await self._store(self.store.set_timestamp(id, now + BOUNCE_RETRY_DELAY))
+            except Exception as exc:
+                self._park(a, steps[i:], exc)
+                return
 
-    async def _warn_delay(
-        self, id: str, envelope: Envelope, judgement: Judgement, scheduled: float, now: float
-    ) -> None:
-        """Send an RFC 3464 "delayed" notice when the message's age passed a warning time."""
-        due = delay_warning_due(self.delay_warnings, envelope.timestamp, scheduled, now)
-        factory = self.bounce_factory
-        if due is None or not isinstance(factory, BounceFactory) or judgement.last_reply is None:
-            return
-        hours = due / 3600
-        why = f"delayed for more than {hours:g} hours; delivery will be retried"
-        notice = factory(envelope, judgement.last_reply, now=now, diagnostic=why, action="delayed")
-        if notice is None:
-            return
-        results = await self.bounce_queue.enqueue(notice)
-        ids = ",".join(r for _, r in results if isinstance(r, str))
-        self._emit(
-            QueueEvent("delay-warned", id, envelope.recipients, judgement.last_reply, dsn=ids)
-        )
+    async def _step(self, id: str, step: Step) -> None:
+        events = step.events
+        if isinstance(step, MarkDone):
+            await self._store(self.store.set_recipients_delivered(id, step.indexes))
+        elif isinstance(step, SendNotice):
+            dsn = ",".join(await self._send(step.notice)) or "none"
+            events = tuple(e.with_detail(dsn=dsn) for e in events)
+        elif isinstance(step, CountAttempt):
+            await self._store(self.store.increment_attempts(id))
+        elif isinstance(step, Reschedule):
+            await self._store(self.store.set_timestamp(id, step.at, last_reply=step.last_reply))
+        else:
+            await self._store(self.store.remove(id))
+        for event in events:
+            self._emit(event)
+
+    def _park(self, a: Attempt, steps: Sequence[Step], exc: Exception) -> None:
+        """Keep the steps left, and the lease, and carry them out again later."""
+        what = type(steps[0]).__name__
+        if isinstance(exc, QueueError | OSError):
+            log.error(
+                "recording the outcome of %s failed at %s (%s); trying again in %.0fs",
+                a.id, what, exc, RECORD_RETRY_DELAY,
+            )  # fmt: skip
+        else:  # a bug: the traceback helps
+            log.exception("recording the outcome of %s failed at %s", a.id, what)
+
+        async def resume() -> None:
+            await self.clock.sleep(RECORD_RETRY_DELAY)
+            await self._carry_out(a, steps)  # parks again (replacing this task) if it fails
+            if self._parked.get(a.id) is asyncio.current_task():
+                del self._parked[a.id]
+
+        self._parked[a.id] = asyncio.create_task(resume(), name=f"smtpq-record-{a.id}")
+
+    async def _unpark(self) -> None:
+        """On stop: give up the parked recordings and their leases; the messages are attempted
+        again (here after a restart, or by another worker)."""
+        parked, self._parked = self._parked, {}
+        for task in parked.values():
+            task.cancel()
+        await asyncio.gather(*parked.values(), return_exceptions=True)
+        for id in parked:
+            with contextlib.suppress(Exception):
+                await self.store.release(id)
+
+    async def _send(self, notice: Notice) -> list[str]:
+        """Enqueue the DSNs of ``notice`` into the bounce queue; their queue ids.
+
+        Raises :class:`QueueError` when one could not be stored.
+        """
+        ids: list[str] = []
+        for dsn in self.notifier.notify(notice):
+            for _, result in await self.bounce_queue.enqueue(dsn):
+                if isinstance(result, QueueError):
+                    raise QueueError(f"a DSN could not be queued: {result}")
+                ids.append(result)
+        return ids
 
     async def send_bounce(
         self, envelope: Envelope, reply: Reply, why: str | None = None
     ) -> list[str] | None:
-        """Enqueue a bounce for ``envelope``'s recipients into the bounce queue.
+        """Bounce ``envelope``'s recipients with ``reply`` now (an operator's bounce).
 
         Returns the bounce's queue ids (empty when none is due: a null sender, NOTIFY=NEVER),
         or None when it could not be stored.
         """
-        factory = self.bounce_factory
-        bounce: Envelope | None
-        if isinstance(factory, BounceFactory):
-            bounce = factory(envelope, reply, now=self.clock.time(), diagnostic=why)
-        else:
-            bounce = factory(envelope, reply)
-        if bounce is None:
+        wanted = [r for r in envelope.recipients if notify_wants(envelope, r, "FAILURE")]
+        if not envelope.sender or not wanted:
             return []
-        results = await self.bounce_queue.enqueue(bounce)
-        errors = [r for _, r in results if isinstance(r, QueueError)]
-        if errors:
-            log.error("a bounce could not be queued: %s", errors[0])
+        notice = Notice(
+            Action.FAILED, envelope, outcomes_for(wanted, reply), self.clock.time(), note=why
+        )
+        try:
+            return await self._send(notice)
+        except QueueError as exc:
+            log.error("%s", exc)
             return None
-        return [r for _, r in results if isinstance(r, str)]
 
-    async def _bounce(
-        self, id: str, envelope: Envelope, reply: Reply, why: str | None = None
-    ) -> bool:
-        """Bounce and log; False if the bounce could not be stored (retry later)."""
-        ids = await self.send_bounce(envelope, reply, why)
-        if ids is None:
-            return False
-        dsn = ",".join(ids) or "none"
-        self._emit(QueueEvent("bounced", id, envelope.recipients, reply, dsn=dsn))
-        return True
+    def emit(self, event: QueueEvent) -> None:
+        """Log an event and pass it to the observers: for what others do to the queue (the
+        operators' actions), so that one log and one set of metrics tell all of it."""
+        self._emit(event)
 
     def _emit(self, event: QueueEvent) -> None:
         # One INFO line per message outcome; the attempt itself and the removal that follows

@@ -1,58 +1,90 @@
-"""The pure rules of the queue: what an attempt's result means, and what to do next.
+"""The pure rules of the queue: what an attempt's result means, and what to do next, in order.
 
 No I/O, no event loop, no clock: the asyncio driver (:mod:`smtpq.queue.driver`) feeds these
-functions plain values and carries out what they decide.
+functions plain values — the relay's result, the attempt, the backoff's answer, the time — and
+carries out the steps :func:`plan` returns, one after the other (DESIGN §2, §3):
+
+1. :class:`MarkDone` the delivered recipients (persisted before anything else);
+2. :class:`SendNotice` the success report (NOTIFY=SUCCESS, next hop without DSN), then the one
+   failure DSN of the event: every recipient refused now, and every one given up now;
+3. :class:`MarkDone` the bounced ones — after their DSN is stored, so that a crash may
+   duplicate a bounce but never lose one;
+4. :class:`CountAttempt`, then :class:`SendNotice` a due delay warning, then
+   :class:`Reschedule` the recipients left; or, with none left, :class:`Remove`.
+
+When every recipient is delivered in one attempt (and no notice is due), the removal records it:
+the usual case costs no update first.
+
+**Delay warnings.** A threshold ``T`` (seconds since arrival ``A``) is reported by the attempt
+whose window — from the time it was due, ``s``, to its failure, ``now`` — contains ``A + T``
+(:func:`delay_warning_due`). The windows of successive attempts never overlap, because every
+next attempt is due strictly after the failure that schedules it; and they leave no gap,
+because :func:`next_attempt_time` never schedules past the next threshold: the message wakes
+up at ``A + T`` at the latest, is attempted, and that attempt (the first one at or after the
+threshold) sends the warning. So each threshold is reported exactly once per message, with no
+stored state, whatever the backoff, a restart or a flush (which only makes ``s`` earlier) do.
+What can repeat one: a crash between storing the warning and rescheduling (as with bounces),
+or the wall clock stepping back.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from smtpq.backoff import DEFAULT_LIFETIME
+from smtpq.bounce import notify_wants
+from smtpq.envelope import Envelope
+from smtpq.notice import Action, Notice, Outcome
+from smtpq.queue.event import EventKind, QueueEvent
 from smtpq.relay.base import RelayError, RelayResult
 from smtpq.reply import Reply, ReplyClass, missing_recipient_reply, unexpected_error_reply
 
 __all__ = [
+    "Attempt",
+    "CountAttempt",
     "Judgement",
+    "MarkDone",
+    "Remove",
+    "Reschedule",
+    "RetryRules",
+    "SendNotice",
+    "Step",
+    "Verdict",
     "delay_warning_due",
-    "exhausted_reply",
-    "group_by_reply",
     "is_expired",
     "judge",
+    "next_attempt_time",
+    "plan",
 ]
 
-ReplyGroups = tuple[tuple[Reply, tuple[int, ...]], ...]
+
+# -- judging an attempt ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One recipient's outcome: its index in the list as first written, and its reply (None:
+    delivered by a relay that gave no reply)."""
+
+    index: int
+    recipient: str
+    reply: Reply | None
 
 
 @dataclass(frozen=True)
 class Judgement:
-    """The outcome of one attempt, per recipient (by index into the list as first written)."""
+    """The outcome of one attempt, per recipient, each with its own reply."""
 
-    delivered: tuple[int, ...] = ()
-    #: One group per distinct 5xx reply: one bounce each.
-    permanent: ReplyGroups = ()
-    #: One group per distinct 4xx reply.
-    transient: ReplyGroups = ()
-    #: What the relay said for the delivered ones (first success reply), for the log.
-    success: Reply | None = None
-
-    @property
-    def transient_indexes(self) -> tuple[int, ...]:
-        """Every recipient to retry."""
-        return tuple(i for _, idx in self.transient for i in idx)
+    delivered: tuple[Verdict, ...] = ()
+    permanent: tuple[Verdict, ...] = ()
+    transient: tuple[Verdict, ...] = ()
 
     @property
     def last_reply(self) -> Reply | None:
-        """The reply to remember for the next attempt (first transient one)."""
-        return self.transient[0][0] if self.transient else None
-
-
-def group_by_reply(pairs: Sequence[tuple[int, Reply]]) -> ReplyGroups:
-    """Group recipients by equal replies, in order of first appearance."""
-    groups: dict[Reply, list[int]] = {}
-    for index, reply in pairs:
-        groups.setdefault(reply, []).append(index)
-    return tuple((reply, tuple(idx)) for reply, idx in groups.items())
+        """The reply to remember for the next attempt (the first transient one)."""
+        return self.transient[0].reply if self.transient else None
 
 
 def _as_reply(result: Reply | RelayError | BaseException | None) -> Reply | None:
@@ -80,33 +112,25 @@ def judge(
     """
     per_rcpt: dict[str, Reply | None]
     if isinstance(result, Mapping):
-        per_rcpt = {}
         missing = missing_recipient_reply()
-        for rcpt in recipients:
-            per_rcpt[rcpt] = _as_reply(result[rcpt]) if rcpt in result else missing
+        per_rcpt = {r: _as_reply(result[r]) if r in result else missing for r in recipients}
     else:
-        whole = _as_reply(result)
-        per_rcpt = dict.fromkeys(recipients, whole)
-    delivered: list[int] = []
-    permanent: list[tuple[int, Reply]] = []
-    transient: list[tuple[int, Reply]] = []
-    success: Reply | None = None
+        per_rcpt = dict.fromkeys(recipients, _as_reply(result))
+    sorted_: dict[ReplyClass, list[Verdict]] = {
+        ReplyClass.SUCCESS: [],
+        ReplyClass.PERMANENT: [],
+        ReplyClass.TRANSIENT: [],
+    }
     for rcpt, index in zip(recipients, indexes, strict=True):
         reply = per_rcpt[rcpt]
         klass = ReplyClass.SUCCESS if reply is None else reply.reply_class
-        if klass is ReplyClass.SUCCESS:
-            delivered.append(index)
-            success = success or reply
-        elif klass is ReplyClass.PERMANENT:
-            permanent.append((index, reply))  # type: ignore[arg-type]
-        else:
-            bad = reply if klass is ReplyClass.TRANSIENT else _unclassifiable(reply)
-            transient.append((index, bad))  # type: ignore[arg-type]
+        if klass not in sorted_:
+            reply, klass = _unclassifiable(reply), ReplyClass.TRANSIENT
+        sorted_[klass].append(Verdict(index, rcpt, reply))
     return Judgement(
-        delivered=tuple(delivered),
-        permanent=group_by_reply(permanent),
-        transient=group_by_reply(transient),
-        success=success,
+        delivered=tuple(sorted_[ReplyClass.SUCCESS]),
+        permanent=tuple(sorted_[ReplyClass.PERMANENT]),
+        transient=tuple(sorted_[ReplyClass.TRANSIENT]),
     )
 
 
@@ -114,39 +138,233 @@ def _unclassifiable(reply: Reply | None) -> Reply:
     return Reply("450", f"4.0.0 Unexpected reply from relay: {reply}")
 
 
-def exhausted_reply(last: Reply, attempts: int, expired: bool) -> tuple[Reply, str]:
-    """The reply and explanation a bounce gives when the queue stops retrying.
+# -- time rules ------------------------------------------------------------------------------
 
-    The status is the last reply's (a 4.x.x with Action: failed is right, RFC 3464), or 4.4.7
-    when the message's lifetime ran out.
+
+@dataclass(frozen=True)
+class RetryRules:
+    """The queue's own limits on retrying (as Postfix's queue manager has them).
+
+    :ivar delay_warnings: message ages (seconds) at which the sender is warned (Action:
+        delayed), ascending; none by default, like Postfix's ``delay_warning_time``.
+    :ivar lifetime: seconds after arrival when the queue gives up (status 4.4.7), with a last
+        attempt then; the Will-Retry-Until of warnings. None: only the backoff gives up.
     """
-    reply = last
-    if expired:
-        reply = last.replace(enhanced_status_code="4.4.7")
-        why = f"message expired in the queue after {attempts} attempts; giving up"
-    else:
-        why = f"retries exhausted after {attempts} attempts; giving up"
-    return reply, why
 
+    delay_warnings: tuple[float, ...] = ()
+    lifetime: float | None = DEFAULT_LIFETIME
 
-def delay_warning_due(
-    thresholds: Sequence[float], received: float | None, scheduled: float, now: float
-) -> float | None:
-    """The delay-warning threshold first crossed by an attempt scheduled at ``scheduled`` that
-    failed transiently at ``now``, or None.
-
-    A warning is due for a threshold the message's age reached between the time the attempt was
-    scheduled and its failure. The next attempt is scheduled after that failure, so each
-    threshold is reported once, with no stored state (RFC 3464 Action: delayed). Several
-    thresholds crossed at once give one warning.
-    """
-    if received is None:
-        return None
-    before, after = scheduled - received, now - received
-    crossed = [t for t in thresholds if before <= t <= after]
-    return max(crossed) if crossed else None
+    def __post_init__(self) -> None:
+        thresholds = tuple(sorted(set(float(t) for t in self.delay_warnings)))
+        if any(t <= 0 or not math.isfinite(t) for t in thresholds):
+            raise ValueError("delay warnings must be positive numbers of seconds")
+        if self.lifetime is not None and not self.lifetime > 0:
+            raise ValueError("lifetime must be positive (or None)")
+        object.__setattr__(self, "delay_warnings", thresholds)
 
 
 def is_expired(lifetime: float | None, received: float | None, now: float) -> bool:
     """Whether a message received at ``received`` has outlived ``lifetime`` at ``now``."""
     return lifetime is not None and received is not None and now >= received + lifetime
+
+
+def delay_warning_due(
+    thresholds: Sequence[float], received: float | None, scheduled: float, now: float
+) -> float | None:
+    """The delay-warning threshold that an attempt due at ``scheduled``, failing at ``now``,
+    reports, or None.
+
+    That is a threshold whose time (``received + threshold``) lies in ``[scheduled, now]``;
+    with several, the largest (one warning). Exactly once per threshold when the attempts are
+    scheduled by :func:`next_attempt_time` (see the module docstring).
+    """
+    if received is None:
+        return None
+    crossed = [t for t in thresholds if scheduled <= received + t <= now]
+    return max(crossed) if crossed else None
+
+
+def next_attempt_time(rules: RetryRules, received: float, now: float, wait: float) -> float:
+    """When to attempt again after a transient failure at ``now``, ``wait`` being the
+    backoff's answer: no later than the end of the lifetime (a last attempt) nor than the
+    next delay-warning threshold, and strictly after ``now``."""
+    at = now + max(0.0, wait)
+    if rules.lifetime is not None:
+        at = min(at, received + rules.lifetime)
+    for threshold in rules.delay_warnings:
+        if received + threshold > now:
+            at = min(at, received + threshold)
+            break
+    return max(at, math.nextafter(now, math.inf))
+
+
+# -- the plan --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One delivery attempt of a stored message.
+
+    :ivar envelope: the message with its pending recipients only.
+    :ivar pending: the original index of each recipient of :attr:`envelope`.
+    :ivar attempts: attempts made before this one.
+    :ivar scheduled: when this attempt was due (the start of its delay-warning window).
+    """
+
+    id: str
+    envelope: Envelope
+    attempts: int
+    pending: tuple[int, ...]
+    scheduled: float
+
+    def subset(self, verdicts: Sequence[Verdict]) -> Envelope:
+        """A copy of the envelope for these recipients."""
+        return self.envelope.copy([v.recipient for v in verdicts])
+
+
+@dataclass(frozen=True)
+class MarkDone:
+    """``set_recipients_delivered``: these recipients are done (delivered or bounced)."""
+
+    indexes: tuple[int, ...]
+    events: tuple[QueueEvent, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True)
+class SendNotice:
+    """Build the DSNs of ``notice`` and enqueue them into the bounce queue; its events are
+    logged with the DSNs' queue ids (``dsn=``)."""
+
+    notice: Notice
+    events: tuple[QueueEvent, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True)
+class CountAttempt:
+    """``increment_attempts``."""
+
+    events: tuple[QueueEvent, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True)
+class Reschedule:
+    """``set_timestamp``: attempt the recipients left at ``at``, remembering ``last_reply``."""
+
+    at: float
+    last_reply: Reply | None
+    events: tuple[QueueEvent, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True)
+class Remove:
+    """``remove``: no recipient is left."""
+
+    events: tuple[QueueEvent, ...] = field(default=(), compare=False)
+
+
+#: One thing the driver does, in the order :func:`plan` gives.
+Step = MarkDone | SendNotice | CountAttempt | Reschedule | Remove
+
+
+def _events(
+    kind: EventKind, id: str, verdicts: Sequence[Verdict], **detail: object
+) -> list[QueueEvent]:
+    """One event per relay host and reply, naming exactly the recipients that got it."""
+    groups: dict[tuple[str | None, str | None, Reply | None], list[str]] = {}
+    for v in verdicts:
+        host = v.reply.remote_host if v.reply is not None else None
+        ip = v.reply.remote_ip if v.reply is not None else None
+        groups.setdefault((host, ip, v.reply), []).append(v.recipient)
+    return [QueueEvent(kind, id, rcpts, key[2], **detail) for key, rcpts in groups.items()]
+
+
+def _wants_success_notice(envelope: Envelope, verdict: Verdict) -> bool:
+    """NOTIFY=SUCCESS, and the next hop did not take the DSN duty on (RFC 3461 §6.2.2.2).
+
+    A next hop that advertised DSN got the parameters and reports itself (``remote_dsn``
+    True). Without DSN there (False), and where it is unknown (None: a relay that is not
+    SMTP, or gave no reply), the sender is told that the message was relayed: "delivered"
+    would claim a final delivery that smtpq cannot know of.
+    """
+    reply = verdict.reply
+    dsn_passed_on = reply is not None and reply.remote_dsn is True
+    return not dsn_passed_on and notify_wants(envelope, verdict.recipient, "SUCCESS")
+
+
+def _indexes(verdicts: Sequence[Verdict]) -> tuple[int, ...]:
+    return tuple(v.index for v in verdicts)
+
+
+def plan(
+    judgement: Judgement,
+    attempt: Attempt,
+    wait: float | None,
+    rules: RetryRules,
+    now: float,
+) -> list[Step]:
+    """The steps that record ``judgement``, in the order they must be carried out.
+
+    :param wait: the backoff's answer for the transient recipients (asked with the attempt
+        count this attempt makes), None to give up; ignored when there are none.
+    :param now: when the attempt ended.
+    """
+    env, id = attempt.envelope, attempt.id
+    received = env.timestamp if env.timestamp is not None else attempt.scheduled
+    made = attempt.attempts + 1
+    expired = is_expired(rules.lifetime, received, now)
+    give_up = bool(judgement.transient) and (wait is None or expired)
+    left = () if give_up else judgement.transient
+    quit = judgement.transient if give_up else ()
+    failed = judgement.permanent + quit
+    steps: list[Step] = []
+    recorded_by_removal: list[QueueEvent] = []
+
+    delivered = _events(EventKind.DELIVERED, id, judgement.delivered)
+    relayed = [v for v in judgement.delivered if env.sender and _wants_success_notice(env, v)]
+    if judgement.delivered and (failed or left or relayed):
+        steps.append(MarkDone(_indexes(judgement.delivered), tuple(delivered)))
+    else:
+        recorded_by_removal += delivered
+    if relayed:
+        outcomes = tuple(Outcome(v.recipient, v.reply) for v in relayed)
+        notice = Notice(Action.RELAYED, env, outcomes, now, id, made)
+        steps.append(SendNotice(notice, tuple(_events(EventKind.SUCCESS_NOTIFIED, id, relayed))))
+
+    if failed:
+        told = [v for v in failed if env.sender and notify_wants(env, v.recipient, "FAILURE")]
+        untold = [v for v in failed if v not in told]
+        gave_up = EventKind.EXPIRED if expired else EventKind.FAILED
+        if told:
+            outcomes = tuple(
+                Outcome(v.recipient, v.reply, gave_up=v in quit, expired=expired and v in quit)
+                for v in told
+            )
+            events = _events(gave_up, id, [v for v in told if v in quit])
+            events += _events(EventKind.BOUNCED, id, told)
+            notice = Notice(Action.FAILED, env, outcomes, now, id, made)
+            steps.append(SendNotice(notice, tuple(events)))
+        silent = _events(gave_up, id, [v for v in untold if v in quit])
+        silent += _events(EventKind.BOUNCED, id, untold, dsn="none")
+        if left:
+            steps.append(MarkDone(_indexes(failed), tuple(silent)))
+        else:
+            recorded_by_removal += silent
+
+    if not left:
+        steps.append(Remove((*recorded_by_removal, QueueEvent(EventKind.REMOVED, id))))
+        return steps
+    assert wait is not None  # not giving up
+    steps.append(CountAttempt())
+    threshold = delay_warning_due(rules.delay_warnings, received, attempt.scheduled, now)
+    warned = [v for v in left if env.sender and notify_wants(env, v.recipient, "DELAY")]
+    if threshold is not None and warned:
+        until = received + rules.lifetime if rules.lifetime is not None else None
+        outcomes = tuple(Outcome(v.recipient, v.reply) for v in warned)
+        notice = Notice(
+            Action.DELAYED, env, outcomes, now, id, made, retry_until=until, delayed_for=threshold
+        )
+        steps.append(SendNotice(notice, tuple(_events(EventKind.DELAY_WARNED, id, warned))))
+    at = next_attempt_time(rules, received, now, wait)
+    deferred = _events(EventKind.DEFERRED, id, left, attempts=made, delay=f"{at - now:.0f}s")
+    steps.append(Reschedule(at, left[0].reply, tuple(deferred)))
+    return steps

@@ -469,9 +469,22 @@ class SmtpPool:
     ) -> bool:
         """MAIL, RCPT each, DATA for the accepted; fills ``replies``. True if the host failed."""
         cfg, host, smtp = self.config, self.name, conn.smtp
+        peer = smtp.get_transport_info("peername") if smtp.is_connected else None
+        ip = str(peer[0]) if peer else None
 
         def answer(command: str, resp: SMTPResponse, rcpt: str) -> Reply:
-            return Reply(str(resp.code), _text(resp.message), command, rcpt, remote_host=host)
+            # On a success: whether the DSN parameters went on (RFC 3461), for NOTIFY=SUCCESS.
+            passed = smtp.supports_extension("dsn") if 200 <= resp.code < 300 else None
+            text = _text(resp.message)
+            return Reply(
+                str(resp.code),
+                text,
+                command,
+                rcpt,
+                remote_host=host,
+                remote_ip=ip,
+                remote_dsn=passed,
+            )
 
         utf8 = smtp.supports_extension("smtputf8")
         if _needs_smtputf8(envelope, recipients) and not utf8:

@@ -5,6 +5,53 @@ loop and no clock here: the edge (:mod:`smtpq.edge`) and the relays (:mod:`smtpq
 thin asyncio drivers around these machines. Every protocol rule lives here, once.
 """
 
+from smtpq.smtp._server_events import (
+    NEED_DATA,
+    AuthCredentials,
+    BdatChunk,
+    ConnectionClosed,
+    DataChunk,
+    DataStart,
+    Event,
+    Hello,
+    Help,
+    MailFrom,
+    MessageComplete,
+    NeedData,
+    Noop,
+    Quit,
+    RcptTo,
+    Reset,
+    StartTls,
+    Vrfy,
+)
+from smtpq.smtp._server_state import ServerState
 from smtpq.smtp.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from smtpq.smtp.server import ServerConfig, ServerConnection
 
-__all__ = ["LocalProtocolError", "ProtocolError", "RemoteProtocolError"]
+__all__ = [
+    "NEED_DATA",
+    "AuthCredentials",
+    "BdatChunk",
+    "ConnectionClosed",
+    "DataChunk",
+    "DataStart",
+    "Event",
+    "Hello",
+    "Help",
+    "LocalProtocolError",
+    "MailFrom",
+    "MessageComplete",
+    "NeedData",
+    "Noop",
+    "ProtocolError",
+    "Quit",
+    "RcptTo",
+    "RemoteProtocolError",
+    "Reset",
+    "ServerConfig",
+    "ServerConnection",
+    "ServerState",
+    "StartTls",
+    "Vrfy",
+]

@@ -1,11 +1,18 @@
 """Real SMTP servers on loopback for the relay tests: an aiosmtpd sink that records what it
-receives and answers as told, and raw servers that misbehave (bad greetings, silence)."""
+receives and answers as told (per recipient), raw servers that misbehave (bad greetings,
+silence), and Postfix's own ``smtp-sink`` (which, unlike aiosmtpd, advertises DSN)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import signal
 import ssl
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
@@ -70,6 +77,7 @@ class _SinkHandler:
         options: list[str],
     ) -> str:
         reply = self.sink.behaviour.rcpt.get(address.split("@")[0])
+        self.sink.rcpt_log.append((address, reply or "250 2.1.5 Ok"))
         if reply:
             return reply
         envelope.rcpt_tos.append(address)
@@ -134,6 +142,8 @@ class Sink:
         self.arrived = asyncio.Event()
         self.connections = 0
         self.resets = 0
+        #: Every RCPT TO address with the reply it was given, in order.
+        self.rcpt_log: list[tuple[str, str]] = []
         self.protocols: list[SMTP] = []
         self._server: asyncio.Server | None = None
 
@@ -217,3 +227,58 @@ class RawServer:
             for writer in self._writers:
                 writer.close()
             await self._server.wait_closed()
+
+
+#: Postfix's test server, where installed (Debian: /usr/sbin; else Postfix's daemon directory).
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/lib/postfix/sbin/smtp-sink"
+
+
+class PostfixSink:
+    """Postfix's ``smtp-sink`` on ``host:port``: accepts everything, advertises DSN, and dumps
+    each transaction (with its ``X-Mail-Args`` and ``X-Rcpt-Args``) to a file.
+
+    Started and stopped by its pid. As root it drops to ``nobody`` (its ``-u``): its dump
+    directory is a fresh one in the system's temporary directory, which ``nobody`` can reach
+    (a test's own tmp_path is private to root), removed by :meth:`stop`.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host, self.port = host, port
+        self.directory = Path(tempfile.mkdtemp(prefix="smtpq-smtp-sink-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> PostfixSink:
+        """Start and wait until it accepts connections."""
+        command = [SMTP_SINK, "-d", f"{self.directory}/%M.", "-h", "sink.postfix.test"]
+        if os.geteuid() == 0:
+            self.directory.chmod(0o777)
+            command += ["-u", "nobody"]
+        # A short, one-off spawn: blocking is harmless here and keeps the pid ours to signal.
+        self.proc = subprocess.Popen(  # noqa: ASYNC220
+            [*command, f"{self.host}:{self.port}", "16"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        async with asyncio.timeout(20):
+            while True:
+                try:
+                    _, writer = await asyncio.open_connection(self.host, self.port)
+                except OSError:
+                    if self.proc.poll() is not None:
+                        raise RuntimeError(f"smtp-sink exited {self.proc.returncode}") from None
+                    await asyncio.sleep(0.02)
+                    continue
+                writer.close()
+                await writer.wait_closed()
+                return self
+
+    def transactions(self) -> list[str]:
+        """The dumped transactions, as text (generated headers, then the message)."""
+        return [p.read_text(errors="replace") for p in sorted(self.directory.iterdir())]
+
+    async def stop(self) -> None:
+        """SIGTERM by pid, wait, and remove the dump directory."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(self.proc.wait, 10)
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -15,9 +15,9 @@ import aiosmtplib
 import pytest
 
 from smtpq import DictStorage, Envelope, ManualClock, Queue, QueueError, RecipientDomainSplit
-from smtpq.edge import EdgeConfig, SmtpEdge, hash_password
-from smtpq.edge.server import _EdgeHandler
+from smtpq.edge import EdgeConfig, RelayPolicy, SmtpEdge, hash_password
 from tests.integration.smtp.conftest import TlsFiles
+from tests.integration.smtp.edge_peers import GatedStorage, stored
 
 MESSAGE = (
     b"From: Alice <alice@example.org>\r\n"
@@ -36,20 +36,6 @@ MESSAGE = (
 )
 
 EdgeFactory = Callable[..., Awaitable[SmtpEdge]]
-
-
-class GatedStorage(DictStorage):
-    """A DictStorage whose writes wait for a gate (to see when the 250 is sent)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.started = asyncio.Event()
-        self.gate = asyncio.Event()
-
-    async def write(self, envelope: Envelope, timestamp: float, *, claimed: bool = False) -> str:
-        self.started.set()
-        await self.gate.wait()
-        return await super().write(envelope, timestamp, claimed=claimed)
 
 
 class FailingStorage(DictStorage):
@@ -93,11 +79,6 @@ async def edge_factory(clock: ManualClock) -> AsyncIterator[EdgeFactory]:
         await edge.stop()
         if queue is not None:
             await queue.stop()
-
-
-async def stored(store: DictStorage) -> list[Envelope]:
-    """The envelopes in the storage, oldest first."""
-    return [(await store.get(id))[0] for _, id in sorted(await store.load())]
 
 
 def smtp_session(port: int, work: Callable[[smtplib.SMTP], Any]) -> Awaitable[Any]:
@@ -348,11 +329,11 @@ async def test_unexpected_queue_exception_is_451(edge_factory: EdgeFactory) -> N
 async def test_exception_in_any_hook_is_451_without_details(
     edge_factory: EdgeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def broken(*args: Any) -> str:
+    def broken(*args: Any) -> bool:
         raise RuntimeError("internal detail /secret")
 
-    # Fault injection: a bug in a hook must still give a transient, opaque reply.
-    monkeypatch.setattr(_EdgeHandler, "handle_RCPT", broken)
+    # Fault injection: a bug in what answers RCPT must still give a transient, opaque reply.
+    monkeypatch.setattr(RelayPolicy, "allows", broken)
     edge = await edge_factory()
 
     def send(s: smtplib.SMTP) -> tuple[int, bytes]:
