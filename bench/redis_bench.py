@@ -6,7 +6,7 @@ can be compared as ratios on a shared, noisy machine::
 
     .venv/bin/python bench/redis_bench.py --runs 3
     .venv/bin/python bench/redis_bench.py --workers 1,2,4 -n 4000 --concurrency 50 \
-        --slimta-python /tmp/slimta-venv-redis/bin/python --json-out /tmp/redis-bench.json
+        --slimta-python bench/work/slimta-venv-redis/bin/python --json-out r.json
 
 What is measured (msgs/s; N messages of ~SIZE bytes, one recipient, C producers per process):
 
@@ -256,7 +256,8 @@ def main() -> None:
     p.add_argument("--modes", default="enqueue,e2e,relay")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--appendfsync", choices=("none", "everysec", "always"), default="none")
-    p.add_argument("--slimta-python", default="/tmp/slimta-venv-redis/bin/python")
+    slimta = Path(__file__).resolve().parent / "work/slimta-venv-redis/bin/python"
+    p.add_argument("--slimta-python", default=str(slimta))
     p.add_argument("--json-out")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)

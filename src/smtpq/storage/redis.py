@@ -53,7 +53,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
 from smtpq.envelope import Envelope
-from smtpq.errors import EnvelopeFormatError, QueueError
+from smtpq.errors import EnvelopeFormatError, MessageGone, QueueError
 from smtpq.reply import Reply
 from smtpq.storage.base import MessageInfo, QueueStorage, StoredMessage, id_time, new_id
 
@@ -598,13 +598,13 @@ class RedisStorage(QueueStorage):
         keys = [self._key(id), self._schedule, self._leases, self._held]
         found = await self._run(_SET_TIMESTAMP, keys, [id, timestamp, reply, self.owner], wake=True)
         if not found:
-            raise KeyError(id)
+            raise MessageGone(id)
 
     async def increment_attempts(self, id: str) -> int:
         """See :meth:`QueueStorage.increment_attempts`."""
         count = int(await self._run(_INCREMENT, [self._key(id)], []))
         if count < 0:
-            raise KeyError(id)
+            raise MessageGone(id)
         return count
 
     async def set_recipients_delivered(self, id: str, indexes: Iterable[int]) -> None:
@@ -612,7 +612,7 @@ class RedisStorage(QueueStorage):
         args = [int(i) for i in indexes]
         found = await self._run(_DELIVERED, [self._key(id)], args)
         if not found:
-            raise KeyError(id)
+            raise MessageGone(id)
 
     async def load(self) -> list[tuple[float, str]]:
         """Every message as ``(timestamp, id)``, oldest first; nothing is kept in memory.
@@ -689,7 +689,7 @@ class RedisStorage(QueueStorage):
         """See :meth:`QueueStorage.get_entry`."""
         flat, held = await self._run(_GET, [self._key(id), self._held], [id])
         if not flat:
-            raise KeyError(id)
+            raise MessageGone(id)
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
         version = fields.get(b"v")
         if version != str(FORMAT_VERSION).encode():
@@ -815,7 +815,7 @@ class RedisStorage(QueueStorage):
         keys = [self._key(id), self._schedule, self._leases, self._held]
         found = await self._run(_SET_HELD, keys, [id, 1 if held else 0], wake=not held)
         if found < 0:
-            raise KeyError(id)
+            raise MessageGone(id)
 
     # -- wake-ups ------------------------------------------------------------------------------
 
