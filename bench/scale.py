@@ -707,6 +707,7 @@ class Daemon:
         settings: dict[str, Any] = {
             "hostname": "mx.bench.example",
             "log_level": "info",
+            "workers": 1,  # the recorded figures are one process's (the default is one per core)
             "edge": {"listen": [f"127.0.0.1:{self.port}"], "reverse_lookup": False},
             "storage": {"type": storage["type"], "path": queue_dir},
             "relay": {"type": "smarthost", "host": "127.0.0.1", "port": sink_port},
