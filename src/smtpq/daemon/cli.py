@@ -221,8 +221,14 @@ class QueueAccess:
         self,
         online: Callable[[Any], Coroutine[Any, Any, T]],
         offline: Callable[[Any], Coroutine[Any, Any, T]],
+        *,
+        changes: bool = True,
     ) -> list[T]:
-        """Run ``online(client)`` or ``offline(queue)`` on every queue of the daemon."""
+        """Run ``online(client)`` or ``offline(queue)`` on every queue of the daemon.
+
+        ``changes=False`` (a listing) reads a stored queue without taking its lock, so that it
+        also works beside a daemon whose admin socket does not answer.
+        """
         from smtpq.daemon.client import AdminClient
         from smtpq.daemon.server import open_offline_queue
 
@@ -242,7 +248,7 @@ class QueueAccess:
                     f"memory storage: no daemon answers on {shard.admin_socket}, so no queue exists"
                 )
             else:
-                async with open_offline_queue(self.config, shard) as q:
+                async with open_offline_queue(self.config, shard, changes=changes) as q:
                     results.append(await offline(q))
         return results
 
@@ -327,7 +333,7 @@ def list_(config_path: str | None, queue_dir: str | None, as_json: bool, limit: 
         stream = ops.iter_messages(q.store, q.clock.time(), selector)
         return await _print_messages(admin.limited(stream, limit), as_json)
 
-    totals = _run(QueueAccess(config).each(online, offline))
+    totals = _run(QueueAccess(config).each(online, offline, changes=False))
     if not as_json:
         click.echo(_summary(sum(n for n, _ in totals), sum(size for _, size in totals)))
 
@@ -400,7 +406,8 @@ def show(config_path: str | None, queue_dir: str | None, id: str, body: bool,
         except KeyError:
             return None
 
-    found = [i for i in _run(QueueAccess(config).each(online, offline)) if i is not None]
+    answers = _run(QueueAccess(config).each(online, offline, changes=False))
+    found = [i for i in answers if i is not None]
     if not found:
         raise click.ClickException(f"no message {id!r} in the queue")
     info = found[0]
@@ -509,7 +516,7 @@ def shape_(config_path: str | None, queue_dir: str | None, by: str, top: int,
         now = q.clock.time()
         return (await ops.shape(ops.iter_messages(q.store, now), now, by)).to_dict(top)
 
-    data = ops.merge_shapes(_run(QueueAccess(config).each(online, offline)), top)
+    data = ops.merge_shapes(_run(QueueAccess(config).each(online, offline, changes=False)), top)
     if as_json:
         click.echo(json.dumps(data))
     else:
