@@ -9,7 +9,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from smtpq.envelope import Envelope
 from smtpq.errors import EnvelopeFormatError
 from smtpq.reply import Reply
 from smtpq.storage.base import MessageInfo, id_time
@@ -105,14 +104,10 @@ def _info(id: str, row: list[Any]) -> MessageInfo | None:
     if version != RECORD_VERSION:
         return None  # another format: get_entry reports it when the message is attempted
     try:
-        envelope, size = Envelope.from_head(head)
-        done = {int(i) for i in delivered.split(b",") if i}
-        return MessageInfo(
-            id=id,
-            sender=envelope.sender,
-            recipients=tuple(r for i, r in enumerate(envelope.recipients) if i not in done),
-            size=size,
-            arrival=envelope.timestamp,
+        return MessageInfo.from_head(
+            id,
+            head,
+            (int(i) for i in delivered.split(b",") if i),
             attempts=int(attempts),
             timestamp=float(ts),
             held=bool(held),

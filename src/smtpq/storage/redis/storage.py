@@ -391,18 +391,14 @@ class RedisStorage(QueueStorage):
             last_reply = Reply.from_dict(json.loads(reply)) if reply else None
         except (KeyError, ValueError, TypeError) as exc:
             raise EnvelopeFormatError(f"message {id}: damaged record: {exc!r}") from exc
-        everyone = tuple(envelope.recipients)
-        pending = tuple(i for i in range(len(everyone)) if i not in delivered)
-        envelope.recipients = [everyone[i] for i in pending]
-        return StoredMessage(
-            id=id,
-            envelope=envelope,
+        return StoredMessage.from_written(
+            id,
+            envelope,
+            delivered,
             attempts=attempts,
             timestamp=timestamp,
-            pending=pending,
             held=bool(held),
             last_reply=last_reply,
-            original_recipients=everyone,
         )
 
     async def remove(self, id: str) -> None:
