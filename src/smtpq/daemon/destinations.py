@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from smtpq.daemon import ops
-from smtpq.daemon.config import Config, ConfigError
+from smtpq.daemon.config import Config, ConfigError, StorageType
 from smtpq.envelope import Envelope
 from smtpq.queue import Queue
 from smtpq.queue.destinations import UNLIMITED, DestinationPolicy, format_rate
@@ -37,25 +37,35 @@ from smtpq.storage.redis_destinations import RedisDestinationStore
 
 __all__ = [
     "describe_destinations",
+    "destination_policy",
     "destination_setup",
     "merge_destinations",
     "render_destinations",
 ]
 
 
+def destination_policy(config: Config, workers: int) -> DestinationPolicy:
+    """The destination limits one worker enforces (see the module docstring)."""
+    if config.storage.type == StorageType.REDIS:
+        return config.destinations
+    return config.destinations.share(workers)
+
+
 def destination_setup(config: Config, workers: int) -> tuple[DestinationPolicy, DestinationStore]:
     """The policy and the store of one daemon worker (see the module docstring)."""
-    if config.storage.type == "redis":
+    store: DestinationStore = LocalDestinationStore()
+    if config.storage.type == StorageType.REDIS:
+        settings = config.storage
         try:
             store = RedisDestinationStore.from_url(
-                config.storage.url,
-                config.storage.prefix,
-                lease_timeout=config.storage.lease_timeout,
+                settings.url,
+                settings.prefix,
+                cluster=settings.cluster,
+                lease_timeout=settings.lease_timeout,
             )
         except ValueError as exc:
             raise ConfigError(f"storage.url: {exc}") from None
-        return config.destinations, store
-    return config.destinations.share(workers), LocalDestinationStore()
+    return destination_policy(config, workers), store
 
 
 async def describe_destinations(

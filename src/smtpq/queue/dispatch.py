@@ -122,6 +122,16 @@ class Dispatcher(Generic[T]):
             found = self._dests[name] = Destination(name, self.policy.limits_for(name))
         return found
 
+    def set_policy(self, policy: DestinationPolicy) -> None:
+        """New limits (a reload): each known destination takes its own at once, its window
+        within the new limit; attempts beyond it run on, and no more start."""
+        self.policy = policy
+        for name, dest in self._dests.items():
+            dest.limits = policy.limits_for(name)
+            dest.window = min(dest.window, dest.limits.concurrency)
+        for name in self._queues:
+            self._ring[name] = None  # some may have more room now
+
     def __contains__(self, name: object) -> bool:
         return name in self._dests
 

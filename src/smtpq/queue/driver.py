@@ -315,6 +315,12 @@ class Queue:
         """Every destination this queue knows, with its state (empty without a relay)."""
         return self._scheduler.views() if self._scheduler is not None else []
 
+    def set_destination_policy(self, policy: DestinationPolicy) -> None:
+        """Schedule with new destination limits from now on (a configuration reload)."""
+        self.destination_policy = policy
+        if self._scheduler is not None:
+            self._scheduler.set_policy(policy)
+
     def add_policy(self, policy: QueuePolicy) -> None:
         """Apply ``policy`` to every envelope enqueued from now on, after the earlier ones."""
         self.policies.append(policy)

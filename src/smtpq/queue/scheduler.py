@@ -154,6 +154,12 @@ class DestinationScheduler(Generic[P]):
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
+    def set_policy(self, policy: DestinationPolicy) -> None:
+        """New destination limits, from now on (see :meth:`Dispatcher.set_policy`)."""
+        self.policy = policy
+        self.dispatcher.set_policy(policy)
+        self.dispatch()
+
     # -- feeding -------------------------------------------------------------------------------
 
     def submit(self, part: P, now: float) -> bool:
