@@ -9,6 +9,7 @@ import pytest
 
 from smtpq.daemon.config import ConfigError, load_config
 from smtpq.daemon.destinations import destination_setup
+from smtpq.daemon.reload import plan_reload
 from smtpq.queue.destinations import DestinationLimits
 from smtpq.queue.shared import LocalDestinationStore
 from smtpq.storage.redis_destinations import RedisDestinationStore
@@ -76,3 +77,17 @@ async def test_workers_share_limits_through_redis_or_split_them(tmp_path: Path) 
     bad = load_config(path, **{"storage.type": "redis", "storage.url": "nowhere://x"})
     with pytest.raises(ConfigError, match=r"storage\.url"):
         destination_setup(bad, 1)
+
+
+def test_a_reload_applies_new_destination_limits_live(tmp_path: Path) -> None:
+    running = load_config(config_from(tmp_path, "[destinations]\nconcurrency = 10\n"))
+    new = load_config(
+        config_from(tmp_path, '[destinations]\nconcurrency = 10\n[destinations."a.example"]\n'
+                    "concurrency = 2\n")
+    )  # fmt: skip
+    plan = plan_reload(running, new)
+    assert plan.live == ("destinations.patterns",)
+    assert plan.restart == ()
+    assert plan.config.destinations.limits_for("a.example").concurrency == 2
+    assert plan.changes("destinations")
+    assert plan_reload(running, running).live == ()

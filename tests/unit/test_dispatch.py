@@ -110,6 +110,18 @@ def test_a_mark_from_the_store_defers_what_waits() -> None:
     assert d.destination("x").state is State.DEAD
 
 
+def test_new_limits_apply_to_known_destinations_at_once() -> None:
+    d: Dispatcher[str] = Dispatcher(_policy(concurrency=20, initial_window=10))
+    _fill(d, "x", 30)
+    assert len(d.take(0.0, 100)) == 10
+    d.set_policy(_policy(concurrency=4))
+    assert d.destination("x").window == 4
+    assert d.take(0.0, 100) == []  # 10 run on; none starts until fewer than 4 run
+    for _ in range(7):
+        d.finished("x", Outcome.SUCCESS, None, 1.0, False)
+    assert len(d.take(1.0, 100)) == 1
+
+
 def test_withdraw_and_forget() -> None:
     d: Dispatcher[str] = Dispatcher(_policy())
     _fill(d, "x", 2)
