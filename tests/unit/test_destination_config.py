@@ -3,13 +3,15 @@ daemon shares limits among its workers."""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from smtpq.daemon.config import ConfigError, load_config
+from smtpq.daemon.config import ConfigError, build_config, load_config
 from smtpq.daemon.destinations import destination_setup
 from smtpq.daemon.reload import plan_reload
+from smtpq.daemon.render import render_config
 from smtpq.queue.destinations import DestinationLimits
 from smtpq.queue.shared import LocalDestinationStore
 from smtpq.storage.redis_destinations import RedisDestinationStore
@@ -91,3 +93,16 @@ def test_a_reload_applies_new_destination_limits_live(tmp_path: Path) -> None:
     assert plan.config.destinations.limits_for("a.example").concurrency == 2
     assert plan.changes("destinations")
     assert plan_reload(running, running).live == ()
+
+
+def test_the_effective_configuration_shows_and_reads_back_the_destinations(tmp_path: Path) -> None:
+    path = config_from(
+        tmp_path,
+        '[destinations]\nmessage_rate = "30/min"\nmax_wait = 60\n'
+        '[destinations."*.Example.net"]\nconcurrency = 2\n',
+    )
+    config = load_config(path)
+    text = render_config(config)
+    assert '[destinations."*.example.net"]' in text
+    assert "# connection_rate is not set" in text
+    assert build_config(tomllib.loads(text)) == config
