@@ -113,6 +113,7 @@ def smtpq_config(port: int, sink: int, hole: int, queue: Path, args: argparse.Na
     return f"""\
 hostname = "smtpq.bench.localdomain"
 grace_period = 1.0
+workers = {args.workers}
 
 [edge]
 listen = ["{HOST}:{port}"]
@@ -264,6 +265,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=2048, help="bytes per message (2048)")
     p.add_argument("--connect-timeout", type=float, default=30.0, help="smtpq's (30 s)")
     p.add_argument("--sync", default="auto", help="storage.sync of smtpq (auto)")
+    p.add_argument("--workers", type=int, default=1, help="smtpq worker processes (1)")
     p.add_argument("--timeout", type=float, default=300.0, help="longest wait for the sink")
     p.add_argument("--linger", type=float, default=2.0, help="seconds after, before stopping")
     p.add_argument("--smtpq-cmd", nargs="+", default=[sys.executable, "-m", "smtpq.daemon.cli"])

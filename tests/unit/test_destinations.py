@@ -70,6 +70,7 @@ def test_a_share_of_the_limits_per_worker_never_adds_up_to_more() -> None:
     limits = DestinationLimits(concurrency=5, message_rate=10.0, connection_rate=1.0)
     share = limits.share(2)
     assert (share.concurrency, share.message_rate, share.connection_rate) == (2, 5.0, 0.5)
+    assert share.initial_window == 2
     assert DestinationLimits(concurrency=1).share(4).concurrency == 1  # each worker needs one
     assert limits.share(1) is limits
 

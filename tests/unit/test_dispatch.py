@@ -74,6 +74,15 @@ def test_a_dead_destination_defers_without_slots_then_probes_once() -> None:
     assert [type(x) for x in d.take(307.0, 100)] == [Start, Start]
 
 
+def test_a_rate_limited_destination_starts_one_per_take_in_order() -> None:
+    policy = DestinationPolicy(patterns=(("paced", DestinationLimits(message_rate=10.0)),))
+    d: Dispatcher[str] = Dispatcher(policy)
+    _fill(d, "paced", 5)
+    _fill(d, "free", 5)
+    assert [s.destination for s in d.take(0.0, 100)] == ["paced", "free", *["free"] * 4]
+    assert [s.item for s in d.take(0.1, 100)] == ["paced1"]
+
+
 def test_a_postponable_backlog_is_bounded() -> None:
     d: Dispatcher[str] = Dispatcher(_policy(concurrency=2))
     admitted = [d.push("x", str(i), 0.0, postponable=True) for i in range(BACKLOG_FACTOR * 2 + 3)]

@@ -13,7 +13,7 @@ dead marks where they are shared (Redis).
 How the daemon shares destination limits (:func:`destination_setup`): with Redis storage every
 worker and node uses one :class:`~smtpq.storage.redis_destinations.RedisDestinationStore`, so
 each limit, rate and dead mark holds cluster-wide. With disk (or memory) storage the workers
-share nothing: each gets an equal share of every concurrency limit and rate
+share nothing: each gets an equal share of every concurrency limit, initial window and rate
 (:meth:`~smtpq.queue.destinations.DestinationPolicy.share`), since the kernel spreads the
 incoming connections evenly among them; a destination's totals then stay within its limits,
 and each worker finds a dead destination on its own (at most ``dead_after`` connections each).

@@ -151,7 +151,7 @@ class DestinationLimits:
 
     def share(self, workers: int) -> DestinationLimits:
         """This worker's share when ``workers`` processes deliver without a shared store:
-        the concurrency divided (at least 1 each) and the rates divided."""
+        the concurrency and the initial window divided (at least 1 each), and the rates."""
         if workers <= 1:
             return self
 
@@ -161,6 +161,7 @@ class DestinationLimits:
         return dataclasses.replace(
             self,
             concurrency=max(1, self.concurrency // workers),
+            initial_window=max(1, self.initial_window // workers),
             message_rate=split(self.message_rate),
             connection_rate=split(self.connection_rate),
         )

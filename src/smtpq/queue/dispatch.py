@@ -182,6 +182,7 @@ class Dispatcher(Generic[T]):
         for name in list(self._doomed):
             out.extend(self._defer_all(name, now))
         ring = self._ring
+        paced: list[str] = []
         while free > 0 and ring:
             name, _ = ring.popitem(last=False)
             queue = self._queues.get(name)
@@ -201,8 +202,12 @@ class Dispatcher(Generic[T]):
             self.running += 1
             out.append(Start(name, waiting.item, probe))
             free -= 1
-            if queue:
+            if queue and dest.limits.message_rate is not None:
+                paced.append(name)  # one start per take: the store paces the next
+            elif queue:
                 ring[name] = None  # to the back of the ring
+        for name in paced:
+            ring[name] = None
         return out
 
     def _defer_all(self, name: str, now: float) -> list[Decision[T]]:
