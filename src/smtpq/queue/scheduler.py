@@ -245,8 +245,11 @@ class DestinationScheduler(Generic[P]):
         now = self.clock.time()
         try:
             return await self.store.acquire(name, limits, token, now, probe=probe)
-        except Exception:
-            log.exception("the destination store failed for %s; trying again", name)
+        except Exception as exc:  # Redis away: the storage says so too; one line, no trace
+            log.warning(
+                "the destination store failed for %s (%s); trying again in %.0fs",
+                name, exc, STORE_RETRY,
+            )  # fmt: skip
             return Permit(False, retry_at=now + STORE_RETRY)
 
     def _finished(
@@ -277,9 +280,12 @@ class DestinationScheduler(Generic[P]):
                     await self.store.mark_dead(name, self.dispatcher.destination(name).mark())
                 elif change is Transition.REVIVED:
                     await self.store.clear_dead(name)
+            except Exception as exc:
+                log.warning("sharing the state of destination %s failed (%s)", name, exc)
+            try:
                 await self.store.release(name, token)
-            except Exception:
-                log.exception("updating the destination store for %s failed", name)
+            except Exception as exc:  # the lease runs out by itself
+                log.warning("ending a lease on destination %s failed (%s)", name, exc)
 
         task = asyncio.create_task(update())
         self._background.add(task)
