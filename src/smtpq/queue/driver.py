@@ -33,7 +33,6 @@ import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TypeVar
 
@@ -46,6 +45,7 @@ from smtpq.notice import Action, Notice, outcomes_for
 from smtpq.policy import QueuePolicy
 from smtpq.queue.destinations import DestinationPolicy, DestinationView
 from smtpq.queue.event import EventKind, QueueEvent
+from smtpq.queue.parts import MessageAttempt, Part, split
 from smtpq.queue.rules import (
     Attempt,
     CountAttempt,
@@ -64,7 +64,7 @@ from smtpq.queue.rules import (
 )
 from smtpq.queue.scheduler import DestinationScheduler
 from smtpq.queue.shared import DestinationStore, LocalDestinationStore
-from smtpq.relay.base import DEFAULT_DESTINATION, Relay
+from smtpq.relay.base import Relay
 from smtpq.reply import Reply
 from smtpq.storage.base import QueueStorage
 
@@ -103,51 +103,6 @@ def _origin(env: Envelope) -> dict[str, str]:
         if value:
             origin["message-id"] = value[:_MESSAGE_ID_MAX]
     return origin
-
-
-@dataclass(eq=False)
-class _Message:
-    """A message in memory for one attempt: its parts, one per destination, and their verdicts
-    so far. Its lease is renewed until its outcome is recorded."""
-
-    attempt: Attempt
-    #: Parts not ended yet.
-    parts: int
-    delivered: list[Verdict] = field(default_factory=list)
-    permanent: list[Verdict] = field(default_factory=list)
-    transient: list[Verdict] = field(default_factory=list)
-    #: Indexes of delivered recipients already stored (by a part that ended before the last).
-    recorded: set[int] = field(default_factory=set)
-    #: A part was taken back unattempted (stopping): record what was delivered, then release.
-    withdrawn: bool = False
-    #: Recordings of this message run one at a time, in order.
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    def add(self, judgement: Judgement) -> None:
-        self.delivered += judgement.delivered
-        self.permanent += judgement.permanent
-        self.transient += judgement.transient
-
-    def judgement(self) -> Judgement:
-        def ordered(verdicts: list[Verdict]) -> tuple[Verdict, ...]:
-            return tuple(sorted(verdicts, key=lambda v: v.index))
-
-        return Judgement(ordered(self.delivered), ordered(self.permanent), ordered(self.transient))
-
-
-@dataclass(eq=False)
-class _Part:
-    """One (message, destination) attempt, as the scheduler runs it."""
-
-    message: _Message
-    destination: str
-    envelope: Envelope
-    indexes: tuple[int, ...]
-    postponable: bool
-
-    @property
-    def attempts(self) -> int:
-        return self.message.attempt.attempts
 
 
 class Queue:
@@ -218,7 +173,7 @@ class Queue:
         self.capacity = relay_pool or 100
         self.destination_policy = destinations or DestinationPolicy()
         self.destination_store = destination_store or LocalDestinationStore()
-        self._scheduler: DestinationScheduler[_Part] | None = None
+        self._scheduler: DestinationScheduler[Part] | None = None
         if relay is not None:
             self._scheduler = DestinationScheduler(
                 relay, self.clock, self.destination_store, self.destination_policy,
@@ -227,7 +182,7 @@ class Queue:
             )  # fmt: skip
         self._store_sem = asyncio.Semaphore(store_pool) if store_pool else None
         #: Messages leased by this queue and in memory: reading (None), waiting, attempted.
-        self._messages: dict[str, _Message | None] = {}
+        self._messages: dict[str, MessageAttempt | None] = {}
         #: Messages whose recording failed: the steps left wait here, with the lease kept.
         self._parked: dict[str, asyncio.Task[None]] = {}
         self._settling: set[asyncio.Task[None]] = set()
@@ -498,7 +453,7 @@ class Queue:
         """Split a leased message into its destinations and hand the parts to the scheduler."""
         assert self._scheduler is not None
         groups = self._split(a)
-        message = _Message(a, len(groups))
+        message = MessageAttempt(a, len(groups))
         self._messages[a.id] = message
         if not groups:  # nothing pending: the plan removes it
             self._conclude(message)
@@ -507,29 +462,22 @@ class Queue:
         postponable = len(groups) == 1 and may_postpone(self.rules, a, now)
         for name, (rcpts, indexes) in groups.items():
             env = a.envelope if len(groups) == 1 else a.envelope.copy(rcpts)
-            part = _Part(message, name, env, tuple(indexes), postponable)
+            part = Part(message, name, env, tuple(indexes), postponable)
             if not self._scheduler.submit(part, now):
                 self._postpone_busy(part, now)
 
     def _split(self, a: Attempt) -> dict[str, tuple[list[str], list[int]]]:
-        """The message's recipients (and their original indexes) by destination; a recipient
-        the relay left out, or every one when it failed, goes to the default destination."""
+        """The message's recipients (and their original indexes) by destination; when the
+        relay fails to name them, every one goes to the default destination."""
         assert self.relay is not None
-        named: dict[str, str] = {}
         try:
-            for name, rcpts in self.relay.destinations(a.envelope).items():
-                for rcpt in rcpts:
-                    named.setdefault(rcpt, name)
+            named = self.relay.destinations(a.envelope)
         except Exception:
             log.exception("the relay could not name the destinations of %s", a.id)
-        groups: dict[str, tuple[list[str], list[int]]] = {}
-        for rcpt, index in zip(a.envelope.recipients, a.pending, strict=True):
-            rcpts, indexes = groups.setdefault(named.get(rcpt, DEFAULT_DESTINATION), ([], []))
-            rcpts.append(rcpt)
-            indexes.append(index)
-        return groups
+            named = {}
+        return split(a.envelope.recipients, a.pending, named)
 
-    def _attempted(self, part: _Part, judgement: Judgement, seconds: float) -> None:
+    def _attempted(self, part: Part, judgement: Judgement, seconds: float) -> None:
         """A part's attempt ended (the scheduler's report)."""
         a = part.message.attempt
         self._emit(
@@ -544,7 +492,7 @@ class Queue:
         )
         self._judged(part, judgement)
 
-    def _deferred(self, part: _Part, reply: Reply, probe_at: float | None) -> None:
+    def _deferred(self, part: Part, reply: Reply, probe_at: float | None) -> None:
         """A part deferred without connecting: its destination is dead. The probe candidate is
         given back for the end of the cool-down instead, if it may wait that long."""
         assert self._scheduler is not None
@@ -555,7 +503,7 @@ class Queue:
             self._scheduler.dispatcher.want_probe(part.destination)
         self._judged(part, judge(part.envelope.recipients, part.indexes, reply))
 
-    def _released(self, part: _Part) -> None:
+    def _released(self, part: Part) -> None:
         """A postponable part waited ``max_wait``: postpone it, unless it may not be."""
         assert self._scheduler is not None
         now = self.clock.time()
@@ -564,20 +512,20 @@ class Queue:
         else:
             self._scheduler.resubmit(part, now)
 
-    def _postpone_busy(self, part: _Part, now: float) -> None:
+    def _postpone_busy(self, part: Part, now: float) -> None:
         """Give back a message its destination cannot take soon (too much waits for it)."""
         assert self._scheduler is not None
         dest = self._scheduler.dispatcher.destination(part.destination)
         at = dest.postpone_until(now, self.destination_policy.max_wait)
         self._postpone(part, at, reason="destination busy")
 
-    def _postpone(self, part: _Part, at: float, *, reason: str) -> None:
+    def _postpone(self, part: Part, at: float, *, reason: str) -> None:
         """Give a (single-destination) message back to the schedule, unattempted."""
         now = self.clock.time()
         steps = postpone(self.rules, part.message.attempt, part.destination, now, at, reason)
         self._settle(part.message, steps)
 
-    def _withdraw(self, part: _Part) -> None:
+    def _withdraw(self, part: Part) -> None:
         """A part taken back unattempted, or cancelled (stopping)."""
         message = part.message
         message.withdrawn = True
@@ -585,7 +533,7 @@ class Queue:
         if not message.parts:
             self._conclude(message)
 
-    def _judged(self, part: _Part, judgement: Judgement) -> None:
+    def _judged(self, part: Part, judgement: Judgement) -> None:
         """Add a part's verdicts to its message; the last part concludes the attempt, an
         earlier one records its deliveries at once."""
         message = part.message
@@ -596,7 +544,7 @@ class Queue:
         elif judgement.delivered:
             self._record_early(message, judgement.delivered)
 
-    def _record_early(self, message: _Message, verdicts: Sequence[Verdict]) -> None:
+    def _record_early(self, message: MessageAttempt, verdicts: Sequence[Verdict]) -> None:
         """Store a part's deliveries while the message's other parts run: a crash later must
         not deliver them twice. A failure is left to the attempt's own recording."""
         a = message.attempt
@@ -612,7 +560,7 @@ class Queue:
 
         self._track(asyncio.create_task(record()))
 
-    def _conclude(self, message: _Message) -> None:
+    def _conclude(self, message: MessageAttempt) -> None:
         """Every part has ended: record the attempt (or, withdrawn, what it delivered)."""
         a = message.attempt
         if message.withdrawn:
@@ -632,7 +580,7 @@ class Queue:
 
     def _settle(
         self,
-        message: _Message,
+        message: MessageAttempt,
         steps: Sequence[Step] | Callable[[], Sequence[Step]],
         *,
         release: bool = False,
