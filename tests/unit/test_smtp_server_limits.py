@@ -4,6 +4,7 @@ commands, commands per session, NUL bytes, HELO names, control characters. No lo
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 
 import pytest
 
@@ -11,6 +12,7 @@ from smtpq.reply import Replies, Reply
 from smtpq.smtp import (
     AuthCredentials,
     DataChunk,
+    Event,
     Hello,
     MessageComplete,
     RcptTo,
@@ -40,7 +42,9 @@ def test_hard_error_limit_answers_the_error_then_421() -> None:
 
 
 def test_refused_recipients_count_as_errors_but_4xx_do_not() -> None:
-    refuse = {RcptTo: lambda e: Reply("550", "5.1.1 no such user")}
+    refuse: dict[type[Event], Callable[[Event], Reply]] = {
+        RcptTo: lambda e: Reply("550", "5.1.1 no such user")
+    }
     script = Script(ServerConfig(hard_error_limit=3), answers=refuse)
     script.feed(ENVELOPE)
     assert script.conn.errors == 1

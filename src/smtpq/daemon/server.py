@@ -203,6 +203,7 @@ class Daemon:
         queues: list[Queue] = []
         admins: list[AdminServer] = []
         edges: list[SmtpEdge] = []
+        registries: list[Metrics] = []
         loads: list[asyncio.Task[None]] = []
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -217,6 +218,7 @@ class Daemon:
                     stack.callback(loads[-1].cancel)
                     queue = build_queue(config, storage, relay, self.clock)
                     metrics = Metrics(storage, self.clock)
+                    registries.append(metrics)
                     queue.observers.append(metrics.observe)
                     tcp = None
                     if config.admin.listen and shard.index == 0:
@@ -235,6 +237,7 @@ class Daemon:
                 edge_config = replace(config.edge, reuse_port=self.workers > 1)
                 for host, port in config.listen_addresses():
                     edge = SmtpEdge(queues[0], replace(edge_config, host=host, port=port))
+                    registries[0].add_edge(edge)  # the edge's refusals, with its queue's metrics
                     edges.append(edge)
                     await edge.start()
                 log.info("smtpq ready: listening on %s", ", ".join(config.listen))
