@@ -9,7 +9,8 @@ import pytest
 
 from smtpq.edge.access import RelayDecision, RelayPolicy
 from smtpq.edge.limits import ClientTable, ConnectionLimits, ConnectionRefusal, content_deadline
-from smtpq.edge.recipients import RecipientMap
+from smtpq.edge.recipients import RecipientMap, RecipientRules, Verdict
+from smtpq.reply import Replies, unknown_recipient_reply
 
 LIMITS = ConnectionLimits(total=5, per_client=2, rate=0)
 
@@ -158,3 +159,21 @@ def test_untrusted_routing(recipient: str, decision: RelayDecision) -> None:
     allowing = RelayPolicy(["example.org"], allow_untrusted_routing=True)
     denied = decision is RelayDecision.DENIED
     assert allowing.allows(recipient, "203.0.113.9", False) is not denied
+
+
+def test_recipient_rules() -> None:
+    known = RecipientMap(frozenset({"alice@example.org"}))
+    rules = RecipientRules(POLICY, known, "hostmaster@example.org")
+    untrusted, trusted = "203.0.113.9", "192.0.2.7"
+    assert rules.check("PostMaster", untrusted, False) == Verdict("hostmaster@example.org")
+    assert rules.check("root", trusted, False) == Verdict("root", Replies.NO_DOMAIN)
+    assert rules.check("alice@example.org", untrusted, False) == Verdict("alice@example.org")
+    assert rules.check("bob@example.org", trusted, True) == Verdict(
+        "bob@example.org", unknown_recipient_reply("bob@example.org"), "unknown_recipient"
+    )
+    assert rules.check("x@elsewhere.example", untrusted, False).reason == "relay_denied"
+    assert rules.check("a%b@example.org", untrusted, False).reason == "untrusted_routing"
+    # The map is about the relay domains only: a trusted client relays elsewhere freely.
+    assert rules.check("x@elsewhere.example", trusted, False) == Verdict("x@elsewhere.example")
+    anyone = RecipientRules(POLICY, None, "p@x")
+    assert anyone.check("bob@example.org", untrusted, False).refusal is None

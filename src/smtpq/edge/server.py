@@ -37,7 +37,7 @@ from smtpq.edge.access import RelayDecision, RelayPolicy
 from smtpq.edge.auth import PasswordFile
 from smtpq.edge.limits import ClientTable, ConnectionLimits, ConnectionRefusal
 from smtpq.edge.listener import Listener, bind
-from smtpq.edge.recipients import RecipientMap
+from smtpq.edge.recipients import RecipientMap, RecipientRules
 from smtpq.edge.session import SESSION_REFUSALS, EdgeSession
 from smtpq.envelope import Envelope
 from smtpq.errors import QueueError
@@ -204,7 +204,6 @@ class EdgeSettings:
         "implicit_tls",
         "limits",
         "passwords",
-        "postmaster",
         "recipients",
         "relay",
         "server",
@@ -228,8 +227,9 @@ class EdgeSettings:
             config.trusted_networks,
             allow_untrusted_routing=config.allow_untrusted_routing,
         )
-        self.recipients = RecipientMap.load(config.recipient_map) if config.recipient_map else None
-        self.postmaster = config.postmaster or f"postmaster@{self.hostname}"
+        known = RecipientMap.load(config.recipient_map) if config.recipient_map else None
+        postmaster = config.postmaster or f"postmaster@{self.hostname}"
+        self.recipients = RecipientRules(self.relay, known, postmaster)
         self.limits = ConnectionLimits(
             config.max_connections, config.max_client_connections, config.max_client_connection_rate
         )

@@ -25,7 +25,6 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from smtpq.edge.access import RelayDecision
 from smtpq.edge.limits import content_deadline
 from smtpq.envelope import Envelope
 from smtpq.reply import (
@@ -33,10 +32,8 @@ from smtpq.reply import (
     Reply,
     accepted_reply,
     chunk_received_reply,
-    relay_denied_reply,
     session_limit_reply,
     timeout_reply,
-    unknown_recipient_reply,
 )
 from smtpq.smtp import (
     NEED_DATA,
@@ -270,7 +267,7 @@ class EdgeSession(asyncio.Protocol):
                     conn.send(exc.reply)
                     if conn.state not in _IN_TRANSACTION:
                         self._reset()
-                    self._slow_down(errors)
+                    self._slow_down()
                     continue
                 if event is NEED_DATA:
                     if self._content and conn.discarding:  # over the size limit: refused
@@ -286,7 +283,8 @@ class EdgeSession(asyncio.Protocol):
                     reply = Replies.QUEUE_ERROR
                 if reply is not None:
                     conn.send(reply)
-                    self._slow_down(errors)
+                    if conn.errors > errors:
+                        self._slow_down()
         except Exception:
             log.exception("SMTP session with %s failed", self.ip)
             self._close(Replies.SERVER_ERROR)
@@ -294,11 +292,11 @@ class EdgeSession(asyncio.Protocol):
         if not self._busy:  # else the batch's replies leave with the one still due
             self._flush()
 
-    def _slow_down(self, errors: int) -> None:
-        """After a reply: if it answered an error past the soft limit, hold it (and what
-        follows) back for the error delay."""
+    def _slow_down(self) -> None:
+        """After a reply to an error: past the soft limit, hold it (and what follows) back for
+        the error delay."""
         conn = self._conn
-        if conn.errors <= errors or not conn.slowed or conn.closed:
+        if not conn.slowed or conn.closed:
             return
         delay = self._settings.config.error_delay
         if delay <= 0:
@@ -367,7 +365,8 @@ class EdgeSession(asyncio.Protocol):
         self._busy = False
         errors = self._conn.errors
         self._conn.send(reply)
-        self._slow_down(errors)
+        if self._conn.errors > errors:
+            self._slow_down()
         if not self._busy:
             self._resume()
 
@@ -420,27 +419,15 @@ class EdgeSession(asyncio.Protocol):
         return Replies.SENDER_OK
 
     def _rcpt_to(self, event: RcptTo) -> Reply:
-        address = event.address
         settings = self._settings
-        if "@" not in address:
-            if address.lower() != "postmaster":
-                return Replies.NO_DOMAIN
-            # RFC 5321 §4.5.1: <postmaster> is accepted from anyone, for our postmaster.
-            address = settings.postmaster
-        else:
-            decision = settings.relay.decide(address, self.ip, self._auth_user is not None)
-            if decision is not RelayDecision.ALLOWED:
-                self._edge._refused(decision.value)
-                log.info("relay denied from %s to <%s> (%s)", self.ip, address, decision.value)
-                return relay_denied_reply(address)
-            known = settings.recipients
-            if (
-                known is not None
-                and address not in known
-                and settings.relay.domain_accepted(address.rpartition("@")[2])
-            ):
-                self._edge._refused("unknown_recipient")
-                return unknown_recipient_reply(address)
+        address, refusal, reason = settings.recipients.check(
+            event.address, self.ip or None, self._auth_user is not None
+        )
+        if refusal is not None:
+            if reason is not None:
+                self._edge._refused(reason)
+                log.info("RCPT from %s to <%s> refused: %s", self.ip, address, reason)
+            return refusal
         recipients = self._recipients
         if address in recipients:
             return Replies.RECIPIENT_OK  # the same recipient twice gets one copy
