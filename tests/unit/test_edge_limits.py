@@ -1,12 +1,16 @@
 """The edge's pure limits: the per-client table (anvil), the minimum DATA rate, the recipient
-map and the untrusted-routing rule. Times are plain numbers: no loop, no sleep."""
+rules (map, untrusted routing, <postmaster>), the allocator setting. Times are plain numbers:
+no loop, no sleep."""
 
 from __future__ import annotations
 
+import platform
+import sys
 from pathlib import Path
 
 import pytest
 
+from smtpq.edge._malloc import map_large_blocks_apart
 from smtpq.edge.access import RelayDecision, RelayPolicy
 from smtpq.edge.limits import ClientTable, ConnectionLimits, ConnectionRefusal, content_deadline
 from smtpq.edge.recipients import RecipientMap, RecipientRules, Verdict
@@ -177,3 +181,9 @@ def test_recipient_rules() -> None:
     assert rules.check("x@elsewhere.example", trusted, False) == Verdict("x@elsewhere.example")
     anyone = RecipientRules(POLICY, None, "p@x")
     assert anyone.check("bob@example.org", untrusted, False).refusal is None
+
+
+def test_large_blocks_get_mappings_of_their_own_on_glibc() -> None:
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert map_large_blocks_apart() is glibc
+    assert map_large_blocks_apart() is glibc  # once per process; again is harmless

@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import Any, Final, Protocol
 
 from smtpq.clock import Clock, SystemClock
-from smtpq.edge._malloc import trim
+from smtpq.edge._malloc import map_large_blocks_apart
 from smtpq.edge.access import RelayDecision, RelayPolicy
 from smtpq.edge.auth import PasswordFile
 from smtpq.edge.limits import ClientTable, ConnectionLimits, ConnectionRefusal
@@ -48,11 +48,6 @@ from smtpq.smtp._server_auth import MECHANISMS
 __all__ = ["REFUSALS", "EdgeConfig", "EdgeSettings", "Enqueuer", "SmtpEdge"]
 
 log = logging.getLogger("smtpq.edge")
-
-# A message this large leaves enough freed memory behind to be worth handing back; a while
-# after it is stored, its first delivery attempt has usually freed its copies too.
-_LARGE: Final = 1 << 20
-_TRIM_DELAY: Final = 2.0
 
 
 class Enqueuer(Protocol):
@@ -279,7 +274,6 @@ class SmtpEdge:
         self._connecting: set[asyncio.Task[Any]] = set()
         # Messages being stored: stop() lets them finish.
         self._tasks: set[asyncio.Task[object]] = set()
-        self._trim: asyncio.TimerHandle | None = None
         self.refusals: collections.Counter[str] = collections.Counter(dict.fromkeys(REFUSALS, 0))
 
     @property
@@ -316,9 +310,15 @@ class SmtpEdge:
         self._settings = settings
 
     async def start(self) -> None:
-        """Listen; :attr:`port` tells the bound port."""
+        """Listen; :attr:`port` tells the bound port.
+
+        Messages are held in memory while they arrive: on glibc, the process's allocator is
+        told to give every block of 1 MiB or more a mapping of its own (:mod:`smtpq.edge._malloc`),
+        so that they leave nothing behind.
+        """
         if self._listener is not None:
             return
+        map_large_blocks_apart()
         settings = self._settings
         config = settings.config
         self._listen_tls = settings.tls if settings.implicit_tls else None
@@ -341,9 +341,6 @@ class SmtpEdge:
         if self._listener is None:
             return
         self._listener.close()
-        if self._trim is not None:
-            self._trim.cancel()
-            self._trim = None
         for task in list(self._connecting):
             task.cancel()
         if self._tasks:
@@ -465,12 +462,3 @@ class SmtpEdge:
 
     def _refused(self, reason: str) -> None:
         self.refusals[reason] += 1
-
-    def _freed(self, size: int) -> None:
-        """A session let go of a message of ``size`` octets (stored, or refused)."""
-        if size >= _LARGE and self._trim is None and self._listener is not None:
-            self._trim = asyncio.get_running_loop().call_later(_TRIM_DELAY, self._trimmed)
-
-    def _trimmed(self) -> None:
-        self._trim = None
-        trim()

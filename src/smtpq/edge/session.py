@@ -271,7 +271,6 @@ class EdgeSession(asyncio.Protocol):
                     continue
                 if event is NEED_DATA:
                     if self._content and conn.discarding:  # over the size limit: refused
-                        self._edge._freed(len(self._content))
                         self._content = bytearray()
                     break
                 assert isinstance(event, Event)
@@ -487,8 +486,6 @@ class EdgeSession(asyncio.Protocol):
         except Exception:
             log.exception("enqueue failed for message from <%s>", env.sender)
             return Replies.QUEUE_ERROR
-        finally:
-            self._edge._freed(len(env))
         return Replies.QUEUE_ERROR if ids is None else accepted_reply(ids)
 
     def _start_tls(self, event: StartTls) -> None:

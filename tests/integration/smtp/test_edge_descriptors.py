@@ -61,9 +61,7 @@ def test_out_of_descriptors_pauses_and_resumes(loop: str, tmp_path: Path) -> Non
 
 
 async def scenario(port: int, pid: int) -> None:
-    clients = [
-        RawClient(*await asyncio.open_connection("127.0.0.1", port)) for _ in range(CLIENTS)
-    ]
+    clients = [RawClient(*await asyncio.open_connection("127.0.0.1", port)) for _ in range(CLIENTS)]
     first = await asyncio.gather(*(greeting(c, 2.0) for c in clients))
     served = [c for c, g in zip(clients, first, strict=True) if g is not None]
     waiting = [c for c, g in zip(clients, first, strict=True) if g is None]
