@@ -24,10 +24,10 @@ after all the others, and the scratch directory is removed at the very end. Peer
 within each round, so that drift on the shared machine hits them alike. Medians are printed
 with ratios; ``--json FILE`` keeps every run.
 
-The slimta virtualenv is made on first use (``--slimta-python``, default /tmp/slimta-venv)::
+The slimta virtualenv is made on first use (``--slimta-python``, default bench/work/slimta-venv)::
 
-    python3 -m venv /tmp/slimta-venv
-    /tmp/slimta-venv/bin/pip install python-slimta==5.0.5 'setuptools>=80,<82' pyaio==0.4
+    python3 -m venv bench/work/slimta-venv
+    bench/work/slimta-venv/bin/pip install python-slimta==5.0.5 'setuptools>=80,<82' pyaio==0.4
 """
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ def run_raw(root: Path, n: int, size: int, batch: int, syncfs: bool) -> tuple[fl
     """The plain durable loop; returns seconds and CPU seconds."""
     flush_fs = None
     if syncfs:
-        from smtpq.storage.disk import _syncfs_function
+        from smtpq.storage.disk.libc import syncfs_function
 
-        flush_fs = _syncfs_function()
+        flush_fs = syncfs_function()
         assert flush_fs is not None, "no usable syncfs here"
     header, body = envelope_bytes(0, size)
     env_data = b"e" * (len(header) + len(body) + ENVELOPE_OVERHEAD)
@@ -129,8 +129,7 @@ async def run_smtpq(
         header, body = envelope_bytes(i, size)
         env.parse(header + body)
         envelopes.append(env)
-    modes: dict[str, SyncMode] = {"auto": "auto", "fsync": "fsync", "syncfs": "syncfs"}
-    store = DiskStorage(root / "env", root / "meta", sync=modes[sync])
+    store = DiskStorage(root / "env", root / "meta", sync=SyncMode(sync))
     await store.load()
     removed = 0
     done = asyncio.Event()
@@ -349,7 +348,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048, help="message bytes (about)")
     parser.add_argument("--concurrency", default="1,10,100", help="writers, comma-separated")
     parser.add_argument("--base", default=str(HERE / "work"), help="where the queues go")
-    parser.add_argument("--slimta-python", default="/tmp/slimta-venv/bin/python")
+    parser.add_argument("--slimta-python", default=str(HERE / "work/slimta-venv/bin/python"))
     parser.add_argument("--no-slimta", action="store_const", const=None, dest="slimta_python")
     parser.add_argument("--json", help="write every run to this file")
     parser.add_argument("--child", choices=["raw", "write", "cycle"], help=argparse.SUPPRESS)

@@ -40,7 +40,7 @@ Usage (as root; apt, pip and Postfix need it)::
     python3 bench/e2e.py --setup                      # install and configure, then exit
     python3 bench/e2e.py --all                        # setup, then every MTA, 1/10/50, N=5000
     python3 bench/e2e.py --mta postfix,direct --sessions 50 -n 5000 --runs 3 --json-out r.json
-    python3 bench/e2e.py --profile /tmp/prof.json --sessions 50   # one smtpq run under py-spy
+    python3 bench/e2e.py --profile bench/work/prof.json --sessions 50   # one smtpq run under py-spy
 
 Only 127.0.0.1 is used. Every process this harness starts is stopped by its pid (Postfix by
 ``postfix stop``, which signals its master's pid); a Postfix that was already running is left
@@ -76,7 +76,7 @@ from typing import Any, Protocol
 REPO = Path(__file__).resolve().parent.parent
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
-SLIMTA_VENV = Path("/tmp/slimta-venv")
+SLIMTA_VENV = REPO / "bench" / "work" / "slimta-venv"
 SLIMTA_PACKAGES = ("python-slimta==5.0.5", "setuptools>=80,<82", "pyaio==0.4")
 MTAS = ("smtpq", "smtpq-w2", "postfix", "slimta", "direct")
 # smtpq with N worker processes: "smtpq-wN".
@@ -601,7 +601,7 @@ class DirectMta:
 def configure_postfix(mta_port: int, sink_port: int) -> None:
     """Postfix listens on 127.0.0.1:mta_port only and relays everything to the sink.
 
-    As /work/shared/bench/postfix_bench.sh does: stock performance settings (in_flow_delay,
+    As ../shared/bench/postfix_bench.sh does: stock performance settings (in_flow_delay,
     concurrency and process limits untouched), no port-25 smtpd, no chroot (Debian's chroot
     needs files copied into the spool), a log file instead of syslog.
     """

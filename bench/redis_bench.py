@@ -6,7 +6,7 @@ can be compared as ratios on a shared, noisy machine::
 
     .venv/bin/python bench/redis_bench.py --runs 3
     .venv/bin/python bench/redis_bench.py --workers 1,2,4 -n 4000 --concurrency 50 \
-        --slimta-python /tmp/slimta-venv-redis/bin/python --json-out /tmp/redis-bench.json
+        --slimta-python bench/work/slimta-venv-redis/bin/python --json-out r.json
 
 What is measured (msgs/s; N messages of ~SIZE bytes, one recipient, C producers per process):
 
@@ -84,7 +84,7 @@ async def _child(args: argparse.Namespace) -> None:
             if removed >= args.count:
                 all_removed.set()
 
-    store = RedisStorage.from_url(args.url, prefix=PREFIX)
+    store = RedisStorage.from_url(args.url, prefix=PREFIX, cluster=args.cluster)
     relay = InstantRelay() if args.role in ("e2e", "worker") else None
     envelopes = _envelopes(args.count, args.size, args.first) if args.role != "worker" else []
     loop = asyncio.get_running_loop()
@@ -133,6 +133,8 @@ def _spawn(args: argparse.Namespace, url: str, role: str, count: int, first: int
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", role, "--url", url]
     cmd += ["-n", str(count), "--first", str(first), "--size", str(args.size)]
     cmd += ["--concurrency", str(args.concurrency)]
+    if getattr(args, "cluster", False):
+        cmd.append("--cluster")
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
@@ -162,7 +164,10 @@ def _redis_cpu(client: Any) -> float:
 
 
 def _queue_size(client: Any) -> int:
-    return int(client.zcard(PREFIX + "{q}:index"))
+    """Messages stored, over the shards (``client`` may be a cluster client)."""
+    from smtpq.storage.redis.layout import DEFAULT_SHARDS, ShardKeys
+
+    return sum(int(client.zcard(ShardKeys.of(PREFIX, "q", k).index)) for k in range(DEFAULT_SHARDS))
 
 
 def run_smtpq(args: argparse.Namespace, url: str, mode: str, procs: int) -> dict[str, Any]:
@@ -256,11 +261,13 @@ def main() -> None:
     p.add_argument("--modes", default="enqueue,e2e,relay")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--appendfsync", choices=("none", "everysec", "always"), default="none")
-    p.add_argument("--slimta-python", default="/tmp/slimta-venv-redis/bin/python")
+    slimta = Path(__file__).resolve().parent / "work/slimta-venv-redis/bin/python"
+    p.add_argument("--slimta-python", default=str(slimta))
     p.add_argument("--json-out")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--cluster", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         args.role, args.count = args.child, args.n

@@ -7,7 +7,7 @@ and the operators' ``smtpq queue list``. See bench/README.md ("Scale") for what 
 
     python bench/scale.py                      # disk 1,000,000 and redis 100,000 (+ empty peers)
     python bench/scale.py --quick              # disk 20,000 and redis 5,000: a few minutes
-    python bench/scale.py -n 200000 --storage disk --workdir /tmp/scale --keep
+    python bench/scale.py -n 200000 --storage disk --workdir bench/work/scale --keep
 
 Only loopback is used; the private redis-server and the daemons are stopped by their pids.
 """
@@ -221,7 +221,8 @@ def disk_dirs(root: Path) -> tuple[Path, Path]:
 
 def check_disk_format(tmp: Path) -> None:
     """Fail unless the files written here are byte for byte what DiskStorage writes."""
-    from smtpq.storage.disk import DiskStorage, _encode_meta, _Meta
+    from smtpq.storage.disk import DiskStorage
+    from smtpq.storage.disk.meta import Meta, encode_meta
 
     async def through_storage() -> tuple[str, bytes, bytes]:
         store = DiskStorage(tmp / "env", tmp / "meta", sync="none")
@@ -234,8 +235,8 @@ def check_disk_format(tmp: Path) -> None:
             env = (tmp / "env" / f"{id}.env").read_bytes()
             meta = (tmp / "meta" / f"{id}.meta").read_bytes()
             ours_env = plan.envelope(3).to_bytes()
-            ours_meta = _encode_meta(
-                _Meta(plan.next_attempt(3), plan.attempts(3), [], False, DEFERRED_REPLY.to_dict())
+            ours_meta = encode_meta(
+                Meta(plan.next_attempt(3), plan.attempts(3), [], False, DEFERRED_REPLY.to_dict())
             )
             return id, env + meta, ours_env + ours_meta
         finally:
@@ -252,7 +253,7 @@ def check_disk_format(tmp: Path) -> None:
 
 def _write_disk_range(job: tuple[str, str, float, int, int, int, int]) -> list[list[Any]]:
     """Write messages ``start..stop`` of a plan as files (one worker process)."""
-    from smtpq.storage.disk import _encode_meta, _Meta
+    from smtpq.storage.disk.meta import Meta, encode_meta
 
     env_dir, meta_dir, t0, n, start, stop, sample_every = job
     plan = Plan(n, t0)
@@ -265,12 +266,12 @@ def _write_disk_range(job: tuple[str, str, float, int, int, int, int]) -> list[l
         for i in range(start, stop):
             arrival = plan.arrival(i)
             id = new_id(arrival)
-            meta = _Meta(plan.next_attempt(i), plan.attempts(i), [], False, reply)
+            meta = Meta(plan.next_attempt(i), plan.attempts(i), [], False, reply)
             # As DiskStorage commits a write: the envelope first, then the meta that makes
             # the message exist.
             for name, data, dfd in (
                 (f"{id}.env", plan.envelope(i).to_bytes(), env_fd),
-                (f"{id}.meta", _encode_meta(meta), meta_fd),
+                (f"{id}.meta", encode_meta(meta), meta_fd),
             ):
                 fd = os.open(name, flags, 0o600, dir_fd=dfd)
                 try:
@@ -368,15 +369,15 @@ def resample_disk(root: Path, info: dict[str, Any], more: int) -> list[list[Any]
 
 def restore_disk(root: Path, info: dict[str, Any]) -> None:
     """Write back the sample messages an earlier run delivered (same ids, same content)."""
-    from smtpq.storage.disk import _encode_meta, _Meta
+    from smtpq.storage.disk.meta import Meta, encode_meta
 
     env_dir, meta_dir = disk_dirs(root)
     plan = Plan(info["n"], info["t0"])
     reply = DEFERRED_REPLY.to_dict()
     for i, id in info["sample"]:
-        meta = _Meta(plan.next_attempt(i), plan.attempts(i), [], False, reply)
+        meta = Meta(plan.next_attempt(i), plan.attempts(i), [], False, reply)
         (env_dir / f"{id}.env").write_bytes(plan.envelope(i).to_bytes())
-        (meta_dir / f"{id}.meta").write_bytes(_encode_meta(meta))
+        (meta_dir / f"{id}.meta").write_bytes(encode_meta(meta))
         for sub in (env_dir / f"{id}.env", meta_dir / f"{id}.meta"):
             sub.chmod(0o600)
 
@@ -706,6 +707,7 @@ class Daemon:
         settings: dict[str, Any] = {
             "hostname": "mx.bench.example",
             "log_level": "info",
+            "workers": 1,  # the recorded figures are one process's (the default is one per core)
             "edge": {"listen": [f"127.0.0.1:{self.port}"], "reverse_lookup": False},
             "storage": {"type": storage["type"], "path": queue_dir},
             "relay": {"type": "smarthost", "host": "127.0.0.1", "port": sink_port},

@@ -1,9 +1,9 @@
 """python-slimta 5.0.5's DiskStorage under the same load as bench/disk_bench.py (one measurement).
 
 Runs with the interpreter of a virtualenv that has python-slimta (disk_bench.py makes one at
-/tmp/slimta-venv); it contains no slimta code, it only drives it::
+bench/work/slimta-venv); it contains no slimta code, it only drives it::
 
-    /tmp/slimta-venv/bin/python -W ignore bench/slimta_disk_bench.py \\
+    bench/work/slimta-venv/bin/python -W ignore bench/slimta_disk_bench.py \\
         --mode write --concurrency 100 -n 2000 --size 2048 --dir /path/to/empty/dir
 
 ``write``: C producer greenlets call ``Queue.enqueue`` on a queue without a relay, so only

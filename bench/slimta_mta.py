@@ -3,8 +3,8 @@
 Run it with the interpreter of the slimta virtualenv (slimta needs gevent, which the project
 does not use; this file is therefore excluded from mypy)::
 
-    /tmp/slimta-venv/bin/python -W ignore bench/slimta_mta.py \
-        --listen 127.0.0.1:2535 --relay 127.0.0.1:2536 --queue-dir /tmp/q
+    bench/work/slimta-venv/bin/python -W ignore bench/slimta_mta.py \
+        --listen 127.0.0.1:2535 --relay 127.0.0.1:2536 --queue-dir bench/work/q
 
 It wires only slimta's own parts, as its manual shows: ``SmtpEdge`` on the listen address,
 ``Queue`` over ``DiskStorage`` (env/meta/tmp directories under --queue-dir; slimta never

@@ -3,9 +3,9 @@
 Runs under the interpreter of a separate virtualenv (gevent, not asyncio); it contains no slimta
 code, it only drives it::
 
-    python3 -m venv /tmp/slimta-venv-redis
-    /tmp/slimta-venv-redis/bin/pip install python-slimta==5.0.5 'setuptools>=80,<82' redis
-    /tmp/slimta-venv-redis/bin/python -W ignore bench/slimta_redis_peer.py \
+    python3 -m venv bench/work/slimta-venv-redis
+    bench/work/slimta-venv-redis/bin/pip install python-slimta==5.0.5 'setuptools>=80,<82' redis
+    bench/work/slimta-venv-redis/bin/python -W ignore bench/slimta_redis_peer.py \
         --port 6390 --mode e2e -n 4000 --concurrency 50
 
 One measurement per run, printed as one JSON line:

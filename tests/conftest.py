@@ -1,7 +1,8 @@
 """Test-wide settings and fixtures.
 
 * hypothesis profiles: ``dev`` locally, ``ci`` when ``CI`` is set (or ``HYPOTHESIS_PROFILE``);
-* a private redis-server for the whole session, and a key prefix per test;
+* a private redis-server and a private Redis Cluster (3 masters, 3 replicas) for the whole
+  session, and a key prefix per test;
 * a tiny real filesystem (tmpfs) for disk-full tests.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisClusterServers, RedisServer
 
 # Stateful runs do real I/O (fsync), so no per-example deadline; sizes keep them to seconds.
 settings.register_profile(
@@ -47,6 +48,19 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """A Redis Cluster on loopback (3 masters, 3 replicas, no persistence), started on first
+    use and stopped by pid at the end; tests share it, each with its own key prefix. Tests
+    that fail nodes over or move slots start clusters of their own."""
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
 
 
 @pytest.fixture

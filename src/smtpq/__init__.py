@@ -9,7 +9,7 @@ from smtpq.bounce import Bounce, BounceFactory
 from smtpq.clock import Clock, ManualClock, SystemClock
 from smtpq.edge import EdgeConfig, SmtpEdge
 from smtpq.envelope import Envelope
-from smtpq.errors import EnvelopeFormatError, QueueError, SmtpqError
+from smtpq.errors import EnvelopeFormatError, MessageGone, QueueError, SmtpqError
 from smtpq.policy import (
     AddMissingHeaders,
     AddReceivedHeader,
@@ -46,6 +46,7 @@ __all__ = [
     "Envelope",
     "EnvelopeFormatError",
     "ManualClock",
+    "MessageGone",
     "MxRelayConfig",
     "MxSmtpRelay",
     "PermanentRelayError",

@@ -21,5 +21,18 @@ class QueueError(SmtpqError):
     """The queue could not store or update a message; the edge answers ``451 4.3.0``."""
 
 
+class MessageGone(SmtpqError, KeyError):
+    """No message with this id is stored (any more): removed, quarantined, or never written.
+
+    A :class:`KeyError` (of the id), as storages raised before it existed, so that
+    ``except KeyError`` keeps working.
+    """
+
+    def __init__(self, id: str) -> None:
+        super().__init__(id)
+        #: The id of the message that is gone.
+        self.id = id
+
+
 class EnvelopeFormatError(SmtpqError, ValueError):
     """Stored envelope bytes are damaged, truncated or of an unknown format version."""

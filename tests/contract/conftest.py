@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from smtpq.storage import DictStorage, DiskStorage, QueueStorage, RedisStorage
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisClusterServers, RedisServer
 
 
 @dataclass
@@ -62,15 +62,32 @@ async def disk_backend(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncI
 @asynccontextmanager
 async def redis_backend(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     server: RedisServer = request.getfixturevalue("redis_server")
+    async with _redis(server.url, cluster=False) as backend:
+        yield backend
+
+
+@asynccontextmanager
+async def redis_cluster_backend(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Backend]:
+    cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+    async with _redis(cluster.url, cluster=True) as backend:
+        yield backend
+
+
+@asynccontextmanager
+async def _redis(url: str, cluster: bool) -> AsyncIterator[Backend]:
     prefix = f"contract-{uuid.uuid4().hex[:12]}:"
     opened: list[RedisStorage] = []
 
-    async def reopen() -> QueueStorage:
-        other = RedisStorage.from_url(server.url, prefix=prefix, lease_timeout=5.0)
-        opened.append(other)
-        return other
+    def open_one() -> RedisStorage:
+        return RedisStorage.from_url(url, prefix=prefix, cluster=cluster, lease_timeout=5.0)
 
-    storage = RedisStorage.from_url(server.url, prefix=prefix, lease_timeout=5.0)
+    async def reopen() -> QueueStorage:
+        opened.append(open_one())
+        return opened[-1]
+
+    storage = open_one()
     yield Backend(storage, reopen, durable=True)
     await storage.close()
     for other in opened:
@@ -81,6 +98,7 @@ BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], Any]] = {
     "dict": dict_backend,
     "disk": disk_backend,
     "redis": redis_backend,
+    "redis-cluster": redis_cluster_backend,
 }
 
 

@@ -1,6 +1,7 @@
-"""RedisStorage held against DictStorage by the storage state machine.
+"""RedisStorage held against DictStorage by the storage state machine, on one server and on a
+Redis Cluster.
 
-Every run of the machine has a key prefix of its own on the session's redis-server.
+Every run of the machine has a key prefix of its own on the session's redis-server (or cluster).
 
 Two things a shared store does differently from a local one, so the model here does them too:
 
@@ -20,47 +21,63 @@ from collections.abc import Iterator, Sequence
 import pytest
 import redis.asyncio as aioredis
 from hypothesis.stateful import precondition, rule
+from redis.asyncio.cluster import RedisCluster
 
 from smtpq.storage import DictStorage, QueueStorage, RedisStorage
 from tests.contract.state_machine import LEASE, MachineBackend, StorageMachine
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisClusterServers, RedisServer
 
-# The machine's backend factory takes no fixtures: the session's server is handed over here.
+# The machine's backend factory takes no fixtures: the session's servers are handed over here.
 _servers: list[RedisServer] = []
+_clusters: list[RedisClusterServers] = []
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _session_redis(redis_server: RedisServer) -> Iterator[None]:
+def _session_redis(redis_server: RedisServer, redis_cluster: RedisClusterServers) -> Iterator[None]:
     _servers.append(redis_server)
+    _clusters.append(redis_cluster)
     yield
     _servers.remove(redis_server)
+    _clusters.remove(redis_cluster)
 
 
 class RedisBackend:
-    """One key prefix on the session's redis-server."""
+    """One key prefix on the session's redis-server or cluster."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, cluster: bool) -> None:
         self.url = url
+        self.cluster = cluster
         self.prefix = f"machine-{uuid.uuid4().hex[:12]}:"
         self.owner = f"machine-worker-{uuid.uuid4().hex[:8]}"
 
     async def open(self) -> QueueStorage:
         return RedisStorage.from_url(
-            self.url, prefix=self.prefix, lease_timeout=LEASE, owner=self.owner
+            self.url,
+            prefix=self.prefix,
+            cluster=self.cluster,
+            lease_timeout=LEASE,
+            owner=self.owner,
         )
 
     async def destroy(self) -> None:
-        client = aioredis.Redis.from_url(self.url)
+        client: aioredis.Redis | RedisCluster
+        if self.cluster:
+            client = RedisCluster.from_url(self.url)
+        else:
+            client = aioredis.Redis.from_url(self.url)
         try:
-            keys = [key async for key in client.scan_iter(match=self.prefix + "*")]
-            if keys:
-                await client.unlink(*keys)
+            async for key in client.scan_iter(match=self.prefix + "*"):
+                await client.unlink(key)
         finally:
             await client.aclose()
 
 
 async def redis_backend() -> MachineBackend:
-    return RedisBackend(_servers[0].url)
+    return RedisBackend(_servers[0].url, cluster=False)
+
+
+async def redis_cluster_backend() -> MachineBackend:
+    return RedisBackend(_clusters[0].url, cluster=True)
 
 
 class SharedModel(DictStorage):
@@ -92,4 +109,11 @@ class RedisMachine(StorageMachine):
         self.load()
 
 
+class RedisClusterMachine(RedisMachine):
+    """The storage state machine over RedisStorage on a Redis Cluster."""
+
+    backend_factory = redis_cluster_backend
+
+
 TestRedisStorageMachine = RedisMachine.TestCase
+TestRedisClusterStorageMachine = RedisClusterMachine.TestCase

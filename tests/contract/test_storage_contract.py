@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
 from smtpq.envelope import Envelope
+from smtpq.errors import MessageGone
 from smtpq.reply import Reply
 from smtpq.storage import QueueStorage
 from tests.contract.conftest import Backend
@@ -51,9 +54,32 @@ async def test_ids_are_unique(backend: Backend) -> None:
     assert len(ids) == 50
 
 
-async def test_get_unknown_raises_key_error(backend: Backend) -> None:
-    with pytest.raises(KeyError):
+async def test_get_unknown_raises_message_gone(backend: Backend) -> None:
+    with pytest.raises(MessageGone) as caught:
         await backend.storage.get("0123456789abcdef0123456789abcdef")
+    assert isinstance(caught.value, KeyError)  # callers catching KeyError keep working
+    assert caught.value.id == "0123456789abcdef0123456789abcdef"
+
+
+GONE_CALLS: dict[str, Callable[[QueueStorage, str], Awaitable[Any]]] = {
+    "get": lambda store, id: store.get(id),
+    "get_entry": lambda store, id: store.get_entry(id),
+    "set_timestamp": lambda store, id: store.set_timestamp(id, NOW + 60),
+    "increment_attempts": lambda store, id: store.increment_attempts(id),
+    "set_recipients_delivered": lambda store, id: store.set_recipients_delivered(id, [0]),
+    "set_held": lambda store, id: store.set_held(id, True),
+}
+
+
+@pytest.mark.parametrize("call", sorted(GONE_CALLS))
+async def test_a_removed_message_is_message_gone(backend: Backend, call: str) -> None:
+    store = backend.storage
+    id = await store.write(make_envelope(), NOW)
+    await store.remove(id)
+    with pytest.raises(MessageGone) as caught:
+        await GONE_CALLS[call](store, id)
+    assert caught.value.id == id
+    assert await store.load() == []  # nothing was brought back by the failed call
 
 
 async def test_increment_attempts_counts_up(backend: Backend) -> None:
@@ -72,6 +98,25 @@ async def test_set_timestamp_is_loaded(backend: Backend) -> None:
     entry = await store.get_entry(id)
     assert entry.timestamp == NOW + 300
     assert entry.last_reply == Reply("451", "4.7.1 greylisted")
+
+
+async def test_last_reply_keeps_every_field_across_a_reopen(backend: Backend) -> None:
+    store = backend.storage
+    id = await store.write(make_envelope(), NOW)
+    reply = Reply(
+        "250", "2.0.0 Ok", "DATA", "a@b", remote_host="mx", remote_ip="::1", remote_dsn=False
+    )
+    await store.set_timestamp(id, NOW + 300, last_reply=reply)
+    other = await backend.reopen()
+    try:
+        assert (NOW + 300, id) in await other.load()
+        kept = (await other.get_entry(id)).last_reply
+        assert kept is not None
+        assert (kept.as_sent(), kept.remote_ip, kept.remote_dsn) == ("250 2.0.0 Ok", "::1", False)
+        assert (await other.get_info()).get("corrupt", 0) == 0
+    finally:
+        if other is not store:
+            await other.close()
 
 
 async def test_delivered_recipients_are_omitted_with_original_indexes(backend: Backend) -> None:
@@ -94,7 +139,7 @@ async def test_remove_is_idempotent(backend: Backend) -> None:
     id = await store.write(make_envelope(), NOW)
     await store.remove(id)
     await store.remove(id)
-    with pytest.raises(KeyError):
+    with pytest.raises(MessageGone):
         await store.get(id)
     assert id not in [i for _, i in await store.load()]
 

@@ -9,18 +9,27 @@ from typing import Any
 import pytest
 
 from tests.e2e.daemon import DaemonProcess
-from tests.integration.smtp.conftest import sink, sink_factory  # noqa: F401 - fixtures
+from tests.integration.smtp.conftest import sink, sink_factory, tls_files  # noqa: F401 - fixtures
 
 DaemonFactory = Callable[..., Awaitable[DaemonProcess]]
 
 
 @pytest.fixture
 async def daemon_factory(tmp_path: Path) -> AsyncIterator[DaemonFactory]:
-    """Start daemons with settings merged over the test defaults; all stopped afterwards."""
+    """Start daemons with settings merged over the test defaults; all stopped afterwards.
+
+    Each daemon has its config, log and queue in ``where`` (default: the test's directory).
+    """
     started: list[DaemonProcess] = []
 
-    async def make(settings: dict[str, Any] | None = None, *, start: bool = True) -> DaemonProcess:
-        d = DaemonProcess(tmp_path, settings or {})
+    async def make(
+        settings: dict[str, Any] | None = None,
+        *,
+        start: bool = True,
+        obey_permissions: bool = False,
+        where: Path | None = None,
+    ) -> DaemonProcess:
+        d = DaemonProcess(where or tmp_path, settings or {}, obey_permissions=obey_permissions)
         started.append(d)
         return await d.start() if start else d
 

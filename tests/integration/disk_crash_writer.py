@@ -1,8 +1,9 @@
 """The child of the crash test: writes through DiskStorage as fast as it can until it is killed.
 
-Run as ``python disk_crash_writer.py ENV_DIR META_DIR FIRST_COUNTER``. It prints ``ready``, then
-one line per operation *after* the operation returned, with one ``os.write`` per line (atomic on
-a pipe), so that the parent knows exactly what was acknowledged when its SIGKILL lands:
+Run as ``python disk_crash_writer.py ENV_DIR META_DIR FIRST_COUNTER SYNC_MODE``. It prints
+``ready``, then one line per operation *after* the operation returned, with one ``os.write`` per
+line (atomic on a pipe), so that the parent knows exactly what was acknowledged when its SIGKILL
+lands:
 
     w <counter> <id>      write returned (the envelope is crash_envelope(counter))
     a <id> <attempts>     increment_attempts returned
@@ -19,6 +20,7 @@ import sys
 
 from smtpq.envelope import Envelope
 from smtpq.storage import DiskStorage
+from smtpq.storage.disk import SyncMode
 
 WRITERS = 16
 #: Every message whose counter is a multiple of this is removed after it was written.
@@ -45,8 +47,8 @@ def say(line: str) -> None:
     os.write(1, line.encode() + b"\n")
 
 
-async def main(env_dir: str, meta_dir: str, first: int) -> None:
-    store = DiskStorage(env_dir, meta_dir)
+async def main(env_dir: str, meta_dir: str, first: int, sync: str) -> None:
+    store = DiskStorage(env_dir, meta_dir, sync=SyncMode(sync))
     await store.load()
     say("ready")
     counters = iter(range(first, first + 10_000_000))
@@ -69,4 +71,4 @@ async def main(env_dir: str, meta_dir: str, first: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]))

@@ -8,7 +8,11 @@
 
 ``python -m tests.integration.redis_worker edge URL PREFIX OUT --count N [--batch B]``
     an edge-only Queue (no relay) that enqueues N messages from ``m<seq>@example.org`` and
-    appends ``ok <seq> <id>`` or ``err <seq>`` to OUT as each enqueue returns.
+    appends ``ok <seq> <id>`` or ``err <seq> <reply code>`` to OUT as each enqueue returns;
+    ``--pause S`` waits S seconds between batches (a steady load over a longer time).
+
+Both take ``--cluster`` (URL is a node of a Redis Cluster), ``--wait-replicas N`` and
+``--wait-timeout S``.
 """
 
 from __future__ import annotations
@@ -51,7 +55,14 @@ def message(seq: int) -> Envelope:
 
 async def worker(args: argparse.Namespace) -> None:
     """Deliver until SIGTERM."""
-    store = RedisStorage.from_url(args.url, prefix=args.prefix, lease_timeout=args.lease)
+    store = RedisStorage.from_url(
+        args.url,
+        prefix=args.prefix,
+        cluster=args.cluster,
+        lease_timeout=args.lease,
+        wait_replicas=args.wait_replicas,
+        wait_timeout=args.wait_timeout,
+    )
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     relay = RecordingRelay(args.record, hang=args.hang)
@@ -63,18 +74,29 @@ async def worker(args: argparse.Namespace) -> None:
 
 async def edge(args: argparse.Namespace) -> None:
     """Enqueue ``args.count`` messages, ``args.batch`` at a time, recording each result."""
-    store = RedisStorage.from_url(args.url, prefix=args.prefix)
+    store = RedisStorage.from_url(
+        args.url,
+        prefix=args.prefix,
+        cluster=args.cluster,
+        wait_replicas=args.wait_replicas,
+        wait_timeout=args.wait_timeout,
+    )
     out = os.open(args.out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     async def one(queue: Queue, seq: int) -> None:
         [(_, result)] = await queue.enqueue(message(seq))
-        line = f"err {seq}\n" if isinstance(result, QueueError) else f"ok {seq} {result}\n"
+        if isinstance(result, QueueError):
+            line = f"err {seq} {result.reply.code}\n"
+        else:
+            line = f"ok {seq} {result}\n"
         os.write(out, line.encode())
 
     async with Queue(store) as queue:
         for start in range(0, args.count, args.batch):
             end = min(start + args.batch, args.count)
             await asyncio.gather(*(one(queue, seq) for seq in range(start, end)))
+            if args.pause:
+                await asyncio.sleep(args.pause)
     await store.close()
 
 
@@ -94,6 +116,11 @@ def main() -> None:
     e.add_argument("out")
     e.add_argument("--count", type=int, required=True)
     e.add_argument("--batch", type=int, default=1)
+    e.add_argument("--pause", type=float, default=0.0)
+    for role in (w, e):
+        role.add_argument("--cluster", action="store_true")
+        role.add_argument("--wait-replicas", type=int, default=0)
+        role.add_argument("--wait-timeout", type=float, default=1.0)
     args = parser.parse_args()
     asyncio.run(worker(args) if args.role == "worker" else edge(args))
 

@@ -1,7 +1,9 @@
 """Crash safety: SIGKILL a writer at random moments; everything acknowledged survives.
 
 A child process (disk_crash_writer.py) writes, updates and removes messages through DiskStorage
-as fast as it can and reports each operation only after it returned. The parent kills it with
+as fast as it can and reports each operation only after it returned; the rounds take turns at
+the sync modes, so that both forms of a batch's first flush (one syncfs, or the files' syncs)
+are cut short. The parent kills it with
 SIGKILL at random moments — during its start-up load too — then reopens the queue and checks:
 every acknowledged write loads with its envelope byte for byte, every acknowledged removal is
 gone, acknowledged updates are there, nothing is corrupt or left over, and the storage still
@@ -20,12 +22,17 @@ from pathlib import Path
 
 import pytest
 
+from smtpq.errors import MessageGone
 from smtpq.storage import DiskStorage
+from smtpq.storage.disk import SyncMode
+from smtpq.storage.disk.libc import syncfs_function
 from tests.integration import disk_crash_writer
 from tests.integration.disk_crash_writer import counter_of, crash_envelope
 
 ROUNDS = 24
 WRITER = Path(disk_crash_writer.__file__)
+# "syncfs" where the kernel has one that reports errors (elsewhere "auto" is "fsync" too).
+MODES = [SyncMode.AUTO, SyncMode.FSYNC] + ([SyncMode.SYNCFS] if syncfs_function() else [])
 
 
 @dataclass
@@ -56,7 +63,9 @@ class Acknowledged:
         return None
 
 
-async def run_and_kill(root: Path, first: int, rng: random.Random, *, early: bool) -> list[str]:
+async def run_and_kill(
+    root: Path, first: int, rng: random.Random, *, early: bool, sync: SyncMode
+) -> list[str]:
     """Start a writer, SIGKILL it at a random moment; its complete output lines.
 
     An early kill lands at a random time after the start, maybe while the writer is still
@@ -68,6 +77,7 @@ async def run_and_kill(root: Path, first: int, rng: random.Random, *, early: boo
         str(root / "env"),
         str(root / "meta"),
         str(first),
+        sync,
         stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
@@ -98,7 +108,10 @@ async def test_sigkill_loses_nothing_acknowledged(tmp_path: Path) -> None:
     acked = Acknowledged()
     kills = killed_while_writing = leftovers = 0
     for round in range(ROUNDS):
-        lines = await run_and_kill(tmp_path, round * 1_000_000, rng, early=round % 5 == 4)
+        sync = MODES[round % len(MODES)]
+        lines = await run_and_kill(
+            tmp_path, round * 1_000_000, rng, early=round % 5 == 4, sync=sync
+        )
         kills += 1
         new = [id for id in map(acked.take, lines) if id is not None]
         killed_while_writing += bool(new)
@@ -108,7 +121,7 @@ async def test_sigkill_loses_nothing_acknowledged(tmp_path: Path) -> None:
             loaded = {id for _, id in await store.load()}
             info = await store.get_info()
             leftovers += info["scratch_removed"] + info["orphans_removed"]
-            context = f"seed {seed}, round {round}"
+            context = f"seed {seed}, round {round}, sync {sync}"
             # Nothing is corrupt, and nothing was dropped: what is on disk is what loaded.
             assert info["corrupt"] == info["corrupt_stored"] == 0, context
             assert names(tmp_path / "meta" / "corrupt") == set(), context
@@ -130,7 +143,7 @@ async def test_sigkill_loses_nothing_acknowledged(tmp_path: Path) -> None:
             id = await store.write(crash_envelope(-1), 1.0)
             assert (await store.get(id))[0].to_bytes() == crash_envelope(-1).to_bytes()
             await store.remove(id)
-            with pytest.raises(KeyError):
+            with pytest.raises(MessageGone):
                 await store.get(id)
         finally:
             await store.close()

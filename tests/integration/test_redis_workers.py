@@ -1,8 +1,9 @@
-"""Many Queue processes over one Redis: exactly-once delivery, take-over after SIGKILL, restart.
+"""Many Queue processes over one Redis (or a Redis Cluster): exactly-once delivery, take-over
+after SIGKILL, restart.
 
-Each process is ``tests/integration/redis_worker.py``; deliveries are counted at a recording
-relay that appends one line per delivery to a file shared by all processes. Processes are
-stopped by their pid only.
+Each process is ``tests/integration/redis_worker.py`` (see ``redis_processes.py``); deliveries
+are counted at a recording relay that appends one line per delivery to a file shared by all
+processes. Processes are stopped by their pid only.
 """
 
 from __future__ import annotations
@@ -10,106 +11,34 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
-from tests.redis_server import RedisServer
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.redis_processes import Processes, delivered, lines, queue_size, until
+from tests.redis_server import RedisClusterServers, RedisServer
 
 
-class Processes:
-    """The processes a test started, stopped by pid at the end whatever happens."""
-
-    def __init__(self) -> None:
-        self.started: list[subprocess.Popen[str]] = []
-
-    def start(self, *args: str) -> subprocess.Popen[str]:
-        """Run ``redis_worker`` with ``args``; a worker is returned once it says ``ready``."""
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.redis_worker", *args],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.started.append(proc)
-        if args[0] == "worker":
-            assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == "ready"
-        return proc
-
-    def stop(self, proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> int:
-        """Signal ``proc`` by its pid and wait for it; its exit status."""
-        if proc.poll() is None:
-            proc.send_signal(sig)
-        return proc.wait(timeout=30)
-
-    def stop_all(self) -> None:
-        """Stop whatever still runs (SIGTERM, then SIGKILL)."""
-        for proc in self.started:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.started:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-@pytest.fixture
-def procs() -> Iterator[Processes]:
-    """Start processes; all are stopped by pid when the test ends."""
-    p = Processes()
-    yield p
-    p.stop_all()
-
-
-def lines(path: Path) -> list[str]:
-    """The complete lines of a file that other processes append to."""
-    if not path.exists():
-        return []
-    text = path.read_text()
-    return text[: text.rfind("\n") + 1].splitlines()
-
-
-def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``condition`` (other processes do the work) until it holds; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def queue_size(url: str, prefix: str) -> int:
-    """Messages still stored under ``prefix``."""
-    with redis.Redis.from_url(url) as client:
-        return int(client.zcard(f"{prefix}{{q}}:index"))
-
-
-def delivered(record: Path) -> collections.Counter[str]:
-    """How many times each sender's message was delivered."""
-    return collections.Counter(line.split()[0] for line in lines(record))
-
-
+@pytest.mark.parametrize("where", ["server", "cluster"])
 def test_four_workers_and_an_edge_deliver_each_message_exactly_once(
-    procs: Processes, redis_server: RedisServer, redis_prefix: str, tmp_path: Path
+    procs: Processes, request: pytest.FixtureRequest, where: str, redis_prefix: str, tmp_path: Path
 ) -> None:
-    url, record, accepted = redis_server.url, tmp_path / "delivered", tmp_path / "accepted"
-    workers = [procs.start("worker", url, redis_prefix, str(record)) for _ in range(4)]
-    edge = procs.start("edge", url, redis_prefix, str(accepted), "--count", "2000", "--batch", "20")
+    """Edge-only and delivery processes apart: the topology that scales out (docs/redis.md)."""
+    cluster = where == "cluster"
+    redis: RedisServer | RedisClusterServers = request.getfixturevalue(
+        "redis_cluster" if cluster else "redis_server"
+    )
+    url, record, accepted = redis.url, tmp_path / "delivered", tmp_path / "accepted"
+    flags = ["--cluster"] if cluster else []
+    workers = [procs.start("worker", url, redis_prefix, str(record), *flags) for _ in range(4)]
+    edge = procs.start(
+        "edge", url, redis_prefix, str(accepted), "--count", "2000", "--batch", "20", *flags
+    )
     assert edge.wait(timeout=60) == 0
     ok = [line for line in lines(accepted) if line.startswith("ok ")]
     assert len(ok) == 2000
     until(lambda: len(lines(record)) >= 2000, 60, "2,000 deliveries")
-    until(lambda: queue_size(url, redis_prefix) == 0, 30, "an empty queue")
+    until(lambda: queue_size(url, redis_prefix, cluster) == 0, 30, "an empty queue")
     for worker in workers:
         assert procs.stop(worker) == 0
     counts = delivered(record)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import ssl
 
-import aiosmtplib
 import dns.exception
 import dns.name
 import dns.rdata
@@ -15,59 +14,94 @@ import dns.resolver
 import pytest
 
 from smtpq.relay.mx import MxSmtpRelay, _NoRoute, parse_nameserver, reply_for_dns_error
+from smtpq.relay.session import ConnectionLost, ReplyError, SessionTimeout
 from smtpq.relay.smtp import reply_for_error
 from smtpq.reply import Reply
+from smtpq.smtp.client import Auth, ClientConnection, Hello, StartTls
+from smtpq.smtp.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 
 
-def caused(exc: BaseException, cause: BaseException) -> BaseException:
-    exc.__cause__ = cause
-    return exc
+def refusal_of(*commands: Hello | StartTls | Auth) -> ProtocolError:
+    """What the client core raises for the last command, on a session offering nothing."""
+    conn = ClientConnection(remote_host="mx.example")
+    conn.receive_data(b"220 mx\r\n250 mx\r\n")
+    conn.next_event()
+    try:
+        for command in commands:
+            conn.send(command)
+            conn.next_event()
+    except ProtocolError as exc:
+        return exc
+    raise AssertionError("no refusal")
 
 
 @pytest.mark.parametrize(
     ("exc", "command", "code", "esc", "words"),
     [
+        (ConnectionRefusedError(111, "Connect"), "CONNECT", "451", "4.4.1", "connection refused"),
+        (TimeoutError(), "CONNECT", "451", "4.4.1", "timed out"),
+        (SessionTimeout("CONNECT"), "CONNECT", "451", "4.4.1", "timed out"),
+        (ConnectionLost("CONNECT"), "CONNECT", "451", "4.4.1", "connection closed"),
         (
-            caused(aiosmtplib.SMTPConnectError("x"), ConnectionRefusedError(111, "Connect")),
-            "CONNECT",
-            "451",
-            "4.4.1",
-            "connection refused",
-        ),
-        (aiosmtplib.SMTPConnectTimeoutError("t"), "CONNECT", "451", "4.4.1", "timed out"),
-        (
-            aiosmtplib.SMTPConnectResponseError(554, "5.3.2 go away"),
+            ReplyError(Reply("554", "5.3.2 go away")),
             "CONNECT",
             "451",
             "4.4.1",
             "554 5.3.2 go away",
         ),
-        (aiosmtplib.SMTPConnectResponseError(421, "4.3.2 busy"), "CONNECT", "421", "4.3.2", "busy"),
-        (aiosmtplib.SMTPReadTimeoutError("t"), "DATA", "451", "4.4.2", "reply to DATA"),
-        (aiosmtplib.SMTPServerDisconnected("gone"), "RCPT TO", "451", "4.4.2", "lost"),
+        (ReplyError(Reply("421", "4.3.2 busy")), "CONNECT", "421", "4.3.2", "busy"),
+        (SessionTimeout("DATA"), "DATA", "451", "4.4.2", "reply to DATA"),
+        (ConnectionLost("RCPT TO"), "RCPT TO", "451", "4.4.2", "lost"),
         (ConnectionResetError(104, "reset"), "MAIL FROM", "451", "4.4.2", "lost"),
         (ssl.SSLCertVerificationError("bad cert"), "STARTTLS", "451", "4.7.5", "TLS"),
-        (aiosmtplib.SMTPNotSupported("no"), "STARTTLS", "451", "4.7.4", "STARTTLS is required"),
-        (aiosmtplib.SMTPNotSupported("no"), "AUTH", "451", "4.7.4", "AUTH is required"),
         (
-            aiosmtplib.SMTPAuthenticationError(535, "5.7.8 Bad credentials"),
+            refusal_of(Hello("c.example"), StartTls()),
+            "STARTTLS",
+            "451",
+            "4.7.4",
+            "STARTTLS is required",
+        ),
+        (
+            refusal_of(Hello("c.example"), Auth("u", "p")),
+            "AUTH",
+            "451",
+            "4.7.4",
+            "AUTH is required",
+        ),
+        (
+            ReplyError(Reply("535", "5.7.8 Bad credentials")),
             "AUTH",
             "451",
             "4.7.8",
             "Bad credentials",
         ),
-        (aiosmtplib.SMTPHeloError(550, "5.7.1 Go away"), "EHLO", "451", "4.7.1", "Go away"),
-        (aiosmtplib.SMTPDataError(554, "5.6.0 Bad content"), "DATA", "554", "5.6.0", "content"),
+        (ReplyError(Reply("550", "5.7.1 Go away")), "EHLO", "451", "4.7.1", "Go away"),
+        (ReplyError(Reply("554", "5.6.0 Bad content")), "DATA", "554", "5.6.0", "content"),
+        (
+            RemoteProtocolError("garbage", Reply("451", "4.4.2 Bad connection: malformed")),
+            "RCPT TO",
+            "451",
+            "4.4.2",
+            "malformed",
+        ),
         (RuntimeError("bug"), "DATA", "450", "4.0.0", "Unexpected"),
+        (
+            LocalProtocolError("misuse", Reply("450", "4.0.0 Unexpected error")),
+            "MAIL FROM",
+            "450",
+            "4.0.0",
+            "Unexpected",
+        ),
     ],
 )
 def test_reply_for_error(exc: BaseException, command: str, code: str, esc: str, words: str) -> None:
-    reply = reply_for_error(exc, host="mx.example", command=command)
+    reply = reply_for_error(exc, host="mx.example", command=command, ip="192.0.2.7")
     assert reply.code == code
     assert reply.enhanced_status_code == esc
     assert words in (reply.message or "")
     assert reply.command == command
     assert reply.remote_host == "mx.example"
+    assert reply.remote_ip == "192.0.2.7"
 
 
 @pytest.mark.parametrize(

@@ -14,12 +14,19 @@ import math
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import urlencode
 
 import click
 
-from smtpq.daemon.config import Config, ConfigError, default_config_path, load_config
+from smtpq.daemon.config import (
+    Config,
+    ConfigError,
+    ConfigSource,
+    default_config_path,
+    load_config,
+)
+from smtpq.daemon.errors import StartupError
 
 if TYPE_CHECKING:  # the server's modules are imported by the commands that need them
     from smtpq.daemon.server import Shard
@@ -27,6 +34,13 @@ if TYPE_CHECKING:  # the server's modules are imported by the commands that need
 __all__ = ["main"]
 
 T = TypeVar("T")
+
+
+def _fail(exc: StartupError) -> NoReturn:
+    """A start-up error's one line on standard error, and exit code 2."""
+    kind = "configuration error: " if isinstance(exc, ConfigError) else ""
+    click.echo(f"smtpq: {kind}{exc}", err=True)
+    sys.exit(2)
 
 
 class QueueUnavailable(Exception):
@@ -37,18 +51,22 @@ def _load(config_path: str | None, **overrides: Any) -> Config:
     """The configuration of ``-c FILE``, else of the default path (``$SMTPQ_CONFIG`` or
     /etc/smtpq/smtpq.toml), else the defaults: ``serve`` and ``queue`` find the same queue."""
     try:
-        return load_config(config_path or default_config_path(), **overrides)
-    except ConfigError as exc:
-        click.echo(f"smtpq: configuration error: {exc}", err=True)
-        sys.exit(2)
+        return load_config(_config_path(config_path), **overrides)
+    except StartupError as exc:
+        _fail(exc)
+
+
+def _config_path(given: str | None) -> str | None:
+    """``-c FILE``, else the default path (``$SMTPQ_CONFIG`` or /etc/smtpq/smtpq.toml) if any."""
+    path = given or default_config_path()
+    return str(path) if path is not None else None
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
-    except ConfigError as exc:
-        click.echo(f"smtpq: configuration error: {exc}", err=True)
-        sys.exit(2)
+    except StartupError as exc:
+        _fail(exc)
     except QueueUnavailable as exc:
         click.echo(f"smtpq: {exc}", err=True)
         sys.exit(2)
@@ -68,7 +86,7 @@ def main() -> None:
 @click.option("--redis-url", help="Redis URL for storage = redis.")
 @click.option("--smarthost", help="Relay all mail through host[:port] instead of MX look-ups.")
 @click.option("--hostname", help="Our host name (greeting, Received, DSNs).")
-@click.option("--workers", type=int, help="Worker processes (each listens; disk shards).")
+@click.option("--workers", type=int, help="Worker processes (default: one per CPU core).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(
     config_path: str | None,
@@ -81,33 +99,68 @@ def serve(
     workers: int | None,
     log_level: str | None,
 ) -> None:
-    """Run the MTA: SMTP edge, durable queue and relay, until SIGTERM or SIGINT."""
-    from smtpq.daemon.server import serve_forever
+    """Run the MTA: SMTP edge, durable queue and relay, until SIGTERM or SIGINT.
 
-    relay: dict[str, Any] | None = None
+    SIGHUP reads the configuration again (the file and these options) and applies what can
+    change while running. A start-up error is one line on standard error and exit code 2.
+    """
+    from smtpq.daemon.config import parse_hostport
+    from smtpq.daemon.supervisor import serve_forever
+
+    overrides: dict[str, Any] = {
+        "edge.listen": list(listen) or None,
+        "storage.path": queue_dir,
+        "storage.type": storage_type,
+        "storage.url": redis_url,
+        "hostname": hostname,
+        "workers": workers,
+        "log_level": log_level,
+    }
     if smarthost:
-        from smtpq.daemon.config import parse_hostport
-
         try:
             host, port = parse_hostport(smarthost, 25)
         except ConfigError as exc:
-            click.echo(f"smtpq: configuration error: {exc}", err=True)
-            sys.exit(2)
-        relay = {"type": "smarthost", "host": host, "port": port}
-    config = _load(
-        config_path,
-        **{
-            "edge.listen": list(listen) or None,
-            "storage.path": queue_dir,
-            "storage.type": storage_type,
-            "storage.url": redis_url,
-            "hostname": hostname,
-            "workers": workers,
-            "log_level": log_level,
-        },
-        **({f"relay.{k}": v for k, v in relay.items()} if relay else {}),
+            _fail(exc)
+        overrides.update({"relay.type": "smarthost", "relay.host": host, "relay.port": port})
+    source = ConfigSource(
+        _config_path(config_path), {k: v for k, v in overrides.items() if v is not None}
     )
-    sys.exit(serve_forever(config))
+    try:
+        config = source.load()
+    except StartupError as exc:
+        _fail(exc)
+    sys.exit(serve_forever(config, source))
+
+
+# -- config --------------------------------------------------------------------------------------
+
+
+@main.group("config")
+def config_group() -> None:
+    """Check the configuration, or show it with every default."""
+
+
+_config_file = click.option(
+    "-c", "--config", "config_path", type=click.Path(), help="TOML configuration file."
+)
+
+
+@config_group.command("check")
+@_config_file
+def config_check(config_path: str | None) -> None:
+    """Validate the configuration: exit 0, or 2 with the error on one line."""
+    _load(config_path)
+    click.echo(f"smtpq: configuration {_config_path(config_path) or '(the defaults)'} is valid")
+
+
+@config_group.command("show")
+@_config_file
+@click.option("--hide-secrets", is_flag=True, help="Leave passwords and tokens out.")
+def config_show(config_path: str | None, hide_secrets: bool) -> None:
+    """Print the effective configuration, every default included, as TOML for serve -c."""
+    from smtpq.daemon.render import render_config
+
+    click.echo(render_config(_load(config_path), secrets=not hide_secrets), nl=False)
 
 
 @main.command()
@@ -168,8 +221,14 @@ class QueueAccess:
         self,
         online: Callable[[Any], Coroutine[Any, Any, T]],
         offline: Callable[[Any], Coroutine[Any, Any, T]],
+        *,
+        changes: bool = True,
     ) -> list[T]:
-        """Run ``online(client)`` or ``offline(queue)`` on every queue of the daemon."""
+        """Run ``online(client)`` or ``offline(queue)`` on every queue of the daemon.
+
+        ``changes=False`` (a listing) reads a stored queue without taking its lock, so that it
+        also works beside a daemon whose admin socket does not answer.
+        """
         from smtpq.daemon.client import AdminClient
         from smtpq.daemon.server import open_offline_queue
 
@@ -189,7 +248,7 @@ class QueueAccess:
                     f"memory storage: no daemon answers on {shard.admin_socket}, so no queue exists"
                 )
             else:
-                async with open_offline_queue(self.config, shard) as q:
+                async with open_offline_queue(self.config, shard, changes=changes) as q:
                     results.append(await offline(q))
         return results
 
@@ -274,7 +333,7 @@ def list_(config_path: str | None, queue_dir: str | None, as_json: bool, limit: 
         stream = ops.iter_messages(q.store, q.clock.time(), selector)
         return await _print_messages(admin.limited(stream, limit), as_json)
 
-    totals = _run(QueueAccess(config).each(online, offline))
+    totals = _run(QueueAccess(config).each(online, offline, changes=False))
     if not as_json:
         click.echo(_summary(sum(n for n, _ in totals), sum(size for _, size in totals)))
 
@@ -347,7 +406,8 @@ def show(config_path: str | None, queue_dir: str | None, id: str, body: bool,
         except KeyError:
             return None
 
-    found = [i for i in _run(QueueAccess(config).each(online, offline)) if i is not None]
+    answers = _run(QueueAccess(config).each(online, offline, changes=False))
+    found = [i for i in answers if i is not None]
     if not found:
         raise click.ClickException(f"no message {id!r} in the queue")
     info = found[0]
@@ -456,7 +516,7 @@ def shape_(config_path: str | None, queue_dir: str | None, by: str, top: int,
         now = q.clock.time()
         return (await ops.shape(ops.iter_messages(q.store, now), now, by)).to_dict(top)
 
-    data = ops.merge_shapes(_run(QueueAccess(config).each(online, offline)), top)
+    data = ops.merge_shapes(_run(QueueAccess(config).each(online, offline, changes=False)), top)
     if as_json:
         click.echo(json.dumps(data))
     else:

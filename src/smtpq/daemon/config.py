@@ -5,17 +5,22 @@ the same in the file as in the library: ``[edge]`` is :class:`~smtpq.edge.EdgeCo
 ``listen``), ``[smtp]`` is :class:`~smtpq.relay.smtp.SmtpRelayConfig` (how we talk to other
 servers), ``[mx]`` is :class:`~smtpq.relay.mx.MxRelayConfig`. Every setting has a working
 default, so ``smtpq serve`` with no file runs: disk storage in ``./smtpq-queue``, listening on
-127.0.0.1:2525, delivering by MX. An example::
+127.0.0.1:2525, delivering by MX, one worker process per CPU core. ``smtpq config show`` prints
+every setting with its effective value. An example (each commented line is valid as it stands
+once uncommented)::
 
     hostname = "mx.example.org"
-    workers = 2                       # processes; each listens, disk queue is sharded
+    workers = 2                       # processes (default: one per CPU core)
+    log_level = "info"                # debug | info | warning | error
+    log_format = "text"               # text | json (one object per line)
 
     [edge]
     listen = ["127.0.0.1:2525", "[::1]:2525"]
     max_message_size = 10485760
     relay_domains = ["example.org"]   # mail accepted for these from anyone
     trusted_networks = ["127.0.0.0/8", "::1/128"]
-    # tls_cert = "/etc/smtpq/cert.pem"; tls_key = "/etc/smtpq/key.pem"
+    # tls_cert = "/etc/smtpq/cert.pem"
+    # tls_key = "/etc/smtpq/key.pem"
     # credentials_file = "/etc/smtpq/passwd"   # lines from `smtpq passwd USER`
 
     [storage]
@@ -25,11 +30,13 @@ default, so ``smtpq serve`` with no file runs: disk storage in ``./smtpq-queue``
 
     [relay]
     type = "mx"                       # mx | smarthost
-    # host = "smtp.example.net"; port = 587
+    # host = "smtp.example.net"
+    # port = 587
 
     [smtp]
     tls = "opportunistic"             # opportunistic | required | implicit | none
-    # username = "user"; password = "secret"
+    # username = "user"
+    # password = "secret"
 
     [mx]
     # nameservers = ["127.0.0.1:5353"]
@@ -45,8 +52,9 @@ default, so ``smtpq serve`` with no file runs: disk storage in ``./smtpq-queue``
     delay_warnings = [14400]          # a "delayed" DSN after 4 hours (honours NOTIFY)
 
     [admin]
-    # socket = "/run/smtpq/admin.sock"       # default: <storage.path>/admin.sock
-    # listen = "127.0.0.1:8025"; token = "..."  # /metrics and the API over TCP
+    # socket = "/run/smtpq/admin.sock"   # default: <storage.path>/shard-0/admin.sock
+    # listen = "127.0.0.1:8025"          # /metrics and the API over TCP, with the token
+    # token = "change-me"
 
 A config error is reported as one clear message (:class:`ConfigError`), never a traceback.
 """
@@ -56,32 +64,100 @@ from __future__ import annotations
 import enum
 import os
 import socket
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from smtpq.daemon.errors import StartupError
 from smtpq.edge.server import EdgeConfig
 from smtpq.relay.mx import MxRelayConfig, Route
 from smtpq.relay.smtp import SmtpRelayConfig
+from smtpq.storage.disk import SyncMode
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "AdminConfig",
     "Config",
     "ConfigError",
+    "ConfigSource",
+    "LogFormat",
+    "LogLevel",
     "RelayChoice",
+    "RelayType",
     "RetryConfig",
     "StorageConfig",
+    "StorageType",
+    "build_config",
     "default_config_path",
+    "default_workers",
     "load_config",
     "parse_hostport",
 ]
 
 
-class ConfigError(Exception):
+class ConfigError(StartupError):
     """The configuration is wrong; the message says where and how."""
+
+
+class StorageType(enum.StrEnum):
+    """Where the queue is stored."""
+
+    #: Files in a directory (``storage.path``), one shard per worker process.
+    DISK = "disk"
+    #: A Redis server (``storage.url``) shared by every worker, on any number of hosts.
+    REDIS = "redis"
+    #: In memory: lost when the daemon stops (tests, throw-away set-ups).
+    MEMORY = "memory"
+
+
+class RelayType(enum.StrEnum):
+    """How mail leaves."""
+
+    #: DNS MX look-ups per recipient domain, with the ``[routes]`` table first.
+    MX = "mx"
+    #: Everything to one host (``relay.host``:``relay.port``).
+    SMARTHOST = "smarthost"
+
+
+class LogLevel(enum.StrEnum):
+    """The least severe log records written."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class LogFormat(enum.StrEnum):
+    """How log records are written to standard error."""
+
+    #: ``time smtpq[pid] LEVEL logger: message``, as syslog-style tools expect.
+    TEXT = "text"
+    #: One JSON object per line: ``time``, ``level``, ``logger``, ``pid``, ``message``.
+    JSON = "json"
+
+
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+def _choice(cls: type[E], value: Any, name: str) -> E:
+    """``value`` (a TOML string) as a member of ``cls``; a clear error if it is none."""
+    try:
+        return cls(value)
+    except ValueError:
+        choices = ", ".join(member.value for member in cls)
+        raise ConfigError(f"{name} must be one of {choices}, not {value!r}") from None
+
+
+def default_workers() -> int:
+    """One worker per CPU core this process may run on (its affinity, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # platforms without sched_getaffinity
+        return os.cpu_count() or 1
 
 
 def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
@@ -105,30 +181,49 @@ def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
     return host, number
 
 
+def format_hostport(host: str, port: int) -> str:
+    """``(host, port)`` as ``host:port``, with brackets around an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     """Which storage holds the queue.
 
-    :ivar sync: disk durability: ``auto`` (default: ``syncfs`` on Linux 5.8+, else ``fsync``),
-        ``fsync``, ``syncfs``, or ``none`` — unsafe: a crash may lose mail that was acknowledged
-        with 250; for benchmarks and tests only. See :mod:`smtpq.storage.disk`.
+    :ivar sync: disk durability, a :class:`SyncMode`; ``none`` is unsafe: a crash may lose mail
+        that was acknowledged with 250. See :mod:`smtpq.storage.disk`.
+    :ivar cluster, shards, wait_replicas, wait_timeout: Redis storage on a Redis Cluster (``url``
+        names any node), the shards new mail is spread over, and the replicas each write must
+        reach within ``wait_timeout`` seconds. See docs/redis.md.
     """
 
-    type: str = "disk"
+    type: StorageType = StorageType.DISK
     path: str = "./smtpq-queue"
     url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "smtpq:"
     lease_timeout: float = 60.0
-    sync: str = "auto"
+    sync: SyncMode = SyncMode.AUTO
+    cluster: bool = False
+    shards: int = 16
+    wait_replicas: int = 0
+    wait_timeout: float = 1.0
+
+    def __post_init__(self) -> None:
+        # From TOML the choices arrive as plain strings.
+        object.__setattr__(self, "type", _choice(StorageType, self.type, "storage.type"))
+        object.__setattr__(self, "sync", _choice(SyncMode, self.sync, "storage.sync"))
 
 
 @dataclass(frozen=True)
 class RelayChoice:
     """How mail leaves: ``mx`` (DNS, with [routes]) or ``smarthost`` (``host``:``port``)."""
 
-    type: str = "mx"
+    type: RelayType = RelayType.MX
     host: str | None = None
     port: int = 25
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "type", _choice(RelayType, self.type, "relay.type"))
 
 
 @dataclass(frozen=True)
@@ -166,10 +261,15 @@ class Config:
     mx: MxRelayConfig = field(default_factory=MxRelayConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
-    workers: int = 1
+    workers: int = field(default_factory=default_workers)
     relay_pool: int = 100
     grace_period: float = 30.0
-    log_level: str = "info"
+    log_level: LogLevel = LogLevel.INFO
+    log_format: LogFormat = LogFormat.TEXT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "log_level", _choice(LogLevel, self.log_level, "log_level"))
+        object.__setattr__(self, "log_format", _choice(LogFormat, self.log_format, "log_format"))
 
     def admin_socket(self) -> Path:
         """Where the admin API's Unix socket is."""
@@ -180,6 +280,19 @@ class Config:
     def listen_addresses(self) -> list[tuple[str, int]]:
         """The edge's (host, port) pairs."""
         return [parse_hostport(a, 25) for a in self.listen]
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where a configuration comes from, so that it can be read again (on SIGHUP): the file,
+    if any, and the command-line overrides (``section.key`` names, as :func:`load_config`)."""
+
+    path: str | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Config:
+        """Read and validate the configuration (:class:`ConfigError` if it is wrong)."""
+        return load_config(self.path, **self.overrides)
 
 
 T = TypeVar("T")
@@ -193,16 +306,11 @@ _SECTIONS: dict[str, type[Any]] = {
     "retry": RetryConfig,
     "admin": AdminConfig,
 }
-# Set elsewhere: edge host/port come from `listen`, its hostname from `hostname`; routes from
-# the [routes] table.
-_RESERVED = {"edge": {"host", "port", "hostname"}, "mx": {"routes"}}
-_TOP = ("hostname", "workers", "relay_pool", "grace_period", "log_level")
-_CHOICES = {
-    "storage.type": ("disk", "redis", "memory"),
-    "storage.sync": ("auto", "fsync", "syncfs", "none"),
-    "relay.type": ("mx", "smarthost"),
-    "log_level": ("debug", "info", "warning", "error"),
-}
+#: Set elsewhere: edge host/port come from `listen`, its hostname from `hostname`; routes from
+#: the [routes] table.
+RESERVED = {"edge": {"host", "port", "hostname"}, "mx": {"routes"}}
+#: The top-level settings (not tables).
+TOP = ("hostname", "workers", "relay_pool", "grace_period", "log_level", "log_format")
 
 
 def _section(cls: type[T], data: Any, where: str, extra: dict[str, Any]) -> T:
@@ -210,7 +318,7 @@ def _section(cls: type[T], data: Any, where: str, extra: dict[str, Any]) -> T:
         raise ConfigError(f"[{where}] must be a table")
     defaults = cls()
     kwargs: dict[str, Any] = dict(extra)
-    names = {f.name for f in fields(cls)} - _RESERVED.get(where, set())  # type: ignore[arg-type]
+    names = {f.name for f in fields(cls)} - RESERVED.get(where, set())  # type: ignore[arg-type]
     for key, value in data.items():
         if key not in names:
             raise ConfigError(f"unknown setting {where}.{key}")
@@ -249,11 +357,11 @@ def _check(value: Any, default: Any, where: str) -> Any:
 def build_config(data: dict[str, Any]) -> Config:
     """Validate a parsed TOML document into a :class:`Config`."""
     top: dict[str, Any] = {}
-    defaults = Config(hostname="localhost")
+    defaults = Config(hostname="localhost", workers=1)
     for key, value in data.items():
-        if key not in (*_SECTIONS, "routes", *_TOP):
+        if key not in (*_SECTIONS, "routes", *TOP):
             raise ConfigError(f"unknown setting {key}")
-        if key in _TOP:
+        if key in TOP:
             top[key] = _check(value, getattr(defaults, key), key)
     hostname = top.get("hostname") or socket.getfqdn()
     edge_data = dict(data.get("edge", {})) if isinstance(data.get("edge", {}), dict) else None
@@ -284,16 +392,7 @@ def _routes(value: Any) -> dict[str, Route]:
 
 
 def _validate(config: Config) -> None:
-    values = {
-        "storage.type": config.storage.type,
-        "storage.sync": config.storage.sync,
-        "relay.type": config.relay.type,
-        "log_level": config.log_level,
-    }
-    for key, value in values.items():
-        if value not in _CHOICES[key]:
-            raise ConfigError(f"{key} must be one of {', '.join(_CHOICES[key])}, not {value!r}")
-    if config.relay.type == "smarthost" and not config.relay.host:
+    if config.relay.type == RelayType.SMARTHOST and not config.relay.host:
         raise ConfigError("relay.type = 'smarthost' needs relay.host")
     if config.workers < 1:
         raise ConfigError("workers must be at least 1")
@@ -308,9 +407,36 @@ def _validate(config: Config) -> None:
     config.listen_addresses()
     if config.storage.lease_timeout <= 0:
         raise ConfigError("storage.lease_timeout must be positive")
-    for path in (config.edge.tls_cert, config.edge.tls_key, config.edge.credentials_file):
+    if not 1 <= config.storage.shards <= 256:
+        raise ConfigError("storage.shards must be from 1 to 256")
+    _validate_edge_files(config.edge)
+
+
+def _validate_edge_files(edge: EdgeConfig) -> None:
+    """The edge's TLS and credentials files exist and load: a reload checks them before it
+    applies anything, and a start-up says which file is wrong rather than failing later."""
+    for name in ("tls_cert", "tls_key", "credentials_file"):
+        path = getattr(edge, name)
         if path and not Path(path).is_file():
-            raise ConfigError(f"file {path} not found")
+            raise ConfigError(f"edge.{name}: file {path} not found")
+    if (edge.implicit_tls or edge.require_tls) and not edge.tls_cert:
+        raise ConfigError("edge.implicit_tls and edge.require_tls need edge.tls_cert")
+    if edge.auth_required and not edge.credentials_file:
+        raise ConfigError("edge.auth_required needs edge.credentials_file")
+    try:
+        edge.tls_context()
+    except ssl.SSLError:  # OpenSSL's own text names its source file, not ours
+        raise ConfigError(
+            f"edge.tls_cert {edge.tls_cert}: cannot load: not a PEM certificate and key"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"edge.tls_cert {edge.tls_cert}: cannot load: {exc.strerror}") from None
+    if edge.credentials_file:
+        try:
+            Path(edge.credentials_file).read_text("utf-8")
+        except (OSError, UnicodeError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise ConfigError(f"edge.credentials_file {edge.credentials_file}: {reason}") from None
 
 
 #: The configuration file of a configured host, used when no ``-c`` is given.
@@ -342,6 +468,8 @@ def load_config(path: str | Path | None, **overrides: Any) -> Config:
             raise ConfigError(f"config file {path} not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path}: not UTF-8 text") from None
         except OSError as exc:
             raise ConfigError(f"config file {path}: {exc.strerror}") from None
     for dotted, value in overrides.items():

@@ -14,6 +14,10 @@ Two sides:
 Recipient indexes always refer to the recipient list *as first written*. ``get`` returns only the
 pending recipients; :attr:`StoredMessage.pending` gives the original index of each of them.
 
+A record method or ``set_held`` given the id of a message that is not stored (removed,
+quarantined, never written) raises :class:`~smtpq.errors.MessageGone`, a :class:`KeyError`;
+``remove`` (idempotent) and the lease methods (``renew``, ``release``) do not.
+
 Times are Unix epoch seconds as floats, given by the caller (the Queue's clock), never read here
 from the event loop, so that they mean the same after a restart or on another host.
 """
@@ -72,6 +76,35 @@ class StoredMessage:
     #: Every recipient as first written (delivered ones included), when the backend has them.
     original_recipients: tuple[str, ...] = ()
 
+    @classmethod
+    def from_written(
+        cls,
+        id: str,
+        envelope: Envelope,
+        delivered: Iterable[int],
+        *,
+        attempts: int,
+        timestamp: float,
+        held: bool = False,
+        last_reply: Reply | None = None,
+    ) -> StoredMessage:
+        """The record of a message whose ``envelope`` is as first written and whose recipients
+        ``delivered`` (indexes) are done: the envelope is changed to keep the pending ones."""
+        done = set(delivered)
+        everyone = tuple(envelope.recipients)
+        pending = tuple(i for i in range(len(everyone)) if i not in done)
+        envelope.recipients = [everyone[i] for i in pending]
+        return cls(
+            id=id,
+            envelope=envelope,
+            attempts=attempts,
+            timestamp=timestamp,
+            pending=pending,
+            held=held,
+            last_reply=last_reply,
+            original_recipients=everyone,
+        )
+
 
 @dataclass(slots=True)
 class MessageInfo:
@@ -92,6 +125,37 @@ class MessageInfo:
     timestamp: float
     held: bool = False
     last_reply: Reply | None = None
+
+    @classmethod
+    def from_head(
+        cls,
+        id: str,
+        head: bytes,
+        delivered: Iterable[int],
+        *,
+        attempts: int,
+        timestamp: float,
+        held: bool = False,
+        last_reply: Reply | None = None,
+    ) -> MessageInfo:
+        """The listing record of a message from the head of its stored envelope (see
+        :meth:`~smtpq.envelope.Envelope.from_head`) and the indexes of its recipients done.
+
+        :raises EnvelopeFormatError: when the head is damaged.
+        """
+        envelope, size = Envelope.from_head(head)
+        done = set(delivered)
+        return cls(
+            id=id,
+            sender=envelope.sender,
+            recipients=tuple(r for i, r in enumerate(envelope.recipients) if i not in done),
+            size=size,
+            arrival=envelope.timestamp,
+            attempts=attempts,
+            timestamp=timestamp,
+            held=held,
+            last_reply=last_reply,
+        )
 
     @classmethod
     def from_entry(cls, entry: StoredMessage) -> MessageInfo:
@@ -135,16 +199,19 @@ class QueueStorage(abc.ABC):
         """Set the next attempt time (and remember the reply that deferred it).
 
         This ends the attempt: the lease, if any, is released, and the message is due again at
-        ``timestamp``. Waiters are woken.
+        ``timestamp``. Waiters are woken. :class:`~smtpq.errors.MessageGone` when it is gone.
         """
 
     @abc.abstractmethod
     async def increment_attempts(self, id: str) -> int:
-        """Add one to the attempt count and return the new count."""
+        """Add one to the attempt count and return the new count; MessageGone when gone."""
 
     @abc.abstractmethod
     async def set_recipients_delivered(self, id: str, indexes: Iterable[int]) -> None:
-        """Mark recipients (indexes into the list as first written) as done; idempotent."""
+        """Mark recipients (indexes into the list as first written) as done; idempotent.
+
+        :class:`~smtpq.errors.MessageGone` when the message is gone.
+        """
 
     @abc.abstractmethod
     async def load(self) -> list[tuple[float, str]]:
@@ -189,10 +256,12 @@ class QueueStorage(abc.ABC):
 
     @abc.abstractmethod
     async def get_entry(self, id: str) -> StoredMessage:
-        """Everything stored about a message; :class:`KeyError` when it is gone."""
+        """Everything stored about a message; :class:`~smtpq.errors.MessageGone` when it is
+        gone."""
 
     async def get(self, id: str) -> tuple[Envelope, int]:
-        """The envelope (pending recipients only) and the attempt count; KeyError when gone."""
+        """The envelope (pending recipients only) and the attempt count; MessageGone when
+        gone."""
         entry = await self.get_entry(id)
         return entry.envelope, entry.attempts
 
@@ -247,4 +316,7 @@ class QueueStorage(abc.ABC):
 
     @abc.abstractmethod
     async def set_held(self, id: str, held: bool) -> None:
-        """Hold a message (never claimed, across restarts) or release it (due at its time)."""
+        """Hold a message (never claimed, across restarts) or release it (due at its time).
+
+        :class:`~smtpq.errors.MessageGone` when the message is gone.
+        """

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Iterable, MutableMapping, Sequence
 from typing import Any
 
 from smtpq.envelope import Envelope
+from smtpq.errors import MessageGone
 from smtpq.reply import Reply
 from smtpq.storage.base import StoredMessage, new_id
 from smtpq.storage.schedule import LocallyScheduled, LocalSchedule
@@ -45,7 +46,10 @@ class DictStorage(LocallyScheduled):
                 sync()
 
     def _meta(self, id: str) -> dict[str, Any]:
-        return dict(self.meta_db[id])
+        try:
+            return dict(self.meta_db[id])
+        except KeyError:
+            raise MessageGone(id) from None
 
     def _put_meta(self, id: str, meta: dict[str, Any]) -> None:
         self.meta_db[id] = meta
@@ -121,21 +125,19 @@ class DictStorage(LocallyScheduled):
     async def get_entry(self, id: str) -> StoredMessage:
         """See :meth:`QueueStorage.get_entry`."""
         meta = self._meta(id)
-        envelope = Envelope.from_bytes(self.env_db[id])
-        delivered = set(meta["delivered"])
-        everyone = tuple(envelope.recipients)
-        pending = tuple(i for i in range(len(everyone)) if i not in delivered)
-        envelope.recipients = [everyone[i] for i in pending]
+        try:
+            data = self.env_db[id]
+        except KeyError:
+            raise MessageGone(id) from None
         reply = meta.get("last_reply")
-        return StoredMessage(
-            id=id,
-            envelope=envelope,
+        return StoredMessage.from_written(
+            id,
+            Envelope.from_bytes(data),
+            meta["delivered"],
             attempts=int(meta["attempts"]),
             timestamp=float(meta["timestamp"]),
-            pending=pending,
             held=bool(meta.get("held")),
             last_reply=Reply.from_dict(reply) if reply else None,
-            original_recipients=everyone,
         )
 
     async def remove(self, id: str) -> None:

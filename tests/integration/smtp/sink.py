@@ -1,6 +1,10 @@
 """Real SMTP servers on loopback for the relay tests: an aiosmtpd sink that records what it
 receives and answers as told (per recipient), raw servers that misbehave (bad greetings,
-silence), and Postfix's own ``smtp-sink`` (which, unlike aiosmtpd, advertises DSN)."""
+silence), and Postfix's own ``smtp-sink`` (which, unlike aiosmtpd, advertises DSN).
+
+aiosmtpd reads commands one at a time from a stream, so it handles pipelined input, but it does
+not advertise PIPELINING, nor offer CHUNKING: the sink can add both (``pipelining=True``,
+``chunking=True``: a small BDAT of RFC 3030 on top of aiosmtpd's DATA handling)."""
 
 from __future__ import annotations
 
@@ -30,6 +34,10 @@ class Received:
     rcpt_options: list[str]
     tls: bool
     login: str | None
+    #: The content came by BDAT rather than DATA.
+    chunked: bool = False
+    #: When MAIL was handled, the commands after it had already arrived (one pipelined write).
+    pipelined: bool = False
 
 
 @dataclass
@@ -48,6 +56,26 @@ class SinkBehaviour:
 class _SinkHandler:
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
+        self.pipelined = False
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        extra = [
+            f"250-{keyword}"
+            for keyword, wanted in (
+                ("PIPELINING", self.sink.pipelining),
+                ("CHUNKING", self.sink.chunking),
+            )
+            if wanted
+        ]
+        return [*responses[:-1], *extra, responses[-1]]
 
     async def handle_MAIL(
         self,
@@ -64,6 +92,8 @@ class _SinkHandler:
             return "421 4.3.2 Gone"  # never reaches the client
         if self.sink.behaviour.mail:
             return self.sink.behaviour.mail
+        # What the stream holds beyond this command: the RCPTs, if they came in the same write.
+        self.pipelined = bool(getattr(server._reader, "_buffer", b""))
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
@@ -103,17 +133,54 @@ class _SinkHandler:
                 tls=server.transport is not None
                 and server.transport.get_extra_info("ssl_object") is not None,
                 login=login,
+                chunked=isinstance(server, _SinkSmtp) and server.chunked,
+                pipelined=self.pipelined,
             )
         )
         self.sink.arrived.set()
         return behaviour.data
 
 
-class _RefusingTls(SMTP):
-    """Offers STARTTLS, then refuses it (a host with a broken TLS set-up)."""
+class _SinkSmtp(SMTP):
+    """aiosmtpd's server with BDAT (RFC 3030) and, optionally, a STARTTLS that is refused (a
+    host with a broken TLS set-up)."""
+
+    def __init__(self, *args: Any, sink: Sink, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sink = sink
+        self.chunked = False
+        self._chunks: list[bytes] = []
 
     async def smtp_STARTTLS(self, arg: str) -> None:
-        await self.push("454 4.7.0 TLS not available due to temporary reason")
+        if self.sink.refuse_starttls:
+            await self.push("454 4.7.0 TLS not available due to temporary reason")
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def smtp_BDAT(self, arg: str) -> None:
+        if not self.sink.chunking:
+            await self.push('500 Error: command "BDAT" not recognized')
+            return
+        size, _, last = arg.partition(" ")
+        if not size.isdigit() or last.upper() not in ("", "LAST"):
+            await self.push("501 5.5.4 Syntax: BDAT size [LAST]")
+            return
+        chunk = await self._reader.readexactly(int(size))  # read even when refused
+        if self.envelope is None or not self.envelope.rcpt_tos:
+            self._chunks = []
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        self._chunks.append(chunk)
+        if not last:
+            await self.push(f"250 2.0.0 {len(chunk)} octets received")
+            return
+        content, self._chunks = b"".join(self._chunks), []
+        self.envelope.content = self.envelope.original_content = content
+        self.chunked = True
+        status = await self._call_handler_hook("DATA")
+        self.chunked = False
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status)
 
 
 class Sink:
@@ -133,8 +200,11 @@ class Sink:
         users: dict[str, str] | None = None,
         smtputf8: bool = True,
         refuse_starttls: bool = False,
+        pipelining: bool = False,
+        chunking: bool = False,
     ) -> None:
         self.refuse_starttls = refuse_starttls
+        self.pipelining, self.chunking = pipelining, chunking
         self.host, self.port = host, port
         self.tls, self.implicit, self.users, self.smtputf8 = tls, implicit, users, smtputf8
         self.behaviour = SinkBehaviour()
@@ -162,8 +232,9 @@ class Sink:
         kwargs: dict[str, Any] = {}
         if self.users is not None:
             kwargs.update(authenticator=self._authenticate, auth_required=True)
-        proto = (_RefusingTls if self.refuse_starttls else SMTP)(
+        proto = _SinkSmtp(
             _SinkHandler(self),
+            sink=self,
             hostname=f"sink.{self.host}",
             tls_context=None if self.implicit else self.tls,
             enable_SMTPUTF8=self.smtputf8,
@@ -233,17 +304,29 @@ class RawServer:
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/lib/postfix/sbin/smtp-sink"
 
 
+@dataclass(frozen=True)
+class Dump:
+    """One transaction smtp-sink took."""
+
+    mail_args: str
+    rcpt_args: list[str]
+    #: The message as smtp-sink wrote it: dot-stuffing undone, lines ending in LF.
+    message: bytes
+
+
 class PostfixSink:
-    """Postfix's ``smtp-sink`` on ``host:port``: accepts everything, advertises DSN, and dumps
-    each transaction (with its ``X-Mail-Args`` and ``X-Rcpt-Args``) to a file.
+    """Postfix's ``smtp-sink`` on ``host:port``: accepts everything, advertises PIPELINING,
+    8BITMIME, AUTH (any password), ENHANCEDSTATUSCODES and DSN, and dumps each transaction
+    (with its ``X-Mail-Args`` and ``X-Rcpt-Args``) to a file. ``flags`` turn extensions off
+    (``-p``, ``-8``, ``-a``, ``-N``, ...) or make commands fail (``-f``, ``-Q``): ``man smtp-sink``.
 
     Started and stopped by its pid. As root it drops to ``nobody`` (its ``-u``): its dump
     directory is a fresh one in the system's temporary directory, which ``nobody`` can reach
     (a test's own tmp_path is private to root), removed by :meth:`stop`.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *flags: str) -> None:
+        self.host, self.port, self.flags = host, port, flags
         self.directory = Path(tempfile.mkdtemp(prefix="smtpq-smtp-sink-"))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -255,7 +338,7 @@ class PostfixSink:
             command += ["-u", "nobody"]
         # A short, one-off spawn: blocking is harmless here and keeps the pid ours to signal.
         self.proc = subprocess.Popen(  # noqa: ASYNC220
-            [*command, f"{self.host}:{self.port}", "16"],
+            [*command, *self.flags, f"{self.host}:{self.port}", "16"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -275,6 +358,25 @@ class PostfixSink:
     def transactions(self) -> list[str]:
         """The dumped transactions, as text (generated headers, then the message)."""
         return [p.read_text(errors="replace") for p in sorted(self.directory.iterdir())]
+
+    def dumps(self) -> list[Dump]:
+        """The transactions whose content was taken, parsed, in no particular order
+        (smtp-sink opens a dump at MAIL: one with no content, or not ended yet, is left out)."""
+        found = []
+        for path in sorted(self.directory.iterdir()):
+            head, received, rest = path.read_bytes().partition(b"\nReceived: ")
+            if not received or not rest.endswith(b"\n\n"):
+                continue
+            fields = [line.split(b": ", 1) for line in head.split(b"\n")]
+            message = rest.split(b"\n", 3)[3]  # after the three lines of its Received:
+            found.append(
+                Dump(
+                    mail_args=next(v.decode() for k, v in fields if k == b"X-Mail-Args"),
+                    rcpt_args=[v.decode() for k, v in fields if k == b"X-Rcpt-Args"],
+                    message=message[:-1],  # smtp-sink ends a dump with an empty line
+                )
+            )
+        return found
 
     async def stop(self) -> None:
         """SIGTERM by pid, wait, and remove the dump directory."""

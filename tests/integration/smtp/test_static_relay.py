@@ -13,6 +13,7 @@ from smtpq.edge import EdgeConfig, SmtpEdge
 from smtpq.policy import AddReceivedHeader
 from smtpq.relay import SmtpRelayConfig, StaticSmtpRelay, TlsMode
 from smtpq.relay.base import RecipientResult
+from tests.helpers import until
 from tests.integration.smtp.conftest import SinkFactory, TlsFiles, free_port
 from tests.integration.smtp.sink import RawServer, Sink
 
@@ -165,6 +166,19 @@ async def test_no_reuse_without_idle_time(sink: Sink, relay_factory: RelayFactor
     assert sink.connections == 2
 
 
+async def test_idle_connections_close_after_idle_timeout(
+    sink: Sink, relay_factory: RelayFactory
+) -> None:
+    relay = relay_factory("127.0.0.1", sink.port, idle_timeout=0.05)
+    await asyncio.gather(*(relay.attempt(envelope(f"r{i}@x.example"), 0) for i in range(3)))
+    assert not relay.pool.empty  # kept idle for the next message...
+    await until(lambda: relay.pool.empty)  # ...until idle_timeout passed: QUIT, closed
+    assert (
+        reply((await relay.attempt(envelope("late@x.example"), 0))["late@x.example"]).code == "250"
+    )
+    assert sink.connections == 4
+
+
 async def test_broken_idle_connection_is_replaced(sink: Sink, relay_factory: RelayFactory) -> None:
     relay = relay_factory("127.0.0.1", sink.port)
     await relay.attempt(envelope("one@x.example"), 0)
@@ -179,7 +193,7 @@ async def test_connection_refused_is_transient(relay_factory: RelayFactory) -> N
     result = await relay_factory("127.0.0.1", free_port()).attempt(envelope("a@x.example"), 0)
     r = reply(result["a@x.example"])
     assert (r.code, r.enhanced_status_code, r.command) == ("451", "4.4.1", "CONNECT")
-    assert r.remote_host == "127.0.0.1"
+    assert (r.remote_host, r.remote_ip, r.address) == ("127.0.0.1", "127.0.0.1", "a@x.example")
 
 
 async def test_silent_server_times_out_transient(relay_factory: RelayFactory) -> None:
@@ -271,6 +285,7 @@ async def test_tls_verification(
     untrusted = relay_factory("127.0.0.1", sink.port, tls=TlsMode.REQUIRED, tls_verify=True)
     r = reply((await untrusted.attempt(envelope("b@x.example"), 0))["b@x.example"])
     assert (r.code, r.enhanced_status_code, r.command) == ("451", "4.7.5", "STARTTLS")
+    assert (r.remote_host, r.remote_ip) == ("127.0.0.1", "127.0.0.1")
     assert len(sink.received) == 1
 
 
@@ -295,9 +310,10 @@ async def test_auth(
     r = reply((await bad.attempt(envelope("b@x.example"), 0))["b@x.example"])
     assert (r.code, r.enhanced_status_code, r.command) == ("451", "4.7.8", "AUTH")
     # Without TLS the sink does not offer AUTH at all.
-    plain = relay_factory("127.0.0.1", sink.port, tls=TlsMode.NONE, username="relay", password="x")
+    plain = relay_factory("localhost", sink.port, tls=TlsMode.NONE, username="relay", password="x")
     r = reply((await plain.attempt(envelope("c@x.example"), 0))["c@x.example"])
     assert (r.code, r.enhanced_status_code, r.command) == ("451", "4.7.4", "AUTH")
+    assert (r.remote_host, r.remote_ip, r.address) == ("localhost", "127.0.0.1", "c@x.example")
     assert len(sink.received) == 1
 
 
