@@ -166,7 +166,7 @@ class Figures:
 
 def config_text(root: Path, port: int, relay_port: int) -> str:
     return (
-        'hostname = "mx.bench.example"\nlog_level = "warning"\n'
+        'hostname = "mx.bench.example"\nlog_level = "warning"\nworkers = 1\n'
         f'[edge]\nlisten = ["127.0.0.1:{port}"]\nreverse_lookup = false\n'
         f'[storage]\ntype = "disk"\npath = "{root / "queue"}"\n'
         f'[relay]\ntype = "smarthost"\nhost = "127.0.0.1"\nport = {relay_port}\n'
