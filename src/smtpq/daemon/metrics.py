@@ -2,7 +2,8 @@
 
 Counters count recipients where the event is about recipients (delivered, deferred, bounced,
 expired) and messages where it is about messages (accepted, operator actions). Gauges are read
-from the storage at scrape time. docs/grafana/smtpq.json is a dashboard of these metrics (a test
+from the storage at scrape time, and the edges' refusals from the edges
+(:meth:`Metrics.add_edge`). docs/grafana/smtpq.json is a dashboard of these metrics (a test
 checks that every metric it queries is served here).
 """
 
@@ -11,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from smtpq.clock import Clock
+from smtpq.edge.server import REFUSALS, SmtpEdge
 from smtpq.queue import QueueEvent
 from smtpq.storage.base import QueueStorage
 
@@ -52,6 +54,35 @@ class _QueueGauges(Collector):
         yield age
 
 
+class _EdgeCounters(Collector):
+    """What the edges refused, by reason (a fixed set of labels), their connections open, and
+    how often accepting paused for want of descriptors; read from the edges when scraped."""
+
+    def __init__(self, edges: list[SmtpEdge]) -> None:
+        self.edges = edges
+
+    def collect(self) -> Iterator[Metric]:
+        refusals = CounterMetricFamily(
+            "smtpq_edge_refusals",
+            "Connections, sessions and commands the SMTP edge refused, by reason.",
+            labels=["reason"],
+        )
+        for reason in REFUSALS:
+            refusals.add_metric([reason], sum(edge.refusals[reason] for edge in self.edges))
+        yield refusals
+        pauses = CounterMetricFamily(
+            "smtpq_edge_accept_pauses",
+            "Times the SMTP edge stopped accepting because file descriptors ran out.",
+        )
+        pauses.add_metric([], sum(edge.accept_pauses for edge in self.edges))
+        yield pauses
+        connections = GaugeMetricFamily(
+            "smtpq_edge_connections", "SMTP connections open at the edge."
+        )
+        connections.add_metric([], sum(edge.connections for edge in self.edges))
+        yield connections
+
+
 class Metrics:
     """The daemon's metrics registry. Call :meth:`observe` with each QueueEvent."""
 
@@ -84,6 +115,12 @@ class Metrics:
         for action in OPERATOR_ACTIONS:  # every series exists from the start, at 0
             self.operator_actions.labels(action)
         r.register(_QueueGauges(self))
+        self.edges: list[SmtpEdge] = []
+        r.register(_EdgeCounters(self.edges))
+
+    def add_edge(self, edge: SmtpEdge) -> None:
+        """Serve ``edge``'s refusals and connections too."""
+        self.edges.append(edge)
 
     def observe(self, event: QueueEvent) -> None:
         """Count one queue event."""
