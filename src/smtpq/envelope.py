@@ -119,9 +119,12 @@ class Envelope:
         pattern = rb"(?:^|\n)" + re.escape(name.encode("ascii")) + rb"[ \t]*:"
         return re.search(pattern, self._header_bytes, re.IGNORECASE) is not None
 
-    def parse(self, data: bytes) -> None:
-        """Split a whole message into its header block (with the blank line) and its body."""
-        data = bytes(data)
+    def parse(self, data: bytes | bytearray | memoryview) -> None:
+        """Split a whole message into its header block (with the blank line) and its body.
+
+        Each part is copied out of ``data`` once (a bytearray or memoryview is not copied whole
+        first): a received message is in memory at most twice, here.
+        """
         if data[:1] == b"\n" or data[:2] == b"\r\n":
             split = 1 if data[:1] == b"\n" else 2  # an empty header block
         elif not _HEADER_FIELD.match(data):
@@ -129,8 +132,9 @@ class Envelope:
         else:
             match = _BLANK_LINE.search(data)
             split = match.end() if match is not None else len(data)
-        self._header_bytes = data[:split]
-        self.body = data[split:]
+        with memoryview(data) as view:
+            self._header_bytes = bytes(view[:split])
+            self.body = bytes(view[split:])
         self._parsed = None
 
     def flatten(self) -> tuple[bytes, bytes]:

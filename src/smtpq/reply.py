@@ -302,6 +302,10 @@ class Replies:
 
     SHUTTING_DOWN = _r(ReplyCode.SERVICE_UNAVAILABLE, "4.3.2 Service shutting down")
     TOO_MANY_ERRORS = _r(ReplyCode.SERVICE_UNAVAILABLE, "4.7.0 Error: too many errors")
+    TOO_MANY_AUTH_FAILURES = _r(
+        ReplyCode.SERVICE_UNAVAILABLE, "4.7.0 Error: too many failed authentications"
+    )
+    TOO_MANY_COMMANDS = _r(ReplyCode.SERVICE_UNAVAILABLE, "4.7.0 Error: too many commands")
     SERVER_ERROR = _r(ReplyCode.SERVICE_UNAVAILABLE, "4.3.0 Internal server error")
     QUEUE_ERROR = _r(
         ReplyCode.LOCAL_ERROR, "4.3.0 Queue error, message not accepted; try again later"
@@ -318,6 +322,8 @@ class Replies:
 
     UNRECOGNIZED = _r(ReplyCode.SYNTAX_ERROR, "5.5.1 Error: command not recognized")
     BAD_SYNTAX = _r(ReplyCode.SYNTAX_ERROR, "5.5.2 Error: bad syntax")
+    NUL_IN_COMMAND = _r(ReplyCode.SYNTAX_ERROR, "5.5.2 Error: NUL character in command")
+    BAD_HELLO_NAME = _r(ReplyCode.PARAMETER_SYNTAX_ERROR, "5.5.2 Error: invalid HELO/EHLO name")
     LINE_TOO_LONG = _r(ReplyCode.SYNTAX_ERROR, "5.5.6 Line too long")
     BAD_SENDER = _r(ReplyCode.PARAMETER_SYNTAX_ERROR, "5.1.7 Bad sender address syntax")
     BAD_RECIPIENT = _r(ReplyCode.PARAMETER_SYNTAX_ERROR, "5.1.3 Bad recipient address syntax")
@@ -347,6 +353,7 @@ class Replies:
         "5.7.11 Encryption required for requested authentication mechanism",
     )
     NO_DOMAIN = _r(ReplyCode.MAILBOX_UNAVAILABLE, "5.1.3 Recipient address must include a domain")
+    PREGREET = _r(ReplyCode.TRANSACTION_FAILED, "5.5.1 Error: commands sent before the greeting")
     TOO_BIG = _r(
         ReplyCode.EXCEEDED_STORAGE, "5.3.4 Message size exceeds fixed maximum message size"
     )
@@ -366,8 +373,21 @@ def greeting_reply(hostname: str) -> Reply:
 
 
 def timeout_reply(hostname: str) -> Reply:
-    """``421 4.4.2``: the client was silent too long (RFC 5321 §4.5.3.2)."""
+    """``421 4.4.2``: the client was silent too long (RFC 5321 §4.5.3.2), or sent its message
+    slower than the minimum rate."""
     return _r(ReplyCode.SERVICE_UNAVAILABLE, f"4.4.2 {hostname} Timeout exceeded")
+
+
+def session_limit_reply(hostname: str) -> Reply:
+    """``421 4.7.0``: the session has lasted as long as one may."""
+    return _r(ReplyCode.SERVICE_UNAVAILABLE, f"4.7.0 {hostname} Error: session time limit exceeded")
+
+
+def connection_limit_reply(hostname: str, ip: str | None = None) -> Reply:
+    """``421 4.7.0``: too many connections, from everyone or (``ip``) from this client (Postfix's
+    words)."""
+    whom = f" from {ip}" if ip else ""
+    return _r(ReplyCode.SERVICE_UNAVAILABLE, f"4.7.0 {hostname} Error: too many connections{whom}")
 
 
 def syntax_reply(usage: str) -> Reply:
@@ -388,6 +408,15 @@ def unsupported_parameter_reply(keyword: str) -> Reply:
 def relay_denied_reply(address: str) -> Reply:
     """``554 5.7.1``: the client may not send to ``address`` through us."""
     return _r(ReplyCode.TRANSACTION_FAILED, f"5.7.1 <{address}>: Relay access denied")
+
+
+def unknown_recipient_reply(address: str) -> Reply:
+    """``550 5.1.1``: ``address`` is in a relay domain but not in the recipient map (Postfix's
+    words for ``relay_recipient_maps``)."""
+    return _r(
+        ReplyCode.MAILBOX_UNAVAILABLE,
+        f"5.1.1 <{address}>: Recipient address rejected: User unknown in relay recipient table",
+    )
 
 
 def chunk_received_reply(size: int) -> Reply:

@@ -58,9 +58,48 @@ def test_file_and_overrides(tmp_path: Path) -> None:
     assert config.workers == 2
 
 
+def test_edge_limits_load_from_the_file(tmp_path: Path) -> None:
+    defaults = load_config(None).edge
+    assert (defaults.max_connections, defaults.max_client_connections) == (1000, 50)
+    assert (defaults.soft_error_limit, defaults.hard_error_limit, defaults.error_delay) == (
+        10,
+        20,
+        1.0,
+    )
+    assert (defaults.max_auth_failures, defaults.timeout, defaults.min_data_rate) == (3, 300, 500)
+    assert defaults.max_client_connection_rate == 0
+    assert defaults.greet_delay == 0
+    assert not defaults.allow_untrusted_routing
+    known = tmp_path / "recipients"
+    known.write_text("@example.org\n")
+    path = tmp_path / "smtpq.toml"
+    path.write_text(
+        "[edge]\n"
+        "max_connections = 200\nmax_client_connections = 5\nmax_client_connection_rate = 30\n"
+        "soft_error_limit = 3\nhard_error_limit = 6\nerror_delay = 2\nmax_auth_failures = 2\n"
+        "junk_command_limit = 10\nmax_commands = 500\ntimeout = 60\nmin_data_rate = 1000\n"
+        "max_session_time = 600\ngreet_delay = 3\nallow_untrusted_routing = true\n"
+        f'recipient_map = "{known}"\npostmaster = "admin@example.org"\n'
+    )
+    edge = load_config(path).edge
+    assert (edge.max_connections, edge.max_client_connections) == (200, 5)
+    assert edge.max_client_connection_rate == 30
+    assert (edge.soft_error_limit, edge.hard_error_limit, edge.error_delay) == (3, 6, 2.0)
+    assert (edge.max_auth_failures, edge.junk_command_limit, edge.max_commands) == (2, 10, 500)
+    assert (edge.timeout, edge.min_data_rate, edge.max_session_time) == (60.0, 1000, 600.0)
+    assert edge.greet_delay == 3.0
+    assert edge.allow_untrusted_routing
+    assert edge.recipient_map == str(known)
+    assert edge.postmaster == "admin@example.org"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
+        ('[edge]\nrecipient_map = "/nonexistent/map"\n', "recipient_map .* not found"),
+        ('[edge]\npostmaster = "root"\n', "postmaster must be an address"),
+        ("[edge]\nhard_error_limit = -1\n", "must not be negative"),
+        ("[edge]\ntimeout = 0\n", "timeout must be positive"),
         ('[storage]\ntype = "tape"\n', "storage.type must be one of"),
         ("[edge]\nlisen = []\n", "unknown setting edge.lisen"),
         ("[edge]\nport = 25\n", "unknown setting edge.port"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from smtpq.reply import Reply
@@ -596,3 +598,35 @@ def test_commands_the_state_does_not_allow() -> None:
     feed(greeted, b"220 mx\r\n")
     with pytest.raises(LocalProtocolError, match="Hello name"):
         greeted.send(Hello("bad name\r\nRSET"))
+
+
+def _reachable(root: object, target: object) -> bool:
+    """Whether ``target`` can be reached from ``root`` through references (gc's view)."""
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        obj = todo.pop()
+        if obj is target:
+            return True
+        if id(obj) in seen or isinstance(obj, type):
+            continue
+        seen.add(id(obj))
+        todo.extend(gc.get_referents(obj))
+    return False
+
+
+@pytest.mark.parametrize("chunking", [True, False])
+def test_an_answered_transaction_keeps_no_message(chunking: bool) -> None:
+    # A pooled connection waits idle between messages: it must not hold the last one.
+    ehlo = b"250-mx.example\r\n250-PIPELINING\r\n250 CHUNKING\r\n" if chunking else PIPELINING
+    conn = session(ehlo)
+    content = b"Subject: big\r\n\r\n" + b"x" * 100_000 + b"\r\n"
+    transaction = tx("ok@x.example", content=content)
+    conn.send(transaction)
+    conn.data_to_send()
+    assert _reachable(conn, content)
+    feed(conn, b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n" + (b"" if chunking else b"354 Go\r\n"))
+    conn.data_to_send()
+    done(feed(conn, b"250 2.0.0 Ok\r\n"))
+    assert not _reachable(conn, content)
+    assert conn.replies_so_far(transaction) == {}

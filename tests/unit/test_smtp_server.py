@@ -645,20 +645,7 @@ def test_auth_line_limit() -> None:
     assert state(script) is ServerState.READY
 
 
-# -- error counting, EOF, misuse ----------------------------------------------------------------
-
-
-def test_too_many_errors_closes_the_session() -> None:
-    script = Script(ServerConfig(hard_error_limit=3))
-    script.feed(b"FOO\r\nBAR\r\nBAZ\r\nNOOP\r\n")
-    assert script.replies()[1:] == [
-        "500 5.5.1 Error: command not recognized",
-        "500 5.5.1 Error: command not recognized",
-        "421 4.7.0 Error: too many errors",
-    ]
-    assert script.conn.closed
-    assert script.conn.errors == 3
-    assert script.conn.commands == 3
+# -- EOF, misuse (the limits: test_smtp_server_limits.py) --------------------------------
 
 
 def test_driver_misuse_is_a_local_error() -> None:

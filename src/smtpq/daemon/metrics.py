@@ -2,11 +2,12 @@
 
 Counters count recipients where the event is about recipients (delivered, deferred, bounced,
 expired) and messages where it is about messages (accepted, operator actions). Gauges are read
-from the storage at scrape time, and the destinations' from the queue's scheduler: the
-``smtpq_destination_*`` gauges have a ``destination`` label for the :data:`TOP_DESTINATIONS`
-busiest destinations (dead ones first) and ``other`` for the rest, so that delivering to a
-million domains does not make a million series. docs/grafana/smtpq.json is a dashboard of
-these metrics (a test checks that every metric it queries is served here).
+from the storage at scrape time, the edges' refusals from the edges (:meth:`Metrics.add_edge`),
+and the destinations' from the queue's scheduler: the ``smtpq_destination_*`` gauges have a
+``destination`` label for the :data:`TOP_DESTINATIONS` busiest destinations (dead ones first)
+and ``other`` for the rest, so that delivering to a million domains does not make a million
+series. docs/grafana/smtpq.json is a dashboard of these metrics (a test checks that every
+metric it queries is served here).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from smtpq.clock import Clock
+from smtpq.edge.server import REFUSALS, SmtpEdge
 from smtpq.queue import QueueEvent
 from smtpq.queue.destinations import DestinationView
 from smtpq.storage.base import QueueStorage
@@ -57,6 +59,35 @@ class _QueueGauges(Collector):
         )
         age.add_metric([], max(0.0, self.metrics.clock.time() - oldest) if oldest else 0.0)
         yield age
+
+
+class _EdgeCounters(Collector):
+    """What the edges refused, by reason (a fixed set of labels), their connections open, and
+    how often accepting paused for want of descriptors; read from the edges when scraped."""
+
+    def __init__(self, edges: list[SmtpEdge]) -> None:
+        self.edges = edges
+
+    def collect(self) -> Iterator[Metric]:
+        refusals = CounterMetricFamily(
+            "smtpq_edge_refusals",
+            "Connections, sessions and commands the SMTP edge refused, by reason.",
+            labels=["reason"],
+        )
+        for reason in REFUSALS:
+            refusals.add_metric([reason], sum(edge.refusals[reason] for edge in self.edges))
+        yield refusals
+        pauses = CounterMetricFamily(
+            "smtpq_edge_accept_pauses",
+            "Times the SMTP edge stopped accepting because file descriptors ran out.",
+        )
+        pauses.add_metric([], sum(edge.accept_pauses for edge in self.edges))
+        yield pauses
+        connections = GaugeMetricFamily(
+            "smtpq_edge_connections", "SMTP connections open at the edge."
+        )
+        connections.add_metric([], sum(edge.connections for edge in self.edges))
+        yield connections
 
 
 class _DestinationGauges(Collector):
@@ -143,8 +174,14 @@ class Metrics:
         for action in OPERATOR_ACTIONS:  # every series exists from the start, at 0
             self.operator_actions.labels(action)
         r.register(_QueueGauges(self))
+        self.edges: list[SmtpEdge] = []
+        r.register(_EdgeCounters(self.edges))
         if destinations is not None:
             r.register(_DestinationGauges(destinations))
+
+    def add_edge(self, edge: SmtpEdge) -> None:
+        """Serve ``edge``'s refusals and connections too."""
+        self.edges.append(edge)
 
     def observe(self, event: QueueEvent) -> None:
         """Count one queue event."""

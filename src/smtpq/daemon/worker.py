@@ -119,11 +119,13 @@ class Daemon:
         destinations = destination_setup(config, self.workers)
         stack.push_async_callback(destinations[1].close)
         admins: list[AdminServer] = []
+        registries: list[Metrics] = []
         for shard in self.owned:
             storage = build_storage(config, shard)
             stack.push_async_callback(storage.close)
             queue = build_queue(config, storage, relay, self.clock, destinations)
             metrics = Metrics(storage, self.clock, destinations=queue.destination_views)
+            registries.append(metrics)
             queue.observers.append(metrics.observe)
             tcp = None
             if config.admin.listen and shard.index == 0:
@@ -157,6 +159,7 @@ class Daemon:
         edge_config = replace(config.edge, reuse_port=self.workers > 1)
         for host, port in config.listen_addresses():
             edge = SmtpEdge(self.queues[0], replace(edge_config, host=host, port=port))
+            registries[0].add_edge(edge)  # the edge's refusals, with its queue's metrics
             stack.push_async_callback(edge.stop)
             try:
                 await edge.start()

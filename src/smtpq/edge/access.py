@@ -5,10 +5,26 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections.abc import Iterable
+from enum import Enum
 
-__all__ = ["RelayPolicy"]
+__all__ = ["RelayDecision", "RelayPolicy"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Characters that route on from a local part: user%host@relay (the "percent hack"),
+# host!user@relay (UUCP bang paths), "user@host"@relay (a quoted address).
+_ROUTING = frozenset("%!@")
+
+
+class RelayDecision(Enum):
+    """Whether mail for a recipient is accepted from a client; the values name the refusals in
+    the edge's metrics."""
+
+    ALLOWED = "allowed"
+    #: Neither a domain we accept mail for, nor a client that may relay.
+    DENIED = "relay_denied"
+    #: A domain we accept mail for, but a local part that routes on elsewhere.
+    ROUTED = "untrusted_routing"
 
 
 class RelayPolicy:
@@ -18,15 +34,26 @@ class RelayPolicy:
     :param domains: domains we accept mail for from anyone (local or relayed ones); an entry
         starting with a dot (``.example.org``) also matches every subdomain.
     :param networks: trusted client networks, CIDR notation.
+    :param allow_untrusted_routing: accept, from any client, recipients of those domains whose
+        local part routes on (``user%elsewhere@``, ``elsewhere!user@``, ``"user@elsewhere"@``);
+        by default only trusted or authenticated clients may send to them, as with Postfix's
+        ``allow_untrusted_routing = no``: the next hop might deliver them anywhere.
     """
 
-    def __init__(self, domains: Iterable[str] = (), networks: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        domains: Iterable[str] = (),
+        networks: Iterable[str] = (),
+        *,
+        allow_untrusted_routing: bool = False,
+    ) -> None:
         names = {d.strip().lower().rstrip(".") for d in domains if d.strip()}
         self._exact = frozenset(n for n in names if not n.startswith("."))
         self._suffixes = tuple(sorted(n for n in names if n.startswith(".")))
         self._networks: tuple[IPNetwork, ...] = tuple(
             ipaddress.ip_network(n.strip(), strict=False) for n in networks
         )
+        self._routing = allow_untrusted_routing
 
     def domain_accepted(self, domain: str) -> bool:
         """Whether mail to ``domain`` is accepted from any client."""
@@ -40,12 +67,20 @@ class RelayPolicy:
             return False
         return any(addr.version == net.version and addr in net for net in self._networks)
 
-    def allows(self, recipient: str, ip: str | None, authenticated: bool) -> bool:
+    def decide(self, recipient: str, ip: str | None, authenticated: bool) -> RelayDecision:
         """Whether a client (at ``ip``, authenticated or not) may send to ``recipient``."""
         if authenticated or self.network_trusted(ip):
-            return True
-        _, at, domain = recipient.rpartition("@")
-        return bool(at) and self.domain_accepted(domain)
+            return RelayDecision.ALLOWED
+        local, at, domain = recipient.rpartition("@")
+        if not at or not self.domain_accepted(domain):
+            return RelayDecision.DENIED
+        if not self._routing and not _ROUTING.isdisjoint(local):
+            return RelayDecision.ROUTED
+        return RelayDecision.ALLOWED
+
+    def allows(self, recipient: str, ip: str | None, authenticated: bool) -> bool:
+        """Whether :meth:`decide` allows it."""
+        return self.decide(recipient, ip, authenticated) is RelayDecision.ALLOWED
 
 
 @functools.lru_cache(maxsize=4096)

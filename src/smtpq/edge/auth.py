@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import logging
 import os
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 __all__ = ["PasswordFile", "hash_password", "verify_password"]
@@ -26,6 +28,18 @@ _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 _PBKDF2_ITERATIONS = 600_000
 _SALT_BYTES = 16
 _KEY_BYTES = 32
+
+
+#: Password checks running at once, in the whole process: half the cores. A check is some tens
+#: of milliseconds of CPU and 16 MiB (scrypt); guessers opening more sessions get in line here,
+#: and never more than that share of the machine.
+VERIFIERS = max(1, (os.cpu_count() or 2) // 2)
+
+
+@functools.cache
+def _verifiers() -> ThreadPoolExecutor:
+    # One pool per process, made on the first AUTH: the CPU it bounds is the process's.
+    return ThreadPoolExecutor(VERIFIERS, thread_name_prefix="smtpq-auth")
 
 
 def _b64(data: bytes) -> str:
@@ -101,7 +115,8 @@ def parse_password_lines(text: str, source: str = "<credentials>") -> dict[str, 
 class PasswordFile:
     """The credentials file; re-read when it changes, so users are added without a restart.
 
-    :meth:`check` runs the slow hash in a worker thread: an AUTH never stalls the event loop.
+    :meth:`check` runs the slow hash in one of the process's :data:`VERIFIERS` threads: an AUTH
+    never stalls the event loop, and AUTHs in parallel wait their turn.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -126,4 +141,5 @@ class PasswordFile:
 
     async def check(self, user: str, password: bytes) -> bool:
         """Whether ``user`` exists with this password. OSError if the file cannot be read."""
-        return await asyncio.to_thread(self._check, user, password)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_verifiers(), self._check, user, password)

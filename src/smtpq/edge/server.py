@@ -5,32 +5,47 @@ resulting envelope stored; any failure is ``451 4.3.0`` — never a 5xx, never e
 
 The protocol is :class:`smtpq.smtp.ServerConnection`'s; each session
 (:class:`~smtpq.edge.session.EdgeSession`) is a thin driver that answers its events with the
-edge's rules: the relay policy, the recipient limit, AUTH against the credentials file, and the
-queue.
+edge's rules: the relay policy, the recipient map and limit, AUTH against the credentials file,
+and the queue.
+
+The edge faces the Internet with Postfix's defences, with Postfix's defaults: limits on
+connections (in all, per client address, per client per minute: :mod:`smtpq.edge.limits`), on
+errors, failed AUTH and commands per session (:class:`~smtpq.smtp.ServerConfig`), on time (a
+per-read timeout, a minimum DATA rate, a session length), descriptors running out
+(:mod:`smtpq.edge.listener`), pre-greeting talkers, and routing tricks. Each refusal is counted
+in :attr:`SmtpEdge.refusals` (the daemon's ``smtpq_edge_refusals_total``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import logging
+import os
+import resource
 import socket
 import ssl
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Final, Protocol
 
 from smtpq.clock import Clock, SystemClock
-from smtpq.edge.access import RelayPolicy
+from smtpq.edge._malloc import map_large_blocks_apart
+from smtpq.edge.access import RelayDecision, RelayPolicy
 from smtpq.edge.auth import PasswordFile
-from smtpq.edge.session import EdgeSession
+from smtpq.edge.limits import ClientTable, ConnectionLimits, ConnectionRefusal
+from smtpq.edge.listener import Listener, bind
+from smtpq.edge.recipients import RecipientMap, RecipientRules
+from smtpq.edge.session import SESSION_REFUSALS, EdgeSession
 from smtpq.envelope import Envelope
 from smtpq.errors import QueueError
-from smtpq.reply import greeting_reply
-from smtpq.smtp import ServerConfig
+from smtpq.reply import connection_limit_reply, greeting_reply
+from smtpq.smtp import ServerConfig, SessionLimit
 from smtpq.smtp._server_auth import MECHANISMS
 
-__all__ = ["EdgeConfig", "EdgeSettings", "Enqueuer", "SmtpEdge"]
+__all__ = ["REFUSALS", "EdgeConfig", "EdgeSettings", "Enqueuer", "SmtpEdge"]
 
 log = logging.getLogger("smtpq.edge")
 
@@ -43,18 +58,63 @@ class Enqueuer(Protocol):
         ...
 
 
+#: Every reason :attr:`SmtpEdge.refusals` counts (the metric's label values).
+REFUSALS: Final = (
+    *(r.value for r in ConnectionRefusal),
+    *(limit.value for limit in SessionLimit),
+    *(d.value for d in RelayDecision if d is not RelayDecision.ALLOWED),
+    *SESSION_REFUSALS,
+)
+
+
 @dataclass(frozen=True)
 class EdgeConfig:
-    """How the edge listens and whom it accepts mail from.
+    """How the edge listens, whom it accepts mail from, and its limits (0 turns one off).
 
     :ivar host: address to listen on.
     :ivar port: port to listen on (0: any free port, see :attr:`SmtpEdge.port`).
     :ivar hostname: our name in the greeting and in ``envelope.receiver`` (default: the FQDN).
-    :ivar max_message_size: bytes; advertised as EHLO SIZE, larger messages get ``552 5.3.4``.
+    :ivar max_message_size: bytes; advertised as EHLO SIZE, larger messages get ``552 5.3.4``
+        (read to their end, and not kept past the limit).
     :ivar max_recipients: recipients per message; more get ``452 4.5.3``.
-    :ivar timeout: seconds a client may stay silent (and that DATA may take) before ``421``.
     :ivar relay_domains: domains accepted from anyone (``.example.org`` also covers subdomains).
-    :ivar trusted_networks: CIDR networks whose clients may relay anywhere.
+    :ivar trusted_networks: CIDR networks whose clients may relay anywhere; they are exempt
+        from the per-client connection limits (as Postfix's ``$mynetworks`` by default).
+    :ivar allow_untrusted_routing: accept ``user%host@``, ``host!user@`` and
+        ``"user@host"@`` recipients in the relay domains from untrusted, unauthenticated
+        clients (Postfix's ``allow_untrusted_routing``; default: refused, ``554 5.7.1``).
+    :ivar recipient_map: a file of the addresses (and ``@domain`` entries) that exist in the
+        relay domains (:mod:`smtpq.edge.recipients`); others get ``550 5.1.1`` at RCPT. Read
+        again by :meth:`SmtpEdge.reconfigure` (SIGHUP). Default: every address is accepted.
+    :ivar postmaster: where mail to ``<postmaster>`` (no domain, which RFC 5321 §4.5.1 makes
+        every server accept, from anyone) is delivered; default ``postmaster@`` our hostname.
+        smtpq delivers nothing locally: the default suits a host whose own name's mail is
+        routed elsewhere (its MX, a ``[routes]`` entry); otherwise name a mailbox elsewhere.
+    :ivar max_connections: connections at once, in all; more get ``421 4.7.0`` at once.
+    :ivar max_client_connections: connections at once from one address (Postfix's
+        ``smtpd_client_connection_count_limit``); more get ``421 4.7.0``.
+    :ivar max_client_connection_rate: connections one address may open per minute
+        (``smtpd_client_connection_rate_limit``); more get ``421 4.7.0``. Default off.
+    :ivar soft_error_limit: past this many errors in a session (refused commands and
+        recipients, syntax errors, failed AUTH), each further error is answered after
+        ``error_delay`` seconds (``smtpd_soft_error_limit``, ``smtpd_error_sleep_time``).
+    :ivar error_delay: see ``soft_error_limit``.
+    :ivar hard_error_limit: at this many errors, ``421 4.7.0`` and close
+        (``smtpd_hard_error_limit``).
+    :ivar max_auth_failures: failed AUTH per session; then ``421 4.7.0``.
+    :ivar junk_command_limit: NOOP, RSET, VRFY and HELP between messages before each counts as
+        an error (``smtpd_junk_command_limit``).
+    :ivar max_commands: command lines per session; then ``421 4.7.0``.
+    :ivar timeout: seconds a client may stay silent, in any state, before ``421 4.4.2`` (RFC
+        5321 §4.5.3.2: 5 minutes).
+    :ivar min_data_rate: octets per second a message's content must arrive at, on average
+        (``smtpd_min_data_rate``): each octet buys ``1 / min_data_rate`` seconds more, up to
+        ``timeout``; below it, ``421 4.4.2``. So a large message on a slow link completes, and
+        a client trickling a byte at a time is cut off.
+    :ivar max_session_time: seconds a session may last; then ``421 4.7.0``.
+    :ivar greet_delay: seconds to wait before the greeting; a client that talks meanwhile (a
+        pre-greet talker, as Postfix's postscreen finds them) gets ``554 5.5.1`` and is
+        disconnected. Default 0: greet at once.
     :ivar tls_cert: certificate chain (PEM) for STARTTLS, or for implicit TLS.
     :ivar tls_key: its private key (PEM); default: in ``tls_cert``.
     :ivar implicit_tls: TLS from the first byte (port 465 style) instead of STARTTLS.
@@ -74,9 +134,24 @@ class EdgeConfig:
     hostname: str | None = None
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 1000
-    timeout: float = 300.0
     relay_domains: tuple[str, ...] = ()
     trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    allow_untrusted_routing: bool = False
+    recipient_map: str | None = None
+    postmaster: str | None = None
+    max_connections: int = 1000
+    max_client_connections: int = 50
+    max_client_connection_rate: int = 0
+    soft_error_limit: int = 10
+    error_delay: float = 1.0
+    hard_error_limit: int = 20
+    max_auth_failures: int = 3
+    junk_command_limit: int = 100
+    max_commands: int = 10_000
+    timeout: float = 300.0
+    min_data_rate: int = 500
+    max_session_time: float = 3600.0
+    greet_delay: float = 0.0
     tls_cert: str | None = None
     tls_key: str | None = None
     implicit_tls: bool = False
@@ -93,6 +168,12 @@ class EdgeConfig:
         object.__setattr__(self, "relay_domains", tuple(self.relay_domains))
         object.__setattr__(self, "trusted_networks", tuple(self.trusted_networks))
         RelayPolicy(self.relay_domains, self.trusted_networks)
+        if self.recipient_map and not os.path.isfile(self.recipient_map):
+            raise ValueError(f"recipient_map {self.recipient_map} not found")
+        if self.postmaster is not None and "@" not in self.postmaster:
+            raise ValueError("postmaster must be an address with a domain")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be positive")
 
     def tls_context(self) -> ssl.SSLContext | None:
         """The server TLS context for :attr:`tls_cert`, or None without one."""
@@ -116,7 +197,9 @@ class EdgeSettings:
         "greeting",
         "hostname",
         "implicit_tls",
+        "limits",
         "passwords",
+        "recipients",
         "relay",
         "server",
         "tls",
@@ -134,7 +217,17 @@ class EdgeSettings:
         if config.credentials_file and self.tls is None:
             log.warning("credentials_file without tls_cert: AUTH is offered over TLS only, never")
         self.passwords = PasswordFile(config.credentials_file) if config.credentials_file else None
-        self.relay = RelayPolicy(config.relay_domains, config.trusted_networks)
+        self.relay = RelayPolicy(
+            config.relay_domains,
+            config.trusted_networks,
+            allow_untrusted_routing=config.allow_untrusted_routing,
+        )
+        known = RecipientMap.load(config.recipient_map) if config.recipient_map else None
+        postmaster = config.postmaster or f"postmaster@{self.hostname}"
+        self.recipients = RecipientRules(self.relay, known, postmaster)
+        self.limits = ConnectionLimits(
+            config.max_connections, config.max_client_connections, config.max_client_connection_rate
+        )
         self.implicit_tls = config.implicit_tls
         self.server = ServerConfig(
             max_message_size=config.max_message_size,
@@ -145,6 +238,11 @@ class EdgeSettings:
             auth_mechanisms=MECHANISMS if self.passwords else (),
             auth_requires_tls=True,
             auth_required=config.auth_required,
+            soft_error_limit=config.soft_error_limit,
+            hard_error_limit=config.hard_error_limit,
+            max_auth_failures=config.max_auth_failures,
+            junk_command_limit=config.junk_command_limit,
+            max_commands=config.max_commands,
         )
 
 
@@ -157,6 +255,8 @@ class SmtpEdge:
     :param clock: gives ``envelope.timestamp`` (default :class:`~smtpq.clock.SystemClock`).
 
     Use as ``async with SmtpEdge(queue, config) as edge:`` (or :meth:`start` / :meth:`stop`).
+
+    :ivar refusals: refusals so far by reason (every one of :data:`REFUSALS`, from 0).
     """
 
     def __init__(
@@ -165,12 +265,16 @@ class SmtpEdge:
         self.queue = queue
         self.clock: Clock = clock or SystemClock()
         self._settings = EdgeSettings(config or EdgeConfig())
-        self._server: asyncio.Server | None = None
+        self._listener: Listener | None = None
         # Implicit TLS: the listening socket's context, into which reconfigure() reloads.
         self._listen_tls: ssl.SSLContext | None = None
+        self._clients = ClientTable()
         self._sessions: set[EdgeSession] = set()
+        # Connections being set up (the TLS handshake, for implicit TLS).
+        self._connecting: set[asyncio.Task[Any]] = set()
         # Messages being stored: stop() lets them finish.
         self._tasks: set[asyncio.Task[object]] = set()
+        self.refusals: collections.Counter[str] = collections.Counter(dict.fromkeys(REFUSALS, 0))
 
     @property
     def config(self) -> EdgeConfig:
@@ -182,51 +286,70 @@ class SmtpEdge:
         """Our name in the greeting and in ``envelope.receiver``."""
         return self._settings.hostname
 
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return self._clients.total
+
+    @property
+    def accept_pauses(self) -> int:
+        """How many times accepting paused for want of file descriptors."""
+        return self._listener.pauses if self._listener is not None else 0
+
     def reconfigure(self, config: EdgeConfig) -> None:
         """Apply ``config`` to the connections accepted from now on: limits, relay rules, TLS
-        certificate and credentials file (both read again). The address listened on, and
-        whether TLS is implicit, stay as they are until a restart.
+        certificate, credentials file and recipient map (the files are read again). The
+        address listened on, and whether TLS is implicit, stay as they are until a restart.
 
         :raises ValueError: for an inconsistent configuration (nothing is changed then), or
-            :class:`OSError` / :class:`ssl.SSLError` for a certificate that cannot be loaded.
+            :class:`OSError` / :class:`ssl.SSLError` for a file that cannot be loaded.
         """
         settings = EdgeSettings(config)
         if self._listen_tls is not None and config.tls_cert:
             self._listen_tls.load_cert_chain(config.tls_cert, config.tls_key)
         self._settings = settings
 
-    def _session(self) -> EdgeSession:
-        return EdgeSession(self, self._settings)
-
     async def start(self) -> None:
-        """Listen; :attr:`port` tells the bound port."""
-        if self._server is not None:
+        """Listen; :attr:`port` tells the bound port.
+
+        Messages are held in memory while they arrive: on glibc, the process's allocator is
+        told to give every block of 1 MiB or more a mapping of its own (:mod:`smtpq.edge._malloc`),
+        so that they leave nothing behind.
+        """
+        if self._listener is not None:
             return
+        map_large_blocks_apart()
         settings = self._settings
         config = settings.config
         self._listen_tls = settings.tls if settings.implicit_tls else None
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._session,
-            config.host,
-            config.port,
-            ssl=self._listen_tls,
-            reuse_port=config.reuse_port or None,
-        )
+        sockets = bind(config.host, config.port, reuse_port=config.reuse_port)
+        self._listener = Listener(sockets, self._accepted)
+        self._listener.start()
         log.info("SMTP edge listening on %s", self.addresses)
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # A session is a descriptor, and the queue needs some of its own.
+        if config.max_connections and 0 <= soft < config.max_connections + 64:
+            log.warning(
+                "max_connections is %d but the process may open only %d files: raise the "
+                "limit (ulimit -n, LimitNOFILE=) or lower max_connections",
+                config.max_connections,
+                soft,
+            )
 
     async def stop(self, grace_period: float = 30.0) -> None:
         """Stop listening, let messages being stored finish, then close every connection."""
-        if self._server is None:
+        if self._listener is None:
             return
-        self._server.close()
+        self._listener.close()
+        for task in list(self._connecting):
+            task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=grace_period)
         for session in list(self._sessions):
             with contextlib.suppress(Exception):
                 session.shut_down()
-        await self._server.wait_closed()
-        self._server = None
+        await asyncio.sleep(0)  # let the transports close
+        self._listener = None
 
     async def __aenter__(self) -> SmtpEdge:
         await self.start()
@@ -243,9 +366,9 @@ class SmtpEdge:
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """The (host, port) pairs listened on."""
-        if self._server is None:
+        if self._listener is None:
             return []
-        return [s.getsockname()[:2] for s in self._server.sockets]
+        return [s.getsockname()[:2] for s in self._listener.sockets]
 
     @property
     def port(self) -> int:
@@ -265,3 +388,77 @@ class SmtpEdge:
                 return None
             ids.append(result)
         return ids or None
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _accepted(self, sock: socket.socket, address: Any) -> None:
+        """A connection accepted by the listener: admitted and handed to a session, or refused."""
+        settings = self._settings
+        ip = str(address[0]) if isinstance(address, tuple) and address else ""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        exempt = settings.relay.network_trusted(ip)
+        refusal = self._clients.admit(ip, now, settings.limits, exempt=exempt)
+        if refusal is not None:
+            self._refuse(sock, ip, refusal, now)
+            return
+        session = EdgeSession(self, settings, ip)
+        connect = loop.connect_accepted_socket(
+            session.attach,
+            sock,
+            ssl=self._listen_tls,
+            ssl_handshake_timeout=settings.config.timeout if self._listen_tls else None,
+        )
+        task = loop.create_task(connect)
+        self._connecting.add(task)
+        task.add_done_callback(functools.partial(self._connected, session, sock))
+
+    def _connected(
+        self, session: EdgeSession, sock: socket.socket, task: asyncio.Task[Any]
+    ) -> None:
+        self._connecting.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if task.cancelled() or error is not None:
+            # The connection is over before its session began (a TLS handshake failed).
+            session.release()
+            if not session.attached:
+                sock.close()  # else its transport closed it (closing it again might close
+                # whatever descriptor took its number since)
+            if error is not None:
+                log.info("connection from %s failed: %s", session.ip, error)
+
+    def _refuse(self, sock: socket.socket, ip: str, refusal: ConnectionRefusal, now: float) -> None:
+        self.refusals[refusal.value] += 1
+        settings = self._settings
+        total = refusal is ConnectionRefusal.CONNECTIONS
+        if self._clients.should_log("" if total else ip, now):
+            limits = settings.limits
+            limit = {
+                ConnectionRefusal.CONNECTIONS: f"{limits.total} in all",
+                ConnectionRefusal.CLIENT_CONNECTIONS: f"{limits.per_client} per client",
+                ConnectionRefusal.CLIENT_RATE: f"{limits.rate} per client per minute",
+            }[refusal]
+            log.warning(
+                "connections from %s refused: over the limit of %s (logged once a minute)",
+                "everyone" if total else ip,
+                limit,
+            )
+        if self._listen_tls is None:
+            # Told in the clear, at once, without a transport; with implicit TLS a reply would
+            # cost a handshake, so the connection is just closed.
+            reply = connection_limit_reply(settings.hostname, None if total else ip)
+            with contextlib.suppress(OSError):
+                sock.send(f"{reply}\r\n".encode())
+        sock.close()
+
+    def _closed(self, session: EdgeSession) -> None:
+        """A session's connection is gone: its descriptor is free."""
+        self._sessions.discard(session)
+        if self._listener is not None:
+            self._listener.resume()
+
+    def _release(self, ip: str) -> None:
+        self._clients.release(ip)
+
+    def _refused(self, reason: str) -> None:
+        self.refusals[reason] += 1

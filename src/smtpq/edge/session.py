@@ -2,8 +2,19 @@
 
 Each read is fed to :class:`~smtpq.smtp.ServerConnection`; its events are answered in order
 and the replies of the batch leave in one write. An answer that must wait (the queue storing a
-message, a password check) pauses reading until it is given, so a client cannot pile up input
-meanwhile; the rest of its pipelined batch is taken up afterwards.
+message, a password check, the delay after an error past the soft limit) pauses reading until
+it is given, so a client cannot pile up input meanwhile; the rest of its pipelined batch is
+taken up afterwards.
+
+Time: one timer per session, re-armed lazily, holds the client to the per-read timeout, to the
+minimum DATA rate while message content arrives (:func:`~smtpq.edge.limits.content_deadline`)
+and to the session's length. Time spent waiting on ourselves (storing, checking a password) is
+never held against the client.
+
+Memory: message content goes into one buffer as it arrives (the machine hands on nothing past
+the size limit, and the buffer is dropped as soon as the message is known to be too big); the
+envelope copies its header block and body out of it once, and the buffer is freed: a message
+is in memory at most twice, for a moment.
 """
 
 from __future__ import annotations
@@ -14,13 +25,14 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, cast
 
+from smtpq.edge.limits import content_deadline
 from smtpq.envelope import Envelope
 from smtpq.reply import (
     Replies,
     Reply,
     accepted_reply,
     chunk_received_reply,
-    relay_denied_reply,
+    session_limit_reply,
     timeout_reply,
 )
 from smtpq.smtp import (
@@ -41,6 +53,7 @@ from smtpq.smtp import (
     RemoteProtocolError,
     Reset,
     ServerConnection,
+    ServerState,
     StartTls,
     Vrfy,
 )
@@ -48,9 +61,26 @@ from smtpq.smtp import (
 if TYPE_CHECKING:
     from smtpq.edge.server import EdgeSettings, SmtpEdge
 
-__all__ = ["EdgeSession", "reverse_name"]
+__all__ = ["SESSION_REFUSALS", "EdgeSession", "reverse_name"]
 
 log = logging.getLogger("smtpq.edge")
+
+#: What sessions refuse, besides the machine's limits and the relay rule (metric labels).
+SESSION_REFUSALS: Final = (
+    "pregreet",
+    "timeout",
+    "data_rate",
+    "session_limit",
+    "unknown_recipient",
+    "auth_failed",
+    "protocol_error",
+)
+_CONTENT: Final = frozenset({ServerState.DATA, ServerState.CHUNK})
+_IN_TRANSACTION: Final = frozenset(
+    {ServerState.MAIL, ServerState.RCPT, ServerState.CHUNKING, ServerState.DATA, ServerState.CHUNK}
+)
+# While a session waits on us (storing a message), its timer looks again this often.
+_BUSY_RECHECK: Final = 1.0
 
 
 async def reverse_name(ip: str, timeout: float) -> str | None:
@@ -66,64 +96,117 @@ async def reverse_name(ip: str, timeout: float) -> str | None:
 
 
 class EdgeSession(asyncio.Protocol):
-    """The edge's side of one client connection."""
+    """The edge's side of one client connection, from ``ip``, admitted by the edge (which
+    counts it until :meth:`release`)."""
 
     __slots__ = (
+        "_attached",
         "_auth_user",
         "_busy",
-        "_chunks",
+        "_closing",
         "_conn",
+        "_content",
         "_edge",
         "_ended",
+        "_ends_at",
+        "_greeted",
         "_helo",
-        "_ip",
         "_last_read",
         "_loop",
         "_mail",
+        "_read_by",
         "_recipients",
+        "_released",
         "_reverse",
         "_settings",
         "_timer",
         "_transport",
+        "ip",
     )
 
-    def __init__(self, edge: SmtpEdge, settings: EdgeSettings) -> None:
+    def __init__(self, edge: SmtpEdge, settings: EdgeSettings, ip: str) -> None:
         self._edge = edge
         self._settings = settings
+        self.ip = ip
         self._loop = asyncio.get_running_loop()
         self._conn = ServerConnection(settings.server, tls=settings.implicit_tls)
         self._transport: asyncio.Transport | None = None
-        self._ip: str | None = None
         self._helo: str | None = None
         self._auth_user: str | None = None
         self._mail: MailFrom | None = None
         # Recipients in order, each with its RFC 3461 parameters (a dict: repeats are one).
         self._recipients: dict[str, dict[str, str]] = {}
-        self._chunks: list[bytes] = []
+        self._content = bytearray()
         self._busy = False
         self._ended = False  # the client shut its side
+        self._greeted = False
+        self._closing = False
+        self._attached = False
+        self._released = False
         self._reverse: asyncio.Task[str | None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._last_read = 0.0
+        self._last_read = self._read_by = self._ends_at = 0.0
+
+    def attach(self) -> EdgeSession:
+        """The loop takes the connection's socket (``connect_accepted_socket``'s protocol
+        factory): from now on the transport closes it."""
+        self._attached = True
+        return self
+
+    @property
+    def attached(self) -> bool:
+        """Whether the loop took the socket (see :meth:`attach`)."""
+        return self._attached
+
+    def release(self) -> None:
+        """The connection is over: the edge no longer counts it (once, however it ended)."""
+        if not self._released:
+            self._released = True
+            self._edge._release(self.ip)
 
     # -- the transport's side ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Greet the client."""
+        """Greet the client, now or after the greeting delay."""
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
-        self._transport = transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        self._ip = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        self._transport = cast(asyncio.Transport, transport)
         self._edge._sessions.add(self)
+        config = self._settings.config
+        now = self._loop.time()
+        self._ends_at = now + config.max_session_time if config.max_session_time else 0.0
+        if config.greet_delay > 0:
+            self._busy = True  # on ourselves: no timeout meanwhile
+            self._timer = self._loop.call_later(config.greet_delay, self._greet)
+        else:
+            self._greet()
+
+    def _greet(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        self._greeted = True
+        self._busy = False
         self._conn.send(self._settings.greeting)
         transport.write(self._conn.data_to_send())
         self._last_read = self._loop.time()
-        self._timer = self._loop.call_later(self._settings.config.timeout, self._check_idle)
+        self._read_by = self._last_read + self._settings.config.timeout
+        self._timer = self._loop.call_at(self._next_check(), self._check_time)
 
     def data_received(self, data: bytes) -> None:
         """Feed the machine; answer what it makes of the batch."""
-        self._last_read = self._loop.time()
-        self._conn.receive_data(data)
+        now = self._loop.time()
+        if not self._greeted:
+            self._pregreet()
+            return
+        conn = self._conn
+        timeout = self._settings.config.timeout
+        if conn.state in _CONTENT:
+            rate = self._settings.config.min_data_rate
+            self._read_by = content_deadline(self._read_by, now, len(data), timeout, rate)
+        else:
+            self._read_by = now + timeout
+        self._last_read = now
+        conn.receive_data(data)
         if not self._busy:
             self._process()
 
@@ -132,6 +215,8 @@ class EdgeSession(asyncio.Protocol):
         if self._ended:
             return None
         self._ended = True
+        if not self._greeted:
+            return None  # gone before the greeting: nothing to answer
         self._conn.receive_data(b"")
         if self._busy:
             # Keep the socket open for writing until the reply (to the final dot, say) is out;
@@ -142,8 +227,10 @@ class EdgeSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the session. A message being stored is stored all the same."""
-        self._edge._sessions.discard(self)
         self._transport = None
+        self._content = bytearray()
+        self.release()
+        self._edge._closed(self)
         if self._timer is not None:
             self._timer.cancel()
         if self._reverse is not None and not self._busy:
@@ -155,43 +242,96 @@ class EdgeSession(asyncio.Protocol):
         """The edge is stopping: ``421`` and close."""
         self._close(Replies.SHUTTING_DOWN)
 
+    def _pregreet(self) -> None:
+        """The client talked before the greeting: refused instead of greeted."""
+        self._greeted = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._edge._refused("pregreet")
+        log.info("client %s talked before the greeting; disconnected", self.ip)
+        self._conn.send(Replies.PREGREET)
+        self._busy = False
+        self._flush()
+
     # -- the machine's events ------------------------------------------------------------------
 
     def _process(self) -> None:
         conn = self._conn
         try:
             while not self._busy and not conn.closed:
+                errors = conn.errors
                 try:
                     event = conn.next_event()
                 except RemoteProtocolError as exc:
+                    self._edge._refused("protocol_error")
                     conn.send(exc.reply)
+                    if conn.state not in _IN_TRANSACTION:
+                        self._reset()
+                    self._slow_down()
                     continue
                 if event is NEED_DATA:
+                    if self._content and conn.discarding:  # over the size limit: refused
+                        self._content = bytearray()
                     break
                 assert isinstance(event, Event)
                 try:
                     reply = HANDLERS[type(event)](self, event)
                 except Exception:
                     # A bug of ours: a transient refusal, logged here, never shown.
-                    log.exception("SMTP session with %s failed on %r", self._ip, event)
+                    log.exception("SMTP session with %s failed on %r", self.ip, event)
                     reply = Replies.QUEUE_ERROR
                 if reply is not None:
                     conn.send(reply)
+                    if conn.errors > errors:
+                        self._slow_down()
         except Exception:
-            log.exception("SMTP session with %s failed", self._ip)
+            log.exception("SMTP session with %s failed", self.ip)
             self._close(Replies.SERVER_ERROR)
             return
         if not self._busy:  # else the batch's replies leave with the one still due
             self._flush()
 
+    def _slow_down(self) -> None:
+        """After a reply to an error: past the soft limit, hold it (and what follows) back for
+        the error delay."""
+        conn = self._conn
+        if not conn.slowed or conn.closed:
+            return
+        delay = self._settings.config.error_delay
+        if delay <= 0:
+            return
+        self._busy = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+        self._loop.call_later(delay, self._resume)
+
+    def _resume(self) -> None:
+        """What the session waited for is done: read and answer again."""
+        if self._transport is None:
+            return  # the client went
+        self._busy = False
+        if self._conn.closed:  # the last reply ended the session (a limit, QUIT)
+            self._flush()
+            return
+        self._read_by = self._loop.time() + self._settings.config.timeout
+        if not self._ended and not self._transport.is_closing():
+            self._transport.resume_reading()
+        self._process()
+
     def _flush(self) -> None:
         transport = self._transport
         if transport is None:
             return
-        data = self._conn.data_to_send()
+        conn = self._conn
+        data = conn.data_to_send()
         if data:
             transport.write(data)
-        if self._conn.closed and not self._busy:
+        if conn.closed and not self._busy and not self._closing:
+            self._closing = True
+            limit = conn.limit_reached
+            if limit is not None:
+                self._edge._refused(limit.value)
+                log.info("closing the session with %s: %s", self.ip, limit.value)
             transport.close()
 
     def _close(self, reply: Reply) -> None:
@@ -217,26 +357,48 @@ class EdgeSession(asyncio.Protocol):
         try:
             reply = task.result()
         except Exception:
-            log.exception("SMTP session with %s failed", self._ip)
+            log.exception("SMTP session with %s failed", self.ip)
             reply = Replies.QUEUE_ERROR
         if self._transport is None or self._conn.closed:
             return  # the client went, or the edge closed the session
         self._busy = False
+        errors = self._conn.errors
         self._conn.send(reply)
-        if not self._ended and not self._transport.is_closing():
-            self._transport.resume_reading()
-        self._process()
+        if self._conn.errors > errors:
+            self._slow_down()
+        if not self._busy:
+            self._resume()
 
-    def _check_idle(self) -> None:
-        timeout = self._settings.config.timeout
-        idle = self._loop.time() - self._last_read
-        if self._busy or idle < timeout:
-            # Busy: waiting on ourselves, not on the client.
-            wait = timeout if self._busy else timeout - idle
-            self._timer = self._loop.call_later(wait, self._check_idle)
+    # -- time ----------------------------------------------------------------------------------
+
+    def _next_check(self) -> float:
+        ends = self._ends_at
+        return min(self._read_by, ends) if ends else self._read_by
+
+    def _check_time(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
             return
-        if self._transport is not None and not self._transport.is_closing():
-            self._close(timeout_reply(self._settings.hostname))
+        now = self._loop.time()
+        ends = self._ends_at
+        if self._busy:
+            # Waiting on ourselves, not on the client: a message being stored is answered,
+            # whatever the time.
+            self._timer = self._loop.call_later(_BUSY_RECHECK, self._check_time)
+            return
+        hostname = self._settings.hostname
+        if ends and now >= ends:
+            self._edge._refused("session_limit")
+            log.info("closing the session with %s: session time limit", self.ip)
+            self._close(session_limit_reply(hostname))
+        elif now >= self._read_by:
+            silent = now - self._last_read >= self._settings.config.timeout
+            self._edge._refused("data_rate" if not silent else "timeout")
+            if not silent:
+                log.info("closing the session with %s: message content too slow", self.ip)
+            self._close(timeout_reply(hostname))
+        else:
+            self._timer = self._loop.call_at(self._next_check(), self._check_time)
 
     # -- answers -------------------------------------------------------------------------------
 
@@ -249,45 +411,46 @@ class EdgeSession(asyncio.Protocol):
         self._reset()
         self._mail = event
         settings = self._settings
-        if self._reverse is None and settings.config.reverse_lookup and self._ip is not None:
+        if self._reverse is None and settings.config.reverse_lookup and self.ip:
             # Looked up while the client goes on with RCPT and DATA.
-            lookup = reverse_name(self._ip, settings.config.lookup_timeout)
+            lookup = reverse_name(self.ip, settings.config.lookup_timeout)
             self._reverse = self._loop.create_task(lookup)
         return Replies.SENDER_OK
 
     def _rcpt_to(self, event: RcptTo) -> Reply:
-        address = event.address
-        if "@" not in address:
-            return Replies.NO_DOMAIN
-        if not self._settings.relay.allows(address, self._ip, self._auth_user is not None):
-            log.info("relay denied from %s to <%s>", self._ip, address)
-            return relay_denied_reply(address)
+        settings = self._settings
+        address, refusal, reason = settings.recipients.check(
+            event.address, self.ip or None, self._auth_user is not None
+        )
+        if refusal is not None:
+            if reason is not None:
+                self._edge._refused(reason)
+                log.info("RCPT from %s to <%s> refused: %s", self.ip, address, reason)
+            return refusal
         recipients = self._recipients
         if address in recipients:
             return Replies.RECIPIENT_OK  # the same recipient twice gets one copy
-        if len(recipients) >= self._settings.config.max_recipients:
+        if len(recipients) >= settings.config.max_recipients:
             return Replies.TOO_MANY_RECIPIENTS
         recipients[address] = event.dsn_params()
         return Replies.RECIPIENT_OK
 
     def _data_start(self, event: DataStart) -> Reply:
-        self._chunks = []
+        self._content = bytearray()
         return Replies.START_DATA
 
     def _data_chunk(self, event: DataChunk) -> None:
-        self._chunks.append(event.data)
+        self._content += event.data
 
     def _bdat_chunk(self, event: BdatChunk) -> Reply:
         return chunk_received_reply(event.size)
 
     def _message_complete(self, event: MessageComplete) -> None:
-        content = b"".join(self._chunks)
-        self._chunks = []
-        env = self._envelope(content)
+        env = self._envelope(self._content)
         self._reset()
         self._wait_for(self._store(env), track=True)
 
-    def _envelope(self, content: bytes) -> Envelope:
+    def _envelope(self, content: bytearray) -> Envelope:
         mail = self._mail
         assert mail is not None
         recipients = self._recipients
@@ -299,7 +462,7 @@ class EdgeSession(asyncio.Protocol):
         else:
             protocol = "SMTP"
         env.client = {
-            "ip": self._ip,
+            "ip": self.ip or None,
             "host": None,
             "name": self._helo,
             "protocol": protocol,
@@ -352,14 +515,13 @@ class EdgeSession(asyncio.Protocol):
                 ssl_handshake_timeout=self._settings.config.timeout,
             )
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-            log.info("TLS handshake with %s failed: %s", self._ip, exc)
+            log.info("TLS handshake with %s failed: %s", self.ip, exc)
             transport.close()
             return
         if secure is None or self._transport is None:
             return  # the client went during the handshake
         self._transport = secure
-        self._busy = False
-        self._process()
+        self._resume()
 
     def _authenticate(self, event: AuthCredentials) -> None:
         self._wait_for(self._check_password(event))
@@ -379,7 +541,8 @@ class EdgeSession(asyncio.Protocol):
             log.exception("credentials file unreadable")
             return Replies.AUTH_UNAVAILABLE
         if not ok:
-            log.info("AUTH failed for %r from %s", event.login[:64], self._ip)
+            self._edge._refused("auth_failed")
+            log.info("AUTH failed for %r from %s", event.login[:64], self.ip)
             return Replies.AUTH_FAILED
         self._auth_user = user
         return Replies.AUTH_OK
@@ -391,7 +554,7 @@ class EdgeSession(asyncio.Protocol):
     def _reset(self) -> None:
         self._mail = None
         self._recipients = {}
-        self._chunks = []
+        self._content = bytearray()
 
     def _closed(self, event: ConnectionClosed) -> None:
         """The machine is closed now: the batch's last write closes the transport."""

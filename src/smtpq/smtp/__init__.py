@@ -33,7 +33,7 @@ from smtpq.smtp._server_events import (
 from smtpq.smtp._server_state import ServerState
 from smtpq.smtp.client import ClientConnection, ClientState
 from smtpq.smtp.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from smtpq.smtp.server import ServerConfig, ServerConnection
+from smtpq.smtp.server import ServerConfig, ServerConnection, SessionLimit
 
 __all__ = [
     "NEED_DATA",
@@ -60,6 +60,7 @@ __all__ = [
     "ServerConfig",
     "ServerConnection",
     "ServerState",
+    "SessionLimit",
     "StartTls",
     "Vrfy",
     "client",

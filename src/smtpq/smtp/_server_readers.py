@@ -62,12 +62,14 @@ class Refusal(Exception):
 
 # RFC 5321 §4.1.2, liberal where real senders are: a local part may have dots anywhere (as
 # Postfix and aiosmtpd accept), labels and local parts may be UTF-8 (RFC 6531); no comments, no
-# spaces outside quotes.
-_ATOMS = r'[^\s<>()\[\]\\,;:@"]+'
-_QUOTED = r'"(?:[^"\\\r\n]|\\[ -~])*"'
+# spaces outside quotes, and no control character anywhere (none is in atext, qtextSMTP or
+# dtext: an address with one would reach logs and headers).
+_CONTROLS = r"\x00-\x1f\x7f"
+_ATOMS = rf'[^\s<>()\[\]\\,;:@"{_CONTROLS}]+'
+_QUOTED = rf'"(?:[^"\\{_CONTROLS}]|\\[ -~])*"'
 _LOCAL = rf"(?:{_ATOMS}|{_QUOTED})"
-_LABEL = r'[^\s<>()\[\]\\,;:@".]+'
-_DOMAIN = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[^\[\]\\\s]+\])"
+_LABEL = rf'[^\s<>()\[\]\\,;:@".{_CONTROLS}]+'
+_DOMAIN = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[^\[\]\\\s{_CONTROLS}]+\])"
 _ROUTE = rf"@{_DOMAIN}(?:,@{_DOMAIN})*:"
 # ``<mailbox>`` (a source route is dropped, RFC 5321 §4.1.1.3 / Appendix C), ``<local>``
 # (``<postmaster>``), ``<>``, or a bare ``local@domain`` as broken clients send it.

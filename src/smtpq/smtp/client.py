@@ -294,11 +294,11 @@ class ClientConnection:
             )
 
         run = TransactionRun(command, self.extensions, make, self.chunking)
-        self._run = run
         first = run.start()
         if run.done:  # refused here: nothing sent, the session as it was
             self._ready_event = TransactionDone(run.result())
             return ClientState.READY
+        self._run = run
         self._out.append(first)
         return ClientState.TRANSACTION
 
@@ -314,6 +314,8 @@ class ClientConnection:
                 self._out.append(out)
             if not run.done:
                 return None
+            # Forgotten once answered: an idle pooled connection must not keep the message.
+            self._run = None
             closing = run.closing
             self.state = (
                 ClientState.CLOSED

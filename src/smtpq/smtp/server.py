@@ -6,13 +6,16 @@ A driver feeds what it reads to :meth:`ServerConnection.receive_data`, takes eve
 batch: the replies of a pipelined group (RFC 2920) leave in one write, in order.
 
 A client's fault comes out of ``next_event`` as :class:`~smtpq.smtp.RemoteProtocolError` whose
-``reply`` is what to send (``500``, ``501``, ``503``, ``552``...); the session goes on, unless
-the error limit is reached (then the reply is a ``421`` and the session closes once it is sent).
-A driver's misuse (an event left unanswered, a reply where none is due) is a
+``reply`` is what to send (``500``, ``501``, ``503``, ``552``...); the session goes on. A
+driver's misuse (an event left unanswered, a reply where none is due) is a
 :class:`~smtpq.smtp.LocalProtocolError`. Nothing else comes out, whatever the client sends.
 
-The counters a driver's limits need are here, in one place: :attr:`~ServerConnection.errors`
-and :attr:`~ServerConnection.commands`.
+The per-session limits live here, in one place (:class:`ServerConfig`, as Postfix's smtpd has
+them): client errors (the machine's own refusals, and every ``5xx`` the driver answers a command
+with: refused recipients, failed AUTH), failed AUTH, junk commands and commands in all. Past the
+hard limits, the reply that reached one is followed by a ``421`` and the session closes
+(:attr:`~ServerConnection.limit_reached` says which); past the soft error limit,
+:attr:`~ServerConnection.slowed` tells the driver to answer each further error after a delay.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Final
 
 from smtpq.reply import Replies, Reply, ReplyCode, syntax_reply
@@ -67,7 +71,7 @@ from smtpq.smtp._server_state import (
 from smtpq.smtp._server_writers import render
 from smtpq.smtp.errors import LocalProtocolError, RemoteProtocolError
 
-__all__ = ["ServerConfig", "ServerConnection"]
+__all__ = ["ServerConfig", "ServerConnection", "SessionLimit"]
 
 S = ServerState
 
@@ -75,24 +79,44 @@ S = ServerState
 _BEFORE_TLS: Final = frozenset({b"NOOP", b"EHLO", b"STARTTLS", b"QUIT"})
 # RFC 5321 commands smtpq does not implement (502, not the 500 of an unknown command).
 _NOT_IMPLEMENTED: Final = frozenset({b"EXPN", b"TURN", b"ETRN", b"ATRN", b"SEND", b"SOML", b"SAML"})
+# Postfix's junk commands (smtpd_junk_command_limit): they move no mail, so past a limit each
+# counts as an error, and a session cannot be kept alive with them alone.
+_JUNK: Final = frozenset({b"NOOP", b"RSET", b"VRFY", b"HELP"})
 _CLOSED: Final = ConnectionClosed()
 _OK: Final = str(ReplyCode.OK)
 _START_MAIL_INPUT: Final = str(ReplyCode.START_MAIL_INPUT)
 
 
+class SessionLimit(Enum):
+    """A per-session limit of :class:`ServerConfig` that ended a session (with a ``421``)."""
+
+    #: ``hard_error_limit``.
+    ERRORS = "error_limit"
+    #: ``max_auth_failures``.
+    AUTH_FAILURES = "auth_limit"
+    #: ``max_commands``.
+    COMMANDS = "command_limit"
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    """What the server offers, and the limits it enforces itself.
+    """What the server offers, and the limits it enforces itself (0 turns a limit off).
 
-    :ivar max_message_size: octets (as sent); advertised as SIZE, more is ``552 5.3.4``. 0: none.
+    :ivar max_message_size: octets (as sent); advertised as SIZE, more is ``552 5.3.4``.
     :ivar smtputf8: offer SMTPUTF8 (RFC 6531).
     :ivar starttls: offer STARTTLS (the driver has a TLS context).
     :ivar require_tls: refuse everything but NOOP, EHLO, STARTTLS and QUIT before TLS (530).
     :ivar auth_mechanisms: the SASL mechanisms offered, of ``'LOGIN'`` and ``'PLAIN'``.
     :ivar auth_requires_tls: offer and accept AUTH only over TLS.
     :ivar auth_required: refuse MAIL and VRFY until the client has authenticated (530).
-    :ivar hard_error_limit: after this many client errors in a session, ``421`` and close (as
-        Postfix's ``smtpd_hard_error_limit``); 0: no limit.
+    :ivar soft_error_limit: past this many client errors, :attr:`ServerConnection.slowed`: the
+        driver answers each further error after a delay (Postfix's ``smtpd_soft_error_limit``).
+    :ivar hard_error_limit: at this many client errors, ``421 4.7.0`` and close (Postfix's
+        ``smtpd_hard_error_limit``).
+    :ivar max_auth_failures: at this many AUTH answered ``5xx``, ``421 4.7.0`` and close.
+    :ivar junk_command_limit: past this many NOOP, RSET, VRFY and HELP since the last message
+        accepted, each counts as an error (Postfix's ``smtpd_junk_command_limit``).
+    :ivar max_commands: command lines in a session; the one over it gets ``421 4.7.0``.
     """
 
     max_message_size: int = 0
@@ -102,7 +126,11 @@ class ServerConfig:
     auth_mechanisms: tuple[str, ...] = ()
     auth_requires_tls: bool = True
     auth_required: bool = False
+    soft_error_limit: int = 10
     hard_error_limit: int = 20
+    max_auth_failures: int = 3
+    junk_command_limit: int = 100
+    max_commands: int = 10_000
 
     def __post_init__(self) -> None:
         unknown = set(self.auth_mechanisms) - set(MECHANISMS)
@@ -148,8 +176,11 @@ class ServerConnection:
     The first reply the driver sends is its greeting (``220``, or ``421``/``554`` to turn the
     client away); events come only after it.
 
-    :ivar errors: client errors so far (replies that came from a :class:`RemoteProtocolError`).
+    :ivar errors: client errors so far: replies that came from a :class:`RemoteProtocolError`,
+        ``5xx`` replies of the driver to commands, junk commands past their limit.
+    :ivar auth_failures: AUTH exchanges answered ``5xx``.
     :ivar commands: command lines read so far.
+    :ivar limit_reached: the limit that ended the session, if one did.
     :ivar tls: whether the session is encrypted.
     :ivar extended: whether the client greeted with EHLO.
     :ivar authenticated: whether an AUTH was answered ``235``.
@@ -162,6 +193,7 @@ class ServerConnection:
         "_eof",
         "_fatal",
         "_greeted",
+        "_junk",
         "_out",
         "_pending",
         "_pos",
@@ -170,11 +202,13 @@ class ServerConnection:
         "_smtputf8",
         "_state",
         "_txn_size",
+        "auth_failures",
         "authenticated",
         "commands",
         "config",
         "errors",
         "extended",
+        "limit_reached",
         "tls",
     )
 
@@ -184,7 +218,10 @@ class ServerConnection:
         self.extended = False
         self.authenticated = False
         self.errors = 0
+        self.auth_failures = 0
         self.commands = 0
+        self.limit_reached: SessionLimit | None = None
+        self._junk = 0
         self._state = S.GREETING
         self._pending: Event | _Marker | None = _GREETING
         self._buf = b""
@@ -211,6 +248,22 @@ class ServerConnection:
     def closed(self) -> bool:
         """The session is over: write what is left to send, then close the connection."""
         return self._state is S.CLOSED
+
+    @property
+    def slowed(self) -> bool:
+        """The client has made more errors than the soft limit: a driver sends the reply to each
+        further error after a delay (Postfix's ``smtpd_error_sleep_time``)."""
+        limit = self.config.soft_error_limit
+        return bool(limit) and self.errors > limit
+
+    @property
+    def discarding(self) -> bool:
+        """The message being received is over the size limit: no more of it is handed on, and
+        it is refused at its end; a driver can drop what it holds of it now."""
+        dot, chunk = self._dot, self._chunk
+        if dot is not None:
+            return dot.too_big
+        return chunk is not None and chunk.refusal is Replies.TOO_BIG
 
     def receive_data(self, data: bytes) -> None:
         """Take what was read from the client; ``b''`` when it has closed its side."""
@@ -263,6 +316,8 @@ class ServerConnection:
             self._pending = None
             if self._fatal:
                 self._state = S.CLOSED
+            else:
+                self._check_limits()
             return
         assert isinstance(pending, Event)
         kind = type(pending)
@@ -276,10 +331,33 @@ class ServerConnection:
         self._pending = None
         if positive:
             self._accepted(pending)
+        elif code[:1] == "5":
+            # The driver's refusal is the client's error too (a recipient refused, a password
+            # wrong); a 4xx is the server's own state, and counts for nothing.
+            self.errors += 1
+            if kind is AuthCredentials:
+                self.auth_failures += 1
         target = AFTER_REPLY[kind][0 if positive else 1]
         self._state = resolve(target, self._state, self._greeted)
         if target is Then.END:
             self._end_transaction()
+        self._check_limits()
+
+    def _check_limits(self) -> None:
+        """After a reply: a limit reached ends the session with a 421 (Postfix checks its error
+        limit before reading the next command; the reply that reached it is sent all the same)."""
+        if self._state is S.CLOSED:
+            return
+        config = self.config
+        if config.max_auth_failures and self.auth_failures >= config.max_auth_failures:
+            self._limit(SessionLimit.AUTH_FAILURES, Replies.TOO_MANY_AUTH_FAILURES)
+        elif config.hard_error_limit and self.errors >= config.hard_error_limit:
+            self._limit(SessionLimit.ERRORS, Replies.TOO_MANY_ERRORS)
+
+    def _limit(self, limit: SessionLimit, reply: Reply) -> None:
+        self.limit_reached = limit
+        self._out.append(render(reply))
+        self._state = S.CLOSED
 
     def close(self, reply: Reply | None = None) -> None:
         """End the session from the server's side (a timeout, a shutdown): ``reply``, a
@@ -353,6 +431,8 @@ class ServerConnection:
             self._smtputf8 = event.smtputf8
         elif kind is DataStart:
             self._dot = DotReader(self.config.max_message_size)
+        elif kind is MessageComplete:
+            self._junk = 0  # as Postfix: junk is counted between messages delivered
         elif kind is AuthCredentials:
             self.authenticated = True
         elif kind is StartTls:
@@ -371,9 +451,6 @@ class ServerConnection:
         """Count a client's error; the session moves to ``state`` (if given) and awaits the
         error's reply."""
         self.errors += 1
-        limit = self.config.hard_error_limit
-        if limit and self.errors >= limit:
-            reply, why, self._fatal = Replies.TOO_MANY_ERRORS, f"{why}; too many errors", True
         if state is not None:
             self._state = state
             if state is S.READY or state is S.INIT:
@@ -385,6 +462,13 @@ class ServerConnection:
         error = self._fault(reply, why)
         self._fatal = True
         return error
+
+    def _over_limit(self, limit: SessionLimit, reply: Reply, why: str) -> RemoteProtocolError:
+        """A limit that is not an error of the client's: ``reply`` ends the session."""
+        self.limit_reached = limit
+        self._fatal = True
+        self._pending = _ERROR
+        return RemoteProtocolError(why, reply)
 
     # -- command lines -------------------------------------------------------------------------
 
@@ -408,6 +492,11 @@ class ServerConnection:
         if line is None:
             return self._closed() if self._eof else NEED_DATA
         self.commands += 1
+        config = self.config
+        if config.max_commands and self.commands > config.max_commands:
+            raise self._over_limit(SessionLimit.COMMANDS, Replies.TOO_MANY_COMMANDS, "commands")
+        if b"\x00" in line:  # refused whole: a NUL would end the line for C code and logs
+            raise self._fault(Replies.NUL_IN_COMMAND, "NUL in command line")
         verb, _, arg = line.partition(b" ")
         verb = verb.upper()
         command = _COMMANDS.get(verb)
@@ -423,6 +512,10 @@ class ServerConnection:
             refusal = self._gate(verb)
             if refusal is not None:
                 raise self._fault(refusal, f"{verb.decode()} refused")
+        if verb in _JUNK:
+            self._junk += 1
+            if config.junk_command_limit and self._junk > config.junk_command_limit:
+                self.errors += 1  # answered as usual; the limits are checked after the reply
         return command(self, arg)
 
     def _gate(self, verb: bytes) -> Reply | None:
@@ -448,9 +541,19 @@ class ServerConnection:
         return _CLOSED
 
     def _hello(self, arg: bytes, extended: bool) -> Event:
-        name = arg.strip().decode("utf-8", "replace")
-        if not name:
+        raw = arg.strip()
+        if not raw:
             raise self._fault(syntax_reply(f"{'EHLO' if extended else 'HELO'} hostname"), "no name")
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self._fault(Replies.BAD_HELLO_NAME, "HELO name not UTF-8") from None
+        # The name goes into the Received field and the logs: no control character, and
+        # UTF-8 only where SMTPUTF8 can be offered (to an EHLO, RFC 6531 §3.7.1).
+        if not name.isprintable():
+            raise self._fault(Replies.BAD_HELLO_NAME, "control character in HELO name")
+        if not name.isascii() and not (extended and self.config.smtputf8):
+            raise self._fault(Replies.BAD_HELLO_NAME, "non-ASCII HELO name without SMTPUTF8")
         return self._event(Hello(name, extended))
 
     def _ehlo(self, arg: bytes) -> Event:

@@ -333,7 +333,7 @@ async def test_exception_in_any_hook_is_451_without_details(
         raise RuntimeError("internal detail /secret")
 
     # Fault injection: a bug in what answers RCPT must still give a transient, opaque reply.
-    monkeypatch.setattr(RelayPolicy, "allows", broken)
+    monkeypatch.setattr(RelayPolicy, "decide", broken)
     edge = await edge_factory()
 
     def send(s: smtplib.SMTP) -> tuple[int, bytes]:
