@@ -24,8 +24,11 @@ from smtpq.queue.rules import (
     delay_warning_due,
     is_expired,
     judge,
+    may_postpone,
     next_attempt_time,
     plan,
+    postpone,
+    record_delivered,
 )
 from smtpq.relay.base import PermanentRelayError, TransientRelayError
 from smtpq.reply import Reply
@@ -413,3 +416,49 @@ def test_each_threshold_warned_exactly_once_at_the_first_attempt_after_it(
     assert len(times) == len(set(times))
     reported = sorted(t for t, _ in warned)
     assert len(reported) == len(set(reported)) <= len(rules.delay_warnings)
+
+
+# -- several destinations, and postponing ----------------------------------------------------
+
+
+def test_deliveries_recorded_early_are_not_marked_nor_logged_again() -> None:
+    a = attempt(["a@x", "b@y", "c@y"])
+    early = judge(["a@x"], (0,), {"a@x": OK})
+    first = record_delivered(a.id, early.delivered)
+    assert first.indexes == (0,)
+    assert [(e.kind, e.recipients) for e in first.events] == [(EventKind.DELIVERED, ("a@x",))]
+    last = judge(a.envelope.recipients, a.pending, {"a@x": OK, "b@y": OK, "c@y": LATER})
+    steps = plan(last, a, 60.0, RetryRules(), T0, recorded={0})
+    [mark] = [s for s in steps if isinstance(s, MarkDone)]
+    assert mark.indexes == (1,)
+    assert all("a@x" not in e.recipients for s in steps for e in s.events)
+    assert kinds(steps) == ["MarkDone", "CountAttempt", "Reschedule"]
+
+
+def test_all_delivered_after_an_early_record_is_one_removal() -> None:
+    a = attempt(["a@x", "b@y"])
+    j = judge(a.envelope.recipients, a.pending, {"a@x": OK, "b@y": OK})
+    [remove] = plan(j, a, None, RetryRules(), T0, recorded={0})
+    assert isinstance(remove, Remove)
+    delivered = [e for e in remove.events if e.kind is EventKind.DELIVERED]
+    assert [e.recipients for e in delivered] == [("b@y",)]
+
+
+def test_postponing_keeps_attempts_and_reply_and_respects_the_rules() -> None:
+    a = attempt(["a@x"], attempts=3, scheduled=T0 + HOUR)
+    [step] = postpone(RetryRules(), a, "x", T0 + HOUR, T0 + HOUR + 40)
+    assert isinstance(step, Reschedule)
+    assert (step.at, step.last_reply) == (T0 + HOUR + 40, None)
+    assert [e.kind for e in step.events] == [EventKind.POSTPONED]
+    rules = RetryRules(delay_warnings=(2 * HOUR,), lifetime=4 * HOUR)
+    [capped] = postpone(rules, a, "x", T0 + 2 * HOUR - 10, T0 + 3 * HOUR)
+    assert isinstance(capped, Reschedule)
+    assert capped.at == T0 + 2 * HOUR  # never past a warning threshold
+
+
+def test_no_postponing_past_a_due_warning_or_the_lifetime() -> None:
+    rules = RetryRules(delay_warnings=(HOUR,), lifetime=4 * HOUR)
+    due = attempt(["a@x"], scheduled=T0 + HOUR - 60)
+    assert not may_postpone(rules, due, T0 + HOUR)  # its window holds the warning
+    assert may_postpone(rules, attempt(["a@x"], scheduled=T0 + HOUR + 1), T0 + 2 * HOUR)
+    assert not may_postpone(rules, attempt(["a@x"], scheduled=T0 + 4 * HOUR), T0 + 4 * HOUR)

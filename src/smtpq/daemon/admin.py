@@ -13,6 +13,8 @@ GET      /health                   ``{"status": "ok", "size": n}``
 GET      /metrics                  Prometheus text format
 GET      /queue                    one JSON object per line; filters as query parameters
 GET      /queue/shape              qshape-like table (``?by=sender``)
+GET      /queue/destinations       each destination: queued, in flight, window, state
+                                   (``?scan=0``: without the queued counts)
 GET      /queue/ID                 one message (``?body=1`` adds the message text)
 POST     /queue/flush              attempt now (everything when nothing is selected)
 POST     /queue/delete             remove without bouncing
@@ -39,6 +41,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from smtpq.daemon import ops
+from smtpq.daemon.destinations import describe_destinations
 from smtpq.daemon.metrics import Metrics
 from smtpq.queue import Queue
 from smtpq.storage.base import MessageInfo, is_valid_id
@@ -235,6 +238,11 @@ class AdminServer:
                     raise HttpError(400, "by must be recipient or sender")
                 shape = await ops.shape(ops.iter_messages(queue.store, now), now, by)
                 await _respond_json(writer, 200, shape.to_dict(top=_int(query.get("top")) or 3))
+            elif path == "/queue/destinations":
+                scan = query.get("scan", "1") != "0"
+                store = queue.destination_store
+                data = await describe_destinations(queue, queue.relay, store, scan=scan)
+                await _respond_json(writer, 200, data)
             elif path.startswith("/queue/"):
                 try:
                     info = await describe_message(queue, path[7:], query.get("body") == "1")

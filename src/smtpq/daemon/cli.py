@@ -523,5 +523,44 @@ def shape_(config_path: str | None, queue_dir: str | None, by: str, top: int,
         click.echo(ops.render_shape(data))
 
 
+@queue.command("destinations")
+@_queue_options
+@click.option("--no-scan", is_flag=True, help="Skip counting the queued messages (faster).")
+@click.option("--json", "as_json", is_flag=True)
+def destinations_(config_path: str | None, queue_dir: str | None, no_scan: bool,
+                  as_json: bool) -> None:  # fmt: skip
+    """Each destination: queued, waiting, in flight, window/limit, rate, state (dead until T,
+    with the last error). Like qshape beside postqueue -j's delay reasons."""
+    from smtpq.daemon.destinations import (
+        describe_destinations,
+        destination_setup,
+        merge_destinations,
+        render_destinations,
+    )
+    from smtpq.daemon.server import build_relay
+
+    config = _config(config_path, queue_dir)
+
+    async def online(client: Any) -> dict[str, Any]:
+        result: dict[str, Any] = await client.get(f"/queue/destinations?scan={int(not no_scan)}")
+        return result
+
+    async def offline(q: Any) -> dict[str, Any]:
+        # The stored queue, and the marks where they are shared (Redis); no scheduler runs.
+        _, store = destination_setup(config, 1)
+        relay = build_relay(config)
+        try:
+            return await describe_destinations(q, relay, store)
+        finally:
+            await store.close()
+            await relay.close()
+
+    data = merge_destinations(_run(QueueAccess(config).each(online, offline, changes=False)))
+    if as_json:
+        click.echo(json.dumps(data))
+    else:
+        click.echo(render_destinations(data))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -44,6 +44,16 @@ once uncommented)::
     [routes]                          # per-domain destinations instead of MX look-ups
     "example.net" = "[192.0.2.10]:25"
 
+    [destinations]                    # scheduling per next hop (docs/scheduling.md)
+    concurrency = 20                  # attempts at once per destination
+    initial_window = 5
+    dead_after = 5                    # connection failures in a row: dead
+    cool_down = 300                   # seconds dead before one probe (doubles, max_cool_down)
+
+    [destinations."*.example.net"]    # a destination name, or a glob
+    concurrency = 2
+    message_rate = "30/min"           # also connection_rate; per second, minute or hour
+
     [retry]
     initial = 300
     factor = 2.0
@@ -67,12 +77,13 @@ import socket
 import ssl
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from smtpq.daemon.errors import StartupError
 from smtpq.edge.server import EdgeConfig
+from smtpq.queue.destinations import DestinationLimits, DestinationPolicy, parse_rate
 from smtpq.relay.mx import MxRelayConfig, Route
 from smtpq.relay.smtp import SmtpRelayConfig
 from smtpq.storage.disk import SyncMode
@@ -261,6 +272,7 @@ class Config:
     mx: MxRelayConfig = field(default_factory=MxRelayConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    destinations: DestinationPolicy = field(default_factory=DestinationPolicy)
     workers: int = field(default_factory=default_workers)
     relay_pool: int = 100
     grace_period: float = 30.0
@@ -359,7 +371,7 @@ def build_config(data: dict[str, Any]) -> Config:
     top: dict[str, Any] = {}
     defaults = Config(hostname="localhost", workers=1)
     for key, value in data.items():
-        if key not in (*_SECTIONS, "routes", *TOP):
+        if key not in (*_SECTIONS, "routes", "destinations", *TOP):
             raise ConfigError(f"unknown setting {key}")
         if key in TOP:
             top[key] = _check(value, getattr(defaults, key), key)
@@ -378,9 +390,51 @@ def build_config(data: dict[str, Any]) -> Config:
             extra = {"routes": routes}
         section = edge_data if name == "edge" else data.get(name, {})
         sections[name] = _section(cls, section, name, extra)
-    config = Config(listen=listen, **sections, **top)
+    destinations = _destinations(data.get("destinations", {}))
+    config = Config(listen=listen, **sections, **top, destinations=destinations)
     _validate(config)
     return config
+
+
+_RATES = ("message_rate", "connection_rate")
+
+
+def _destinations(value: Any) -> DestinationPolicy:
+    """``[destinations]``: the defaults, and a sub-table per name pattern that overrides some
+    of them (``[destinations."example.com"]``)."""
+    if not isinstance(value, dict):
+        raise ConfigError("[destinations] must be a table")
+    defaults = {k: v for k, v in value.items() if not isinstance(v, dict)}
+    max_wait = _check(defaults.pop("max_wait", 120.0), 120.0, "destinations.max_wait")
+    default = _limits(DestinationLimits(), defaults, "destinations")
+    patterns = tuple(
+        (pattern, _limits(default, table, f'destinations."{pattern}"'))
+        for pattern, table in value.items()
+        if isinstance(table, dict)
+    )
+    try:
+        return DestinationPolicy(default, patterns, max_wait=max_wait)
+    except ValueError as exc:
+        raise ConfigError(f"[destinations]: {exc}") from None
+
+
+def _limits(base: DestinationLimits, data: dict[str, Any], where: str) -> DestinationLimits:
+    names = {f.name for f in fields(DestinationLimits)}
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown setting {where}.{key}")
+        if key in _RATES:
+            try:
+                changes[key] = parse_rate(value)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{where}.{key}: {exc}") from None
+        else:
+            changes[key] = _check(value, getattr(base, key), f"{where}.{key}")
+    try:
+        return replace(base, **changes)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"[{where}]: {exc}") from None
 
 
 def _routes(value: Any) -> dict[str, Route]:

@@ -2,14 +2,17 @@
 
 Counters count recipients where the event is about recipients (delivered, deferred, bounced,
 expired) and messages where it is about messages (accepted, operator actions). Gauges are read
-from the storage at scrape time, and the edges' refusals from the edges
-(:meth:`Metrics.add_edge`). docs/grafana/smtpq.json is a dashboard of these metrics (a test
-checks that every metric it queries is served here).
+from the storage at scrape time, the edges' refusals from the edges (:meth:`Metrics.add_edge`),
+and the destinations' from the queue's scheduler: the ``smtpq_destination_*`` gauges have a
+``destination`` label for the :data:`TOP_DESTINATIONS` busiest destinations (dead ones first)
+and ``other`` for the rest, so that delivering to a million domains does not make a million
+series. docs/grafana/smtpq.json is a dashboard of these metrics (a test checks that every
+metric it queries is served here).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -18,9 +21,13 @@ from prometheus_client.registry import Collector
 from smtpq.clock import Clock
 from smtpq.edge.server import REFUSALS, SmtpEdge
 from smtpq.queue import QueueEvent
+from smtpq.queue.destinations import DestinationView
 from smtpq.storage.base import QueueStorage
 
-__all__ = ["Metrics"]
+__all__ = ["TOP_DESTINATIONS", "Metrics"]
+
+#: Destinations with a label of their own; the others are summed as ``other``.
+TOP_DESTINATIONS = 20
 
 #: The operators' actions, counted per message (see :mod:`smtpq.daemon.ops`).
 OPERATOR_ACTIONS = ("flushed", "held", "released", "deleted", "requeued", "bounced")
@@ -83,10 +90,62 @@ class _EdgeCounters(Collector):
         yield connections
 
 
-class Metrics:
-    """The daemon's metrics registry. Call :meth:`observe` with each QueueEvent."""
+class _DestinationGauges(Collector):
+    """Per destination: waiting, in flight, window, limit, dead, recent attempt rate."""
 
-    def __init__(self, storage: QueueStorage, clock: Clock) -> None:
+    def __init__(self, views: Callable[[], Sequence[DestinationView]]) -> None:
+        self.views = views
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        views = sorted(
+            self.views(), key=lambda v: (v.state == "active", -(v.waiting + v.in_flight), v.name)
+        )
+        top, rest = views[:TOP_DESTINATIONS], views[TOP_DESTINATIONS:]
+
+        def family(name: str, text: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"smtpq_destination_{name}", text, labels=["destination"])
+
+        waiting = family("waiting", "Messages waiting for a relay slot.")
+        in_flight = family("in_flight", "Delivery attempts running.")
+        window = family("window", "Attempts the concurrency window allows now.")
+        limit = family("limit", "The concurrency limit.")
+        dead = family("dead", "1 while dead (or probed), else 0; for other: how many are.")
+        rate = family("attempts_per_second", "Attempts per second over the last minute.")
+        for v in top:
+            waiting.add_metric([v.name], v.waiting)
+            in_flight.add_metric([v.name], v.in_flight)
+            window.add_metric([v.name], v.window)
+            limit.add_metric([v.name], v.limit)
+            dead.add_metric([v.name], 0 if v.state == "active" else 1)
+            rate.add_metric([v.name], v.rate)
+        if rest:
+            waiting.add_metric(["other"], sum(v.waiting for v in rest))
+            in_flight.add_metric(["other"], sum(v.in_flight for v in rest))
+            dead.add_metric(["other"], sum(v.state != "active" for v in rest))
+            rate.add_metric(["other"], sum(v.rate for v in rest))
+        yield from (waiting, in_flight, window, limit, dead, rate)
+        known = GaugeMetricFamily(
+            "smtpq_destinations", "Destinations the scheduler knows, by state.", labels=["state"]
+        )
+        for state in ("active", "dead", "probing"):
+            known.add_metric([state], sum(v.state == state for v in views))
+        yield known
+
+
+class Metrics:
+    """The daemon's metrics registry. Call :meth:`observe` with each QueueEvent.
+
+    :param destinations: the queue's destinations (:meth:`smtpq.queue.Queue.destination_views`)
+        for the ``smtpq_destination_*`` gauges.
+    """
+
+    def __init__(
+        self,
+        storage: QueueStorage,
+        clock: Clock,
+        *,
+        destinations: Callable[[], Sequence[DestinationView]] | None = None,
+    ) -> None:
         self.storage = storage
         self.clock = clock
         self.last_info: dict[str, float | int | None] = {}
@@ -117,6 +176,8 @@ class Metrics:
         r.register(_QueueGauges(self))
         self.edges: list[SmtpEdge] = []
         r.register(_EdgeCounters(self.edges))
+        if destinations is not None:
+            r.register(_DestinationGauges(destinations))
 
     def add_edge(self, edge: SmtpEdge) -> None:
         """Serve ``edge``'s refusals and connections too."""

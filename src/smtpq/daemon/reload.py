@@ -2,10 +2,11 @@
 
 Pure: compares two validated :class:`~smtpq.daemon.config.Config` objects. A running daemon
 can take a new relay (smarthost, MX settings, routes, the SMTP client's settings), retry
-schedule, edge limits and access rules, TLS files and credentials file, grace period and log
-level or format without dropping a connection or a message. It cannot move its listening
-sockets, its storage, its admin API, its host name or its number of workers and relay slots:
-those are named as needing a restart, and the daemon keeps running with the values it has.
+schedule, destination limits, edge limits and access rules, TLS files and credentials file,
+grace period and log level or format without dropping a connection or a message. It cannot
+move its listening sockets, its storage, its admin API, its host name or its number of workers
+and relay slots: those are named as needing a restart, and the daemon keeps running with the
+values it has.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ __all__ = ["ReloadPlan", "plan_reload"]
 #: Top-level settings a reload applies.
 _LIVE_TOP = {"grace_period", "log_level", "log_format"}
 #: Sections a reload applies; in [edge], all but what the listening sockets are made with.
-_LIVE_SECTIONS = {"edge", "relay", "smtp", "mx", "retry"}
+_LIVE_SECTIONS = {"edge", "relay", "smtp", "mx", "retry", "destinations"}
 _RESTART_EDGE = {"implicit_tls", "reuse_port"}
-_SECTIONS = ("edge", "storage", "relay", "smtp", "mx", "retry", "admin")
+_SECTIONS = ("edge", "storage", "relay", "smtp", "mx", "retry", "admin", "destinations")
 _TOP = ("listen", *TOP)
 #: Sections whose change means a new relay.
 RELAY_SECTIONS = ("relay", "smtp", "mx")
@@ -69,7 +70,7 @@ def plan_reload(running: Config, new: Config) -> ReloadPlan:
         old_part, new_part = getattr(running, section), getattr(new, section)
         kept: dict[str, Any] = {}
         for f in fields(old_part):
-            if f.name in RESERVED.get(section, set()):
+            if f.name in RESERVED.get(section, set()) or not f.compare:
                 continue
             old, value = getattr(old_part, f.name), getattr(new_part, f.name)
             if old == value:

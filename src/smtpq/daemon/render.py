@@ -15,6 +15,7 @@ from dataclasses import fields
 from typing import Any
 
 from smtpq.daemon.config import RESERVED, TOP, Config, format_hostport
+from smtpq.queue.destinations import DestinationLimits
 
 __all__ = ["render_config"]
 
@@ -53,12 +54,25 @@ def render_config(config: Config, *, secrets: bool = True) -> str:
                 lines.append(f"# {f.name} = (hidden)")
             else:
                 lines.append(f"{f.name} = {toml_value(value)}")
+    lines += ["", "[destinations]", *_limits(config.destinations.default)]
+    lines.append(f"max_wait = {toml_value(config.destinations.max_wait)}")
+    for pattern, limits in config.destinations.patterns:
+        lines += ["", f"[destinations.{toml_key(pattern)}]", *_limits(limits)]
     lines += ["", "[routes]"]
     lines += [
         f"{toml_key(domain)} = {toml_value(format_hostport(route.host, route.port))}"
         for domain, route in sorted(config.mx.routes.items())
     ]
     return "\n".join(lines) + "\n"
+
+
+def _limits(limits: DestinationLimits) -> list[str]:
+    """One destination's limits, every field (a rate per second; unset: a comment)."""
+    return [
+        f"# {f.name} is not set" if value is None else f"{f.name} = {toml_value(value)}"
+        for f in fields(limits)
+        for value in [getattr(limits, f.name)]
+    ]
 
 
 def toml_key(key: str) -> str:

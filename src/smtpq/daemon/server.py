@@ -19,7 +19,7 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -37,6 +37,8 @@ from smtpq.daemon.errors import StartupError
 from smtpq.envelope import Envelope
 from smtpq.policy import AddMissingHeaders, AddReceivedHeader
 from smtpq.queue import Queue
+from smtpq.queue.destinations import DestinationPolicy
+from smtpq.queue.shared import DestinationStore
 from smtpq.relay.base import Relay, RelayResult
 from smtpq.relay.mx import MxSmtpRelay
 from smtpq.relay.smtp import StaticSmtpRelay
@@ -247,8 +249,16 @@ def build_backoff(config: Config, clock: Clock) -> DefaultBackoff:
     )  # fmt: skip
 
 
-def build_queue(config: Config, storage: QueueStorage, relay: Relay | None, clock: Clock) -> Queue:
-    """The Queue with the daemon's backoff and the trace/missing-header policies."""
+def build_queue(
+    config: Config,
+    storage: QueueStorage,
+    relay: Relay | None,
+    clock: Clock,
+    destinations: tuple[DestinationPolicy, DestinationStore] | None = None,
+) -> Queue:
+    """The Queue with the daemon's backoff and the trace/missing-header policies (and the
+    worker's destination policy and store, :func:`~smtpq.daemon.destinations.destination_setup`)."""
+    policy, shared = destinations or (config.destinations, None)
     return Queue(
         storage,
         relay,
@@ -260,6 +270,8 @@ def build_queue(config: Config, storage: QueueStorage, relay: Relay | None, cloc
         policies=[AddReceivedHeader(config.hostname), AddMissingHeaders(config.hostname)],
         delay_warnings=config.retry.delay_warnings,
         lifetime=config.retry.lifetime,
+        destinations=policy,
+        destination_store=shared,
     )
 
 
@@ -312,6 +324,10 @@ class ReloadableRelay(Relay):
         self.relay = relay
         self._running: dict[int, int] = {}  # id(relay) -> attempts under way
         self._closing: set[asyncio.Task[None]] = set()
+
+    def destinations(self, envelope: Envelope) -> Mapping[str, list[str]]:
+        """The current relay's destinations (the scheduler's view of the next hops)."""
+        return self.relay.destinations(envelope)
 
     async def attempt(self, envelope: Envelope, attempts: int) -> RelayResult:
         """Deliver through the current relay."""

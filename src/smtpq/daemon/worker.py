@@ -25,6 +25,7 @@ from typing import Any
 from smtpq.clock import Clock, SystemClock
 from smtpq.daemon.admin import AdminServer
 from smtpq.daemon.config import Config, ConfigError, ConfigSource, build_config, parse_hostport
+from smtpq.daemon.destinations import destination_policy, destination_setup
 from smtpq.daemon.errors import StartupError
 from smtpq.daemon.logs import configure_logging
 from smtpq.daemon.metrics import Metrics
@@ -115,13 +116,15 @@ class Daemon:
         config = self.config
         self.relay = relay = ReloadableRelay(build_relay(config))
         stack.push_async_callback(relay.close)
+        destinations = destination_setup(config, self.workers)
+        stack.push_async_callback(destinations[1].close)
         admins: list[AdminServer] = []
         registries: list[Metrics] = []
         for shard in self.owned:
             storage = build_storage(config, shard)
             stack.push_async_callback(storage.close)
-            queue = build_queue(config, storage, relay, self.clock)
-            metrics = Metrics(storage, self.clock)
+            queue = build_queue(config, storage, relay, self.clock, destinations)
+            metrics = Metrics(storage, self.clock, destinations=queue.destination_views)
             registries.append(metrics)
             queue.observers.append(metrics.observe)
             tcp = None
@@ -215,6 +218,8 @@ class Daemon:
             if plan.changes("retry"):
                 queue.backoff = build_backoff(config, self.clock)
                 queue.rules = RetryRules(config.retry.delay_warnings, config.retry.lifetime)
+            if plan.changes("destinations"):
+                queue.set_destination_policy(destination_policy(config, self.workers))
             queue.grace_period = config.grace_period
         configure_logging(config.log_level, config.log_format)
         self.config = config

@@ -5,6 +5,19 @@ due messages from the storage's schedule, renews the leases of running attempts,
 the steps that :func:`smtpq.queue.rules.plan` decides, in their order. Bookkeeping after an
 attempt runs shielded from cancellation, so that stopping never loses what an attempt achieved.
 
+Attempts are scheduled per destination (DESIGN §4, docs/scheduling.md): a message's recipients
+split into destinations (:meth:`Relay.destinations <smtpq.relay.base.Relay.destinations>`)
+before any relay slot is taken, and each (message, destination) part waits in its
+destination's ready queue for a slot, within the destination's window
+(:mod:`smtpq.queue.scheduler`). A part for a dead destination is deferred without connecting,
+with the reply that says so; that deferral counts as the message's attempt, because it happens
+when the message is due and spaces the next one by the backoff, as a real attempt would: the
+message's retries last exactly as long as its retry policy says, and it waits on a dead
+destination no longer. Claims are bounded by what can run soon (:data:`READY_FACTOR`); a
+message that cannot be attempted soon — its destination has too much waiting for it, or it
+waited ``max_wait`` — is given back to the schedule for later, without counting an attempt
+(:func:`~smtpq.queue.rules.postpone`). The lease of every message in memory is renewed.
+
 When a step fails (the storage, or a DSN that could not be queued), the steps left are kept in
 memory with the message's lease and carried out again :data:`RECORD_RETRY_DELAY` seconds later:
 what the attempt achieved is neither lost nor repeated (no second delivery, no second bounce),
@@ -30,23 +43,32 @@ from smtpq.envelope import Envelope
 from smtpq.errors import EnvelopeFormatError, QueueError
 from smtpq.notice import Action, Notice, outcomes_for
 from smtpq.policy import QueuePolicy
+from smtpq.queue.destinations import DestinationPolicy, DestinationView
 from smtpq.queue.event import EventKind, QueueEvent
+from smtpq.queue.parts import MessageAttempt, Part, split
 from smtpq.queue.rules import (
     Attempt,
     CountAttempt,
+    Judgement,
     MarkDone,
     Reschedule,
     RetryRules,
     SendNotice,
     Step,
+    Verdict,
     judge,
+    may_postpone,
     plan,
+    postpone,
+    record_delivered,
 )
-from smtpq.relay.base import Relay, RelayError, RelayResult
+from smtpq.queue.scheduler import DestinationScheduler
+from smtpq.queue.shared import DestinationStore, LocalDestinationStore
+from smtpq.relay.base import Relay
 from smtpq.reply import Reply
 from smtpq.storage.base import QueueStorage
 
-__all__ = ["RECORD_RETRY_DELAY", "Queue", "QueueEvent"]
+__all__ = ["READY_FACTOR", "RECORD_RETRY_DELAY", "Queue", "QueueEvent"]
 
 log = logging.getLogger("smtpq.queue")
 T = TypeVar("T")
@@ -56,6 +78,8 @@ _DETAIL_EVENTS = frozenset({EventKind.ATTEMPTED, EventKind.REMOVED})
 
 #: Seconds before the steps left of a failed recording are tried again.
 RECORD_RETRY_DELAY = 60.0
+#: Messages held in memory (claimed, waiting for a slot or attempted), per relay slot.
+READY_FACTOR = 4
 
 _MESSAGE_ID = re.compile(rb"(?:^|\n)message-id[ \t]*:[ \t]*((?:[^\r\n]|\r?\n[ \t])*)", re.I)
 #: The longest Message-ID logged: a sender's header must not make a log line of any length.
@@ -93,7 +117,8 @@ class Queue:
         :class:`~smtpq.bounce.FunctionNotifier`), and ``notifier`` the other notices.
     :param bounce_queue: where bounces are enqueued (default: this queue).
     :param store_pool: at most this many storage operations at once (None: no bound).
-    :param relay_pool: at most this many delivery attempts at once (default 100).
+    :param relay_pool: at most this many delivery attempts at once (default 100), shared round
+        robin among the destinations with due work.
     :param clock: time source (:class:`~smtpq.clock.SystemClock`); tests inject a ManualClock.
     :param grace_period: seconds that stopping waits for running attempts.
     :param poll_interval: longest idle wait before the schedule is looked at again anyway.
@@ -103,6 +128,12 @@ class Queue:
         after a last attempt then; None: only the backoff gives up. Default 5 days.
     :param notifier: makes the DSNs (:class:`~smtpq.bounce.Notifier`; default
         :class:`~smtpq.bounce.BounceFactory` with ``hostname``).
+    :param destinations: the limits per destination
+        (:class:`~smtpq.queue.destinations.DestinationPolicy`; default: concurrency 20,
+        initial window 5, dead after 5 connection failures for 5 minutes, no rate limits).
+    :param destination_store: what this queue shares with others about destinations
+        (:mod:`smtpq.queue.shared`; default: a store of its own). Give every Queue on one
+        Redis a :class:`~smtpq.storage.redis_destinations.RedisDestinationStore`.
     """
 
     def __init__(
@@ -123,6 +154,8 @@ class Queue:
         delay_warnings: Sequence[float] = (),
         lifetime: float | None = DEFAULT_LIFETIME,
         notifier: Notifier | None = None,
+        destinations: DestinationPolicy | None = None,
+        destination_store: DestinationStore | None = None,
     ) -> None:
         self.store = store
         self.relay = relay
@@ -138,12 +171,22 @@ class Queue:
         self.poll_interval = poll_interval
         self.rules = RetryRules(tuple(delay_warnings), lifetime)
         self.capacity = relay_pool or 100
-        self._relay_sem = asyncio.Semaphore(self.capacity)
+        self.destination_policy = destinations or DestinationPolicy()
+        self.destination_store = destination_store or LocalDestinationStore()
+        self._scheduler: DestinationScheduler[Part] | None = None
+        if relay is not None:
+            self._scheduler = DestinationScheduler(
+                relay, self.clock, self.destination_store, self.destination_policy,
+                self.capacity, on_attempted=self._attempted, on_deferred=self._deferred,
+                on_released=self._released, on_cancelled=self._withdraw,
+            )  # fmt: skip
         self._store_sem = asyncio.Semaphore(store_pool) if store_pool else None
-        self._inflight: dict[str, asyncio.Task[None]] = {}
+        #: Messages leased by this queue and in memory: reading (None), waiting, attempted.
+        self._messages: dict[str, MessageAttempt | None] = {}
         #: Messages whose recording failed: the steps left wait here, with the lease kept.
         self._parked: dict[str, asyncio.Task[None]] = {}
         self._settling: set[asyncio.Task[None]] = set()
+        self._reading: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._running = False
@@ -157,7 +200,8 @@ class Queue:
         if self._running:
             return
         self._running = True
-        if self.relay is not None:
+        if self._scheduler is not None:
+            self._scheduler.start()
             self._tasks = [
                 asyncio.create_task(self._schedule_loop(), name="smtpq-scheduler"),
                 asyncio.create_task(self._renew_loop(), name="smtpq-lease-renewal"),
@@ -166,8 +210,9 @@ class Queue:
     async def stop(self, grace_period: float | None = None) -> None:
         """Stop claiming; let running attempts finish within the grace period; keep the rest.
 
-        Attempts still running after the grace period are cancelled and their leases released,
-        so that they are attempted again (here after a restart, or by another worker).
+        Messages waiting for a slot are given back at once. Attempts still running after the
+        grace period are cancelled and their leases released, so that they are attempted again
+        (here after a restart, or by another worker).
         """
         if not self._running:
             return
@@ -177,14 +222,21 @@ class Queue:
         scheduler = self._tasks[:1]
         if scheduler:
             await asyncio.gather(*scheduler, return_exceptions=True)
-        running = list(self._inflight.values())
-        if running:
-            _, late = await asyncio.wait(running, timeout=grace)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+        while self._reading:
+            await asyncio.gather(*list(self._reading), return_exceptions=True)
+        if self._scheduler is not None:
+            for part in self._scheduler.close():
+                self._withdraw(part)
+            running = list(self._scheduler.running)
+            if running:
+                _, late = await asyncio.wait(running, timeout=grace)
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
         while self._settling:
             await asyncio.gather(*list(self._settling), return_exceptions=True)
+        if self._scheduler is not None:
+            await self._scheduler.aclose()
         await self._unpark()
         for task in self._tasks[1:]:
             task.cancel()
@@ -210,8 +262,19 @@ class Queue:
 
     @property
     def inflight(self) -> int:
-        """Delivery attempts running now."""
-        return len(self._inflight)
+        """Messages being attempted now: claimed, waiting for a slot or in an attempt, until
+        their outcome is recorded."""
+        return len(self._messages)
+
+    def destination_views(self) -> list[DestinationView]:
+        """Every destination this queue knows, with its state (empty without a relay)."""
+        return self._scheduler.views() if self._scheduler is not None else []
+
+    def set_destination_policy(self, policy: DestinationPolicy) -> None:
+        """Schedule with new destination limits from now on (a configuration reload)."""
+        self.destination_policy = policy
+        if self._scheduler is not None:
+            self._scheduler.set_policy(policy)
 
     def add_policy(self, policy: QueuePolicy) -> None:
         """Apply ``policy`` to every envelope enqueued from now on, after the earlier ones."""
@@ -263,7 +326,7 @@ class Queue:
         )
         if deliver:
             pending = tuple(range(len(env.recipients)))
-            self._spawn(id, self._attempt(Attempt(id, env.copy(), 0, pending, now)))
+            self._admit(Attempt(id, env.copy(), 0, pending, now))
         return id
 
     async def flush(self, ids: Sequence[str] | None = None) -> int:
@@ -272,7 +335,7 @@ class Queue:
         self._wake.set()
         return count
 
-    # -- scheduling ----------------------------------------------------------------------------
+    # -- claiming ------------------------------------------------------------------------------
 
     async def _store(self, op: Awaitable[T]) -> T:
         if self._store_sem is None:
@@ -280,23 +343,15 @@ class Queue:
         async with self._store_sem:
             return await op
 
-    def _spawn(self, id: str, coro: Awaitable[None]) -> None:
-        async def run() -> None:
-            try:
-                await coro
-            except Exception:
-                log.exception("attempt of %s failed unexpectedly; it stays queued", id)
-            finally:
-                self._inflight.pop(id, None)
-                self._wake.set()
-
-        self._inflight[id] = asyncio.create_task(run(), name=f"smtpq-attempt-{id}")
+    def _room(self) -> int:
+        """How many more messages to claim now: no more than can be attempted soon."""
+        return min(self.capacity, READY_FACTOR * self.capacity - len(self._messages))
 
     async def _schedule_loop(self) -> None:
         """Claim due messages while there is room, else sleep until something may be due."""
         failures = 0
         while self._running:
-            free = self.capacity - len(self._inflight)
+            free = self._room()
             claimed: list[str] = []
             if free > 0:
                 try:
@@ -307,9 +362,12 @@ class Queue:
                     log.exception("claiming due messages failed (%d in a row)", failures)
                 for id in claimed:
                     # Our own lease ran out under a slow attempt or a parked recording.
-                    if id in self._inflight or id in self._parked:
+                    if id in self._messages or id in self._parked:
                         continue
-                    self._spawn(id, self._attempt_stored(id))
+                    self._messages[id] = None
+                    task = asyncio.create_task(self._read(id), name=f"smtpq-read-{id}")
+                    self._reading.add(task)
+                    task.add_done_callback(self._reading.discard)
                 if claimed and len(claimed) == free:
                     continue
             await self._idle(free, failures)
@@ -346,79 +404,208 @@ class Queue:
         self._wake.clear()
 
     async def _renew_loop(self) -> None:
-        """Renew the leases of running attempts a few times per lease period."""
-        interval = max(0.05, self.store.lease_timeout / 3)
+        """Renew the leases of the messages in memory a few times per lease period (and the
+        destination store's leases of the running attempts)."""
+        interval = max(
+            0.05, min(self.store.lease_timeout, self.destination_store.lease_timeout) / 3
+        )
         while True:
             await self.clock.sleep(interval)
-            ids = [*self._inflight, *self._parked]
+            ids = [*self._messages, *self._parked]
+            now = self.clock.time()
             if ids:
                 try:
-                    await self._store(self.store.renew(ids, self.clock.time()))
+                    await self._store(self.store.renew(ids, now))
                 except Exception:
                     log.exception("renewing %d leases failed", len(ids))
+            if self._scheduler is not None:
+                await self._scheduler.renew(now)
 
     # -- attempting ----------------------------------------------------------------------------
 
-    async def _attempt_stored(self, id: str) -> None:
+    async def _read(self, id: str) -> None:
+        """Read a claimed message and admit it for its attempt."""
         try:
             entry = await self._store(self.store.get_entry(id))
         except KeyError:
+            self._messages.pop(id, None)
             return  # removed meanwhile (delivered elsewhere, or deleted by an operator)
         except EnvelopeFormatError:
             log.exception("message %s is unreadable; holding it for an operator", id)
+            self._messages.pop(id, None)
             with contextlib.suppress(Exception):
                 await self._store(self.store.set_held(id, True))
             return
         except Exception:
             log.exception("reading message %s failed; it stays queued", id)
+            self._messages.pop(id, None)
             with contextlib.suppress(Exception):
                 await self._store(self.store.release(id))
             return
-        if entry.held:
-            await self._store(self.store.release(id))
+        if entry.held or not self._running:
+            self._messages.pop(id, None)
+            with contextlib.suppress(Exception):
+                await self._store(self.store.release(id))
             return
-        await self._attempt(
-            Attempt(id, entry.envelope, entry.attempts, entry.pending, entry.timestamp)
-        )
+        self._admit(Attempt(id, entry.envelope, entry.attempts, entry.pending, entry.timestamp))
 
-    async def _attempt(self, a: Attempt) -> None:
+    def _admit(self, a: Attempt) -> None:
+        """Split a leased message into its destinations and hand the parts to the scheduler."""
+        assert self._scheduler is not None
+        groups = self._split(a)
+        message = MessageAttempt(a, len(groups))
+        self._messages[a.id] = message
+        if not groups:  # nothing pending: the plan removes it
+            self._conclude(message)
+            return
+        now = self.clock.time()
+        postponable = len(groups) == 1 and may_postpone(self.rules, a, now)
+        for name, (rcpts, indexes) in groups.items():
+            env = a.envelope if len(groups) == 1 else a.envelope.copy(rcpts)
+            part = Part(message, name, env, tuple(indexes), postponable)
+            if not self._scheduler.submit(part, now):
+                self._postpone_busy(part, now)
+
+    def _split(self, a: Attempt) -> dict[str, tuple[list[str], list[int]]]:
+        """The message's recipients (and their original indexes) by destination; when the
+        relay fails to name them, every one goes to the default destination."""
         assert self.relay is not None
-        result: RelayResult | BaseException
-        if not a.envelope.recipients:
-            result = None
-        else:
-            started = 0.0
-            try:
-                async with self._relay_sem:
-                    started = time.perf_counter()
-                    result = await self.relay.attempt(a.envelope, a.attempts)
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self.store.release(a.id))
-                raise
-            except RelayError as exc:
-                result = exc
-            except Exception as exc:
-                log.exception("relay raised an unexpected error for %s; will retry", a.id)
-                result = exc
-            took = time.perf_counter() - started
-            self._emit(
-                QueueEvent(
-                    EventKind.ATTEMPTED,
-                    a.id,
-                    a.envelope.recipients,
-                    attempt=a.attempts + 1,
-                    seconds=took,
-                )
+        try:
+            named = self.relay.destinations(a.envelope)
+        except Exception:
+            log.exception("the relay could not name the destinations of %s", a.id)
+            named = {}
+        return split(a.envelope.recipients, a.pending, named)
+
+    def _attempted(self, part: Part, judgement: Judgement, seconds: float) -> None:
+        """A part's attempt ended (the scheduler's report)."""
+        a = part.message.attempt
+        self._emit(
+            QueueEvent(
+                EventKind.ATTEMPTED,
+                a.id,
+                part.envelope.recipients,
+                attempt=a.attempts + 1,
+                destination=part.destination,
+                seconds=seconds,
             )
-        judgement = judge(a.envelope.recipients, a.pending, result)
-        retry = a.subset(judgement.transient) if judgement.transient else None
-        wait = self._ask_backoff(a, retry)
-        steps = plan(judgement, a, wait, self.rules, self.clock.time())
-        settle = asyncio.create_task(self._carry_out(a, steps))
-        self._settling.add(settle)
-        settle.add_done_callback(self._settling.discard)
-        await asyncio.shield(settle)
+        )
+        self._judged(part, judgement)
+
+    def _deferred(self, part: Part, reply: Reply, probe_at: float | None) -> None:
+        """A part deferred without connecting: its destination is dead. The probe candidate is
+        given back for the end of the cool-down instead, if it may wait that long."""
+        assert self._scheduler is not None
+        if probe_at is not None:
+            if may_postpone(self.rules, part.message.attempt, self.clock.time()):
+                self._postpone(part, probe_at, reason="the probe")
+                return
+            self._scheduler.dispatcher.want_probe(part.destination)
+        self._judged(part, judge(part.envelope.recipients, part.indexes, reply))
+
+    def _released(self, part: Part) -> None:
+        """A postponable part waited ``max_wait``: postpone it, unless it may not be."""
+        assert self._scheduler is not None
+        now = self.clock.time()
+        if may_postpone(self.rules, part.message.attempt, now):
+            self._postpone_busy(part, now)
+        else:
+            self._scheduler.resubmit(part, now)
+
+    def _postpone_busy(self, part: Part, now: float) -> None:
+        """Give back a message its destination cannot take soon (too much waits for it)."""
+        assert self._scheduler is not None
+        dest = self._scheduler.dispatcher.destination(part.destination)
+        at = dest.postpone_until(now, self.destination_policy.max_wait)
+        self._postpone(part, at, reason="destination busy")
+
+    def _postpone(self, part: Part, at: float, *, reason: str) -> None:
+        """Give a (single-destination) message back to the schedule, unattempted."""
+        now = self.clock.time()
+        steps = postpone(self.rules, part.message.attempt, part.destination, now, at, reason)
+        self._settle(part.message, steps)
+
+    def _withdraw(self, part: Part) -> None:
+        """A part taken back unattempted, or cancelled (stopping)."""
+        message = part.message
+        message.withdrawn = True
+        message.parts -= 1
+        if not message.parts:
+            self._conclude(message)
+
+    def _judged(self, part: Part, judgement: Judgement) -> None:
+        """Add a part's verdicts to its message; the last part concludes the attempt, an
+        earlier one records its deliveries at once."""
+        message = part.message
+        message.add(judgement)
+        message.parts -= 1
+        if not message.parts:
+            self._conclude(message)
+        elif judgement.delivered:
+            self._record_early(message, judgement.delivered)
+
+    def _record_early(self, message: MessageAttempt, verdicts: Sequence[Verdict]) -> None:
+        """Store a part's deliveries while the message's other parts run: a crash later must
+        not deliver them twice. A failure is left to the attempt's own recording."""
+        a = message.attempt
+
+        async def record() -> None:
+            async with message.lock:
+                try:
+                    await self._step(a.id, record_delivered(a.id, verdicts))
+                except Exception as exc:
+                    log.warning("recording deliveries of %s early failed (%s)", a.id, exc)
+                    return
+                message.recorded.update(v.index for v in verdicts)
+
+        self._track(asyncio.create_task(record()))
+
+    def _conclude(self, message: MessageAttempt) -> None:
+        """Every part has ended: record the attempt (or, withdrawn, what it delivered)."""
+        a = message.attempt
+        if message.withdrawn:
+            fresh = [v for v in message.delivered if v.index not in message.recorded]
+            steps: list[Step] = [record_delivered(a.id, fresh)] if fresh else []
+            self._settle(message, steps, release=True)
+            return
+
+        def steps_now() -> list[Step]:
+            judgement = message.judgement()
+            retry = a.subset(judgement.transient) if judgement.transient else None
+            wait = self._ask_backoff(a, retry)
+            now = self.clock.time()
+            return plan(judgement, a, wait, self.rules, now, recorded=message.recorded)
+
+        self._settle(message, steps_now)
+
+    def _settle(
+        self,
+        message: MessageAttempt,
+        steps: Sequence[Step] | Callable[[], Sequence[Step]],
+        *,
+        release: bool = False,
+    ) -> None:
+        """Carry the steps out (made once the earlier recordings ended, when a function),
+        shielded from cancellation; then forget the message (``release``: and its lease)."""
+        a = message.attempt
+
+        async def settle() -> None:
+            try:
+                async with message.lock:
+                    await self._carry_out(a, steps if isinstance(steps, Sequence) else steps())
+                    if release:
+                        with contextlib.suppress(Exception):
+                            await self._store(self.store.release(a.id))
+            finally:
+                if self._messages.get(a.id) is message:
+                    del self._messages[a.id]
+                self._wake.set()
+
+        self._track(asyncio.create_task(settle(), name=f"smtpq-record-{a.id}"))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     def _ask_backoff(self, a: Attempt, retry: Envelope | None) -> float | None:
         """The backoff's answer for the recipients to retry (None when there are none).

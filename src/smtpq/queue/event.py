@@ -18,6 +18,8 @@ class EventKind(StrEnum):
     ATTEMPTED = "attempted"
     DELIVERED = "delivered"
     DEFERRED = "deferred"
+    #: Given back to the schedule unattempted: its destination had too much waiting for it.
+    POSTPONED = "postponed"
     #: A DSN reported recipients as failed (or, with ``dsn=none``, none was due).
     BOUNCED = "bounced"
     #: Given up: the message's lifetime ran out.

@@ -15,6 +15,19 @@ carries out the steps :func:`plan` returns, one after the other (DESIGN §2, §3
 When every recipient is delivered in one attempt (and no notice is due), the removal records it:
 the usual case costs no update first.
 
+**Several destinations.** The driver attempts a message once per destination
+(:mod:`smtpq.queue.dispatch`), and the parts end at different times. A part that ends while
+others run records only its delivered recipients, at once (:func:`record_delivered`); the last
+one plans the whole attempt from every part's verdicts (:func:`plan` with ``recorded``, the
+ones stored already): one DSN per attempt, one attempt counted, one next-attempt time.
+
+**Postponed, not attempted.** A message given back to the schedule unattempted — its
+destination had too many messages waiting for it, or it is kept for the probe at the end of a
+dead destination's cool-down — is rescheduled without counting an attempt
+(:func:`postpone`), and only when that cannot skip what an attempt now would do: it is not
+expired, and no delay warning is due in its window (:func:`may_postpone`). So the scheduler's
+own congestion never uses up a message's retries, nor loses a warning.
+
 **Delay warnings.** A threshold ``T`` (seconds since arrival ``A``) is reported by the attempt
 whose window — from the time it was due, ``s``, to its failure, ``now`` — contains ``A + T``
 (:func:`delay_warning_due`). The windows of successive attempts never overlap, because every
@@ -30,7 +43,7 @@ or the wall clock stepping back.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from smtpq.backoff import DEFAULT_LIFETIME
@@ -55,8 +68,11 @@ __all__ = [
     "delay_warning_due",
     "is_expired",
     "judge",
+    "may_postpone",
     "next_attempt_time",
     "plan",
+    "postpone",
+    "record_delivered",
 ]
 
 
@@ -295,18 +311,27 @@ def _indexes(verdicts: Sequence[Verdict]) -> tuple[int, ...]:
     return tuple(v.index for v in verdicts)
 
 
+def record_delivered(id: str, verdicts: Sequence[Verdict]) -> MarkDone:
+    """Record the delivered recipients of a part that ended before the attempt's last."""
+    return MarkDone(_indexes(verdicts), tuple(_events(EventKind.DELIVERED, id, verdicts)))
+
+
 def plan(
     judgement: Judgement,
     attempt: Attempt,
     wait: float | None,
     rules: RetryRules,
     now: float,
+    *,
+    recorded: Collection[int] = (),
 ) -> list[Step]:
     """The steps that record ``judgement``, in the order they must be carried out.
 
     :param wait: the backoff's answer for the transient recipients (asked with the attempt
         count this attempt makes), None to give up; ignored when there are none.
     :param now: when the attempt ended.
+    :param recorded: indexes of delivered recipients stored already (by
+        :func:`record_delivered`): not marked, nor logged, again.
     """
     env, id = attempt.envelope, attempt.id
     received = env.timestamp if env.timestamp is not None else attempt.scheduled
@@ -319,10 +344,11 @@ def plan(
     steps: list[Step] = []
     recorded_by_removal: list[QueueEvent] = []
 
-    delivered = _events(EventKind.DELIVERED, id, judgement.delivered)
+    fresh = [v for v in judgement.delivered if v.index not in recorded]
+    delivered = _events(EventKind.DELIVERED, id, fresh)
     relayed = [v for v in judgement.delivered if env.sender and _wants_success_notice(env, v)]
-    if judgement.delivered and (failed or left or relayed):
-        steps.append(MarkDone(_indexes(judgement.delivered), tuple(delivered)))
+    if fresh and (failed or left or relayed):
+        steps.append(MarkDone(_indexes(fresh), tuple(delivered)))
     else:
         recorded_by_removal += delivered
     if relayed:
@@ -368,3 +394,37 @@ def plan(
     deferred = _events(EventKind.DEFERRED, id, left, attempts=made, delay=f"{at - now:.0f}s")
     steps.append(Reschedule(at, left[0].reply, tuple(deferred)))
     return steps
+
+
+def may_postpone(rules: RetryRules, attempt: Attempt, now: float) -> bool:
+    """Whether a message due now may be given back unattempted (see the module docstring):
+    not when it has expired (its last attempt is due), nor when a delay warning is."""
+    env = attempt.envelope
+    received = env.timestamp if env.timestamp is not None else attempt.scheduled
+    if is_expired(rules.lifetime, received, now):
+        return False
+    return delay_warning_due(rules.delay_warnings, received, attempt.scheduled, now) is None
+
+
+def postpone(
+    rules: RetryRules,
+    attempt: Attempt,
+    destination: str,
+    now: float,
+    at: float,
+    reason: str = "destination busy",
+) -> list[Step]:
+    """Give a message back unattempted, due again at ``at`` (or sooner, as
+    :func:`next_attempt_time` bounds it); its attempt count and last reply stay."""
+    env = attempt.envelope
+    received = env.timestamp if env.timestamp is not None else attempt.scheduled
+    when = next_attempt_time(rules, received, now, at - now)
+    event = QueueEvent(
+        EventKind.POSTPONED,
+        attempt.id,
+        env.recipients,
+        destination=destination,
+        delay=f"{when - now:.0f}s",
+        reason=f'"{reason}"' if " " in reason else reason,
+    )
+    return [Reschedule(when, None, (event,))]

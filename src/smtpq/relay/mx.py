@@ -1,7 +1,10 @@
 """MxSmtpRelay: delivery to each recipient domain's mail exchangers (RFC 5321 §5).
 
-Recipients are grouped by domain, one transaction per destination, all domains at once; the
-per-recipient replies are merged. For each domain the hosts are, in order: a static route when
+Recipients are grouped by domain, one transaction per domain, all domains at once; the
+per-recipient replies are merged. For the queue's scheduler (:meth:`MxSmtpRelay.destinations`)
+a recipient's destination is its domain — all the mail exchangers of one domain share its
+limits —, or, for a domain with a static route, the route's ``host:port``, which every domain
+routed there shares. For each domain the hosts are, in order: a static route when
 one is configured; else the MX records by preference (random among equal ones); else the domain
 itself (implicit MX, its A/AAAA records). The next host is tried when one fails as a whole
 (connection, greeting, session set-up, connection lost, 421).
@@ -37,13 +40,16 @@ import dns.resolver
 from dns.rdtypes.ANY.MX import MX
 
 from smtpq.envelope import Envelope
-from smtpq.relay.base import RecipientResult, Relay
+from smtpq.relay.base import RecipientResult, Relay, next_hop_name
 from smtpq.relay.smtp import SmtpPool, SmtpRelayConfig, TlsMode, addressed
 from smtpq.reply import Reply, unexpected_error_reply
 
-__all__ = ["MxRelayConfig", "MxSmtpRelay", "Route", "reply_for_dns_error"]
+__all__ = ["BAD_ADDRESS", "MxRelayConfig", "MxSmtpRelay", "Route", "reply_for_dns_error"]
 
 log = logging.getLogger("smtpq.relay")
+
+#: The destination of recipients without a domain (refused with 5.1.3, never connected for).
+BAD_ADDRESS = "(bad address)"
 
 # Beyond this many pools, the ones with no connection are forgotten.
 _MAX_POOLS = 256
@@ -131,6 +137,15 @@ class _NoRoute(Exception):
     def __init__(self, reply: Reply) -> None:
         super().__init__(str(reply))
         self.reply = reply
+
+
+def _domain_of(rcpt: str) -> str | None:
+    """The recipient's domain as routes and DNS know it (lower case, no final dot), or None
+    for an address without a local part or a domain."""
+    local, at, domain = rcpt.rpartition("@")
+    if not at or not local or not domain:
+        return None
+    return domain.lower().rstrip(".")
 
 
 class MxSmtpRelay(Relay):
@@ -246,6 +261,22 @@ class MxSmtpRelay(Relay):
         real.sort(key=lambda pair: pair[0])  # stable: the shuffle orders equal preferences
         return [host for _, host in real]
 
+    # -- destinations --------------------------------------------------------------------------
+
+    def destinations(self, envelope: Envelope) -> Mapping[str, list[str]]:
+        """Recipients by domain, or by route for routed domains; see
+        :meth:`smtpq.relay.base.Relay.destinations`. No DNS: only names are compared."""
+        groups: dict[str, list[str]] = {}
+        for rcpt in dict.fromkeys(envelope.recipients):
+            domain = _domain_of(rcpt)
+            if domain is None:
+                name = BAD_ADDRESS
+            else:
+                route = self._routes.get(domain)
+                name = domain if route is None else next_hop_name(route.host, route.port)
+            groups.setdefault(name, []).append(rcpt)
+        return groups
+
     # -- delivery ------------------------------------------------------------------------------
 
     def _pool(self, target: _Target, domain: str) -> SmtpPool:
@@ -295,12 +326,12 @@ class MxSmtpRelay(Relay):
         results: dict[str, RecipientResult] = {}
         groups: dict[str, list[str]] = {}
         for rcpt in dict.fromkeys(envelope.recipients):
-            local, at, domain = rcpt.rpartition("@")
-            if not at or not local or not domain:
+            domain = _domain_of(rcpt)
+            if domain is None:
                 text = "5.1.3 Bad destination mailbox address syntax"
                 results[rcpt] = Reply("550", text, "RCPT TO", rcpt)
                 continue
-            groups.setdefault(domain.lower().rstrip("."), []).append(rcpt)
+            groups.setdefault(domain, []).append(rcpt)
         outcomes = await asyncio.gather(
             *(self._guarded(envelope, domain, rcpts) for domain, rcpts in groups.items())
         )

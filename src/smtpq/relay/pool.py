@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from smtpq.envelope import Envelope
+from smtpq.relay.base import before_connect
 from smtpq.relay.session import (
     ConnectionLost,
     ReplyError,
@@ -190,6 +191,7 @@ class SmtpPool:
     # -- connections ---------------------------------------------------------------------------
 
     async def _connect(self) -> SmtpSession:
+        await before_connect()  # the queue's connection rate limit for this destination
         return await open_session(
             self.address,
             self.port,

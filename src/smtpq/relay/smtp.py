@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Mapping
 
 from smtpq.envelope import Envelope
-from smtpq.relay.base import RecipientResult, Relay
+from smtpq.relay.base import RecipientResult, Relay, next_hop_name
 from smtpq.relay.pool import Delivery, SmtpPool, addressed, reply_for_error
 from smtpq.relay.session import SmtpRelayConfig, TlsMode
 
@@ -37,7 +38,8 @@ class StaticSmtpRelay(Relay):
     :param config: TLS, AUTH, timeouts and reuse (:class:`SmtpRelayConfig`).
 
     ``attempt`` returns a Reply per recipient: RCPT refusals, the reply to the content for the
-    others.
+    others. Every recipient has one destination, the smarthost (``host:port``), so all mail
+    through it shares its limits and state in the queue's scheduler.
     """
 
     def __init__(
@@ -53,6 +55,11 @@ class StaticSmtpRelay(Relay):
             config = dataclasses.replace(config, pool_size=pool_size)
         self.config = config
         self.pool = SmtpPool(host, port, config)
+        self.destination = next_hop_name(host, port)
+
+    def destinations(self, envelope: Envelope) -> Mapping[str, list[str]]:
+        """One destination, the smarthost; see :meth:`smtpq.relay.base.Relay.destinations`."""
+        return {self.destination: list(envelope.recipients)}
 
     async def attempt(self, envelope: Envelope, attempts: int) -> dict[str, RecipientResult]:
         """Deliver to the smarthost; see :meth:`smtpq.relay.base.Relay.attempt`."""

@@ -51,6 +51,8 @@ class SinkBehaviour:
     hang_data: asyncio.Event | None = None
     #: This many MAIL commands are answered by closing the connection (a host gone meanwhile).
     close_at_mail: int = 0
+    #: Seconds before each RCPT is answered (a slow host).
+    rcpt_delay: float = 0.0
 
 
 class _SinkHandler:
@@ -94,6 +96,7 @@ class _SinkHandler:
             return self.sink.behaviour.mail
         # What the stream holds beyond this command: the RCPTs, if they came in the same write.
         self.pipelined = bool(getattr(server._reader, "_buffer", b""))
+        self.sink.transaction_started()
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
@@ -106,6 +109,8 @@ class _SinkHandler:
         address: str,
         options: list[str],
     ) -> str:
+        if self.sink.behaviour.rcpt_delay:
+            await asyncio.sleep(self.sink.behaviour.rcpt_delay)
         reply = self.sink.behaviour.rcpt.get(address.split("@")[0])
         self.sink.rcpt_log.append((address, reply or "250 2.1.5 Ok"))
         if reply:
@@ -116,6 +121,8 @@ class _SinkHandler:
 
     async def handle_RSET(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
         self.sink.resets += 1
+        if envelope.mail_from is not None:
+            self.sink.transaction_ended()
         return "250 2.0.0 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
@@ -137,6 +144,8 @@ class _SinkHandler:
                 pipelined=self.pipelined,
             )
         )
+        self.sink.arrived_at.append(asyncio.get_running_loop().time())
+        self.sink.transaction_ended()
         self.sink.arrived.set()
         return behaviour.data
 
@@ -214,6 +223,11 @@ class Sink:
         self.resets = 0
         #: Every RCPT TO address with the reply it was given, in order.
         self.rcpt_log: list[tuple[str, str]] = []
+        #: The loop time at which each transaction's content arrived.
+        self.arrived_at: list[float] = []
+        #: Mail transactions under way now, and the most there ever were at once.
+        self.transactions = 0
+        self.most_transactions = 0
         self.protocols: list[SMTP] = []
         self._server: asyncio.Server | None = None
 
@@ -244,6 +258,13 @@ class Sink:
         )
         self.protocols.append(proto)
         return proto
+
+    def transaction_started(self) -> None:
+        self.transactions += 1
+        self.most_transactions = max(self.most_transactions, self.transactions)
+
+    def transaction_ended(self) -> None:
+        self.transactions = max(0, self.transactions - 1)
 
     async def start(self) -> Sink:
         loop = asyncio.get_running_loop()

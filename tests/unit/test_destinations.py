@@ -1,0 +1,288 @@
+"""The pure rules of scheduling per destination: limits, patterns, rates, windows, dead states."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from smtpq.queue.destinations import (
+    RATE_TOLERANCE,
+    UNLIMITED,
+    DeadMark,
+    Destination,
+    DestinationLimits,
+    DestinationPolicy,
+    Outcome,
+    StartKind,
+    State,
+    Transition,
+    format_rate,
+    gcra,
+    outcome_of,
+    parse_rate,
+    unreachable_reply,
+)
+from smtpq.relay.base import DEFAULT_DESTINATION, is_connection_failure, next_hop_name
+from smtpq.relay.pool import reply_for_error
+from smtpq.relay.session import ReplyError
+from smtpq.reply import Reply, missing_recipient_reply, unexpected_error_reply
+
+REFUSED = Reply("451", "4.4.1 No answer from host (connection refused)", "CONNECT")
+GREYLISTED = Reply("451", "4.7.1 Greylisted", "RCPT TO", remote_host="mx.example.com")
+
+
+# -- rates and limits --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "per_second"),
+    [("10/s", 10.0), ("30/min", 0.5), ("30 / m", 0.5), ("7200/h", 2.0), (2, 2.0), ("4", 4.0)],
+)
+def test_rates_are_read_per_second(text: str | float, per_second: float) -> None:
+    assert parse_rate(text) == pytest.approx(per_second)
+
+
+@pytest.mark.parametrize("text", ["0/s", "-1/s", "fast", "10/day", "nan/s", True])
+def test_a_bad_rate_is_refused_with_a_reason(text: str | float) -> None:
+    with pytest.raises(ValueError, match="rate"):
+        parse_rate(text)
+
+
+def test_rates_are_shown_as_people_write_them() -> None:
+    assert (format_rate(10.0), format_rate(0.5), format_rate(None)) == ("10/s", "30/min", "-")
+
+
+def test_limits_are_checked() -> None:
+    with pytest.raises(ValueError, match="concurrency"):
+        DestinationLimits(concurrency=0)
+    with pytest.raises(ValueError, match="cool_down"):
+        DestinationLimits(cool_down=600, max_cool_down=300)
+    with pytest.raises(ValueError, match="rates"):
+        DestinationLimits(message_rate=0.0)
+    assert DestinationLimits(concurrency=3).window == 3  # the initial window within the limit
+
+
+def test_a_share_of_the_limits_per_worker_never_adds_up_to_more() -> None:
+    limits = DestinationLimits(concurrency=5, message_rate=10.0, connection_rate=1.0)
+    share = limits.share(2)
+    assert (share.concurrency, share.message_rate, share.connection_rate) == (2, 5.0, 0.5)
+    assert share.initial_window == 2
+    assert DestinationLimits(concurrency=1).share(4).concurrency == 1  # each worker needs one
+    assert limits.share(1) is limits
+
+
+def test_patterns_exact_name_then_longest_glob_then_default() -> None:
+    small, medium, large = (DestinationLimits(concurrency=n) for n in (1, 2, 3))
+    policy = DestinationPolicy(
+        patterns=(("*.example.net", small), ("*.mx.example.net", medium), ("Example.NET", large))
+    )
+    assert policy.limits_for("example.net") is large  # exact, whatever the case
+    assert policy.limits_for("a.example.net") is small
+    assert policy.limits_for("b.mx.example.net") is medium  # the longer glob wins
+    assert policy.limits_for("example.org") is policy.default
+    assert policy.limits_for("x.EXAMPLE.net") is small
+
+
+def test_a_relay_that_names_no_destination_is_limited_only_by_the_pool() -> None:
+    policy = DestinationPolicy(patterns=(("*", DestinationLimits(concurrency=2)),))
+    assert policy.limits_for(DEFAULT_DESTINATION) is UNLIMITED
+    assert policy.limits_for("example.com").concurrency == 2
+    named = DestinationPolicy(patterns=((DEFAULT_DESTINATION, DestinationLimits(concurrency=7)),))
+    assert named.limits_for(DEFAULT_DESTINATION).concurrency == 7
+
+
+def test_next_hop_names() -> None:
+    assert next_hop_name("smtp.example.net", 587) == "smtp.example.net:587"
+    assert next_hop_name("::1", 25) == "[::1]:25"
+
+
+# -- the rate algorithm ------------------------------------------------------------------------
+
+
+def _starts(requests: list[float], interval: float) -> list[float]:
+    tat, out = 0.0, []
+    for at in requests:
+        start, tat = gcra(tat, at, interval, interval * RATE_TOLERANCE)
+        out.append(start)
+    return out
+
+
+@given(
+    st.lists(st.floats(0, 100, allow_nan=False), min_size=2, max_size=60),
+    st.floats(0.01, 5),
+    st.floats(0, 30),
+)
+def test_a_rate_is_never_exceeded_in_any_window(
+    times: list[float], interval: float, length: float
+) -> None:
+    starts = _starts(sorted(times), interval)
+    assert all(s >= t for s, t in zip(starts, sorted(times), strict=True))
+    tolerance = interval * RATE_TOLERANCE
+    for begin in starts:
+        inside = [s for s in starts if begin <= s <= begin + length]
+        assert len(inside) <= math.floor((length + tolerance) / interval + 1e-9) + 1
+
+
+@given(st.floats(0.01, 5), st.floats(0, 1000), st.integers(3, 40))
+def test_a_backlog_is_served_at_exactly_the_rate(interval: float, t0: float, n: int) -> None:
+    """Each waiter asks when the last one started: after the first, one start per interval."""
+    tat, at, starts = 0.0, t0, []
+    for _ in range(n):
+        start, tat = gcra(tat, at, interval, interval * RATE_TOLERANCE)
+        starts.append(start)
+        at = start
+    gaps = [b - a for a, b in itertools.pairwise(starts[1:])]
+    assert gaps == pytest.approx([interval] * len(gaps))
+
+
+# -- what an attempt teaches -------------------------------------------------------------------
+
+
+def test_connection_failures_are_those_before_any_transaction() -> None:
+    refused = reply_for_error(ConnectionRefusedError(111, "refused"), host="h", command="CONNECT")
+    silent = reply_for_error(TimeoutError(), host="h", command="CONNECT")
+    busy = reply_for_error(ReplyError(Reply("421", "4.3.2 Busy")), host="h", command="CONNECT")
+    dropped = reply_for_error(ConnectionResetError(), host="h", command="EHLO")
+    lost_in_data = reply_for_error(ConnectionResetError(), host="h", command="DATA")
+    assert all(map(is_connection_failure, (refused, silent, busy, dropped)))
+    assert is_connection_failure(Reply("451", "4.4.3 Temporary DNS failure looking up x"))
+    assert not is_connection_failure(lost_in_data)
+    assert not is_connection_failure(GREYLISTED)
+    assert not is_connection_failure(Reply("554", "5.7.1 No", "CONNECT"))
+
+
+def test_the_outcome_of_an_attempt() -> None:
+    assert outcome_of([None]) == (Outcome.SUCCESS, None)
+    assert outcome_of([REFUSED, REFUSED]) == (Outcome.FAILURE, REFUSED)
+    assert outcome_of([REFUSED, GREYLISTED]) == (Outcome.SUCCESS, None)  # the host answered
+    assert outcome_of([Reply("550", "5.1.1 No such user", "RCPT TO")])[0] is Outcome.SUCCESS
+    assert outcome_of([unexpected_error_reply(), missing_recipient_reply()])[0] is Outcome.NEUTRAL
+    assert outcome_of([unexpected_error_reply(), REFUSED]) == (Outcome.FAILURE, REFUSED)
+
+
+def test_the_deferral_reply_names_the_destination_and_the_last_error() -> None:
+    reply = unreachable_reply("example.net", str(REFUSED))
+    assert reply.is_transient()
+    assert str(reply) == (
+        "451 4.4.1 destination example.net unreachable: "
+        "451 4.4.1 No answer from host (connection refused)"
+    )
+
+
+# -- one destination ---------------------------------------------------------------------------
+
+
+def _start(d: Destination, now: float) -> bool:
+    kind = d.start_kind(now)
+    if kind in (StartKind.START, StartKind.PROBE):
+        d.started(now, kind is StartKind.PROBE)
+        return kind is StartKind.PROBE
+    raise AssertionError(f"{d.name} cannot start: {kind}")
+
+
+def test_the_window_starts_small_grows_with_successes_and_shrinks_on_failures() -> None:
+    d = Destination("example.com", DestinationLimits(concurrency=7))
+    for _ in range(5):
+        _start(d, 0)
+    assert d.start_kind(0) is None  # the initial window: 5
+    for _ in range(5):  # a full window of successes: one more slot
+        d.finished(Outcome.SUCCESS, None, 1, False)
+    assert d.slots == 6
+    for _ in range(100):
+        _start(d, 2)
+        d.finished(Outcome.SUCCESS, None, 2, False)
+    assert d.slots == 7  # capped by the limit
+    _start(d, 3)
+    d.finished(Outcome.FAILURE, REFUSED, 3, False)
+    assert (d.slots, d.failures) == (6, 1)
+    _start(d, 4)
+    d.finished(Outcome.SUCCESS, None, 4, False)  # any answer ends the run of failures
+    assert d.failures == 0
+
+
+def test_dead_after_failures_in_a_row_then_one_probe_per_cool_down() -> None:
+    d = Destination("example.net", DestinationLimits(cool_down=300, max_cool_down=1000))
+    for _ in range(5):
+        _start(d, 0)
+    changes = [d.finished(Outcome.FAILURE, REFUSED, 10, False) for _ in range(5)]
+    assert changes == [None] * 4 + [Transition.DIED]
+    assert (d.state, d.dead_until, d.last_error) == (State.DEAD, 310, str(REFUSED))
+    assert d.start_kind(309) is StartKind.DEFER
+    assert _start(d, 310)  # the probe
+    assert d.start_kind(310) is None  # the others wait for it
+    assert d.finished(Outcome.FAILURE, REFUSED, 320, True) is Transition.DIED
+    assert d.dead_until == 320 + 600  # the cool-down doubled
+    _start(d, 920)
+    d.finished(Outcome.FAILURE, REFUSED, 920, True)
+    assert d.dead_until == 920 + 1000  # at most max_cool_down
+    _start(d, 1920)
+    assert d.finished(Outcome.SUCCESS, None, 1921, True) is Transition.REVIVED
+    assert (d.state, d.slots, d.cool_down) == (State.ACTIVE, 5, 300)
+
+
+def test_a_message_level_4xx_never_kills_a_destination() -> None:
+    d = Destination("example.com", DestinationLimits(dead_after=2))
+    for _ in range(20):
+        _start(d, 0)
+        assert d.finished(*outcome_of([GREYLISTED]), 0, False) is None
+    assert d.state is State.ACTIVE
+
+
+def test_dead_after_zero_never_dies_and_neutral_outcomes_teach_nothing() -> None:
+    d = Destination("x", DestinationLimits(dead_after=0))
+    for _ in range(50):
+        _start(d, 0)
+        d.finished(Outcome.FAILURE, REFUSED, 0, False)
+    assert d.state is State.ACTIVE
+    assert d.slots == 1
+    d.finished(Outcome.NEUTRAL, None, 0, False)
+    assert d.slots == 1
+
+
+def test_a_mark_learnt_from_another_worker() -> None:
+    d = Destination("x", DestinationLimits())
+    d.learn(DeadMark(500.0, "451 4.4.1 refused", 600.0), 100.0)
+    assert (d.state, d.dead_until, d.cool_down, d.last_error) == (
+        State.DEAD, 500.0, 600.0, "451 4.4.1 refused",
+    )  # fmt: skip
+    assert d.start_kind(499) is StartKind.DEFER
+    d.learn(DeadMark(50.0, "", 300.0), 100.0)  # a cool-down that is over: probe here
+    assert d.start_kind(501) is StartKind.PROBE
+
+
+def test_the_recent_rate_counts_the_last_minute() -> None:
+    d = Destination("x", DestinationLimits())
+    for t in range(60):
+        _start(d, t)
+        d.finished(Outcome.SUCCESS, None, float(t), False)
+    assert d.rate(59.0) == pytest.approx(1.0)
+    assert d.rate(200.0) == 0.0
+
+
+@given(
+    st.integers(1, 30),
+    st.integers(1, 30),
+    st.lists(st.sampled_from(["start", "success", "failure", "neutral", "wait"]), max_size=200),
+)
+def test_the_window_stays_within_its_bounds(concurrency: int, initial: int, ops: list[str]) -> None:
+    d = Destination("x", DestinationLimits(concurrency=concurrency, initial_window=initial))
+    now = 0.0
+    running: list[bool] = []
+    for op in ops:
+        kind = d.start_kind(now)
+        if op == "start" and kind in (StartKind.START, StartKind.PROBE):
+            if kind is StartKind.START:
+                assert d.in_flight < d.slots
+            running.append(kind is StartKind.PROBE)
+            d.started(now, kind is StartKind.PROBE)
+        elif op in ("success", "failure", "neutral") and running:
+            outcome = {"success": Outcome.SUCCESS, "failure": Outcome.FAILURE}.get(op)
+            d.finished(outcome or Outcome.NEUTRAL, REFUSED, now, running.pop(0))
+        elif op == "wait":
+            now += 100.0
+        assert 1 <= d.window <= concurrency
+        assert 0 <= d.in_flight <= concurrency
