@@ -24,7 +24,7 @@ from smtpq import (
     exponential_backoff,
 )
 from smtpq.policy import RecipientDomainSplit
-from smtpq.queue.driver import RECORD_RETRY_DELAY
+from smtpq.queue.driver import RECORD_RETRY_DELAY, RECORD_RETRY_FIRST
 from tests.dsn_grammar import check_dsn
 from tests.helpers import ScriptedRelay, make_envelope, until
 
@@ -462,17 +462,18 @@ async def test_delay_warning_sent_once_honouring_notify(scripted: ScriptedRelay)
     assert b"Status: 4.7.1" in text
 
 
-class FailingOnce(DictStorage):
-    """Fails the first ``set_timestamp`` (a full disk, say), then works."""
+class FailingStore(DictStorage):
+    """Fails the first ``times`` calls of ``set_timestamp`` (a full disk, say), then works."""
 
-    def __init__(self) -> None:
+    def __init__(self, times: int = 1) -> None:
         super().__init__()
         self.failures = 0
+        self.times = times
 
     async def set_timestamp(
         self, id: str, timestamp: float, *, last_reply: Reply | None = None
     ) -> None:
-        if self.failures == 0:
+        if self.failures < self.times:
             self.failures += 1
             raise QueueError("no space left on device")
         await super().set_timestamp(id, timestamp, last_reply=last_reply)
@@ -482,7 +483,7 @@ async def test_a_storage_failure_while_recording_is_one_line_and_retried(
     scripted: ScriptedRelay, caplog: pytest.LogCaptureFixture
 ) -> None:
     scripted.script = lambda rcpt, n: GREYLIST if rcpt.startswith("late") else None
-    store = FailingOnce()
+    store = FailingStore()
     h = Harness(scripted, backoff=lambda env, n: 300.0, store=store)
     caplog.set_level(logging.INFO, logger="smtpq.queue")
     async with h.queue:
@@ -499,12 +500,12 @@ async def test_a_storage_failure_while_recording_is_one_line_and_retried(
         entry = await store.get_entry(id)
         assert entry.envelope.recipients == ["late@x.example"]
         assert await store.claim(start + 30, 10) == []
-        await h.clock.advance(RECORD_RETRY_DELAY)
+        await h.clock.advance(RECORD_RETRY_FIRST)
         await until(lambda: "deferred id=" in caplog.text)
         entry = await store.get_entry(id)
         assert (entry.attempts, entry.timestamp) == (1, start + 300)
         # Retried on its schedule (not at once), and ok@ was delivered only once.
-        await h.clock.advance(300 - RECORD_RETRY_DELAY - 1)
+        await h.clock.advance(300 - RECORD_RETRY_FIRST - 1)
         await h.drained()
         assert len(scripted.calls) == 1
         await h.clock.advance(1)
@@ -512,6 +513,31 @@ async def test_a_storage_failure_while_recording_is_one_line_and_retried(
         await h.drained()
     assert scripted.delivered == ["ok@x.example"]
     assert scripted.calls[1] == (["late@x.example"], 1)
+
+
+async def test_a_recording_retried_sooner_first_then_less_often(
+    scripted: ScriptedRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A storage back after a short outage is used again within seconds; a long outage is not
+    # hammered: the delay doubles up to RECORD_RETRY_DELAY.
+    scripted.script = lambda rcpt, n: GREYLIST
+    store = FailingStore(times=8)
+    h = Harness(scripted, backoff=lambda env, n: 3600.0, store=store)
+    caplog.set_level(logging.INFO, logger="smtpq.queue")
+    async with h.queue:
+        [id] = await enqueue_ok(h.queue, make_envelope())
+        await h.drained()
+        for failures in range(1, 9):
+            await until(lambda n=failures: store.failures == n)  # type: ignore[misc]
+            await h.clock.advance(RECORD_RETRY_DELAY)
+        await until(lambda: "deferred id=" in caplog.text)
+    delays = [
+        r.getMessage().rsplit(" ", 1)[1]
+        for r in caplog.records
+        if "recording the outcome" in r.getMessage()
+    ]
+    assert delays == ["1s", "2s", "4s", "8s", "16s", "32s", "60s", "60s"]
+    assert (await store.get_entry(id)).attempts == 1
 
 
 async def test_a_slimta_bounce_factory_makes_the_failure_bounces(scripted: ScriptedRelay) -> None:

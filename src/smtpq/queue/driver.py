@@ -19,7 +19,8 @@ waited ``max_wait`` — is given back to the schedule for later, without countin
 (:func:`~smtpq.queue.rules.postpone`). The lease of every message in memory is renewed.
 
 When a step fails (the storage, or a DSN that could not be queued), the steps left are kept in
-memory with the message's lease and carried out again :data:`RECORD_RETRY_DELAY` seconds later:
+memory with the message's lease and carried out again a little later (1 s, doubling up to
+:data:`RECORD_RETRY_DELAY`):
 what the attempt achieved is neither lost nor repeated (no second delivery, no second bounce),
 and the failure is one log line.
 """
@@ -68,7 +69,7 @@ from smtpq.relay.base import Relay
 from smtpq.reply import Reply
 from smtpq.storage.base import QueueStorage
 
-__all__ = ["READY_FACTOR", "RECORD_RETRY_DELAY", "Queue", "QueueEvent"]
+__all__ = ["READY_FACTOR", "RECORD_RETRY_DELAY", "RECORD_RETRY_FIRST", "Queue", "QueueEvent"]
 
 log = logging.getLogger("smtpq.queue")
 T = TypeVar("T")
@@ -76,8 +77,11 @@ T = TypeVar("T")
 #: Events logged at DEBUG only.
 _DETAIL_EVENTS = frozenset({EventKind.ATTEMPTED, EventKind.REMOVED})
 
-#: Seconds before the steps left of a failed recording are tried again.
+#: Seconds before the steps left of a failed recording are tried again at the most; the first
+#: retry comes after :data:`RECORD_RETRY_FIRST`, each next one after twice as long, so that a
+#: storage back after a short outage (a Redis restart) is used again within seconds.
 RECORD_RETRY_DELAY = 60.0
+RECORD_RETRY_FIRST = 1.0
 #: Messages held in memory (claimed, waiting for a slot or attempted), per relay slot.
 READY_FACTOR = 4
 
@@ -185,6 +189,8 @@ class Queue:
         self._messages: dict[str, MessageAttempt | None] = {}
         #: Messages whose recording failed: the steps left wait here, with the lease kept.
         self._parked: dict[str, asyncio.Task[None]] = {}
+        # How many times in a row each parked recording failed (its retry delay doubles).
+        self._park_failures: dict[str, int] = {}
         self._settling: set[asyncio.Task[None]] = set()
         self._reading: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -654,19 +660,23 @@ class Queue:
     def _park(self, a: Attempt, steps: Sequence[Step], exc: Exception) -> None:
         """Keep the steps left, and the lease, and carry them out again later."""
         what = type(steps[0]).__name__
+        failures = self._park_failures.get(a.id, 0)
+        self._park_failures[a.id] = failures + 1
+        delay = min(RECORD_RETRY_DELAY, RECORD_RETRY_FIRST * 2**failures)
         if isinstance(exc, QueueError | OSError):
             log.error(
                 "recording the outcome of %s failed at %s (%s); trying again in %.0fs",
-                a.id, what, exc, RECORD_RETRY_DELAY,
+                a.id, what, exc, delay,
             )  # fmt: skip
         else:  # a bug: the traceback helps
             log.exception("recording the outcome of %s failed at %s", a.id, what)
 
         async def resume() -> None:
-            await self.clock.sleep(RECORD_RETRY_DELAY)
+            await self.clock.sleep(delay)
             await self._carry_out(a, steps)  # parks again (replacing this task) if it fails
             if self._parked.get(a.id) is asyncio.current_task():
                 del self._parked[a.id]
+                self._park_failures.pop(a.id, None)
 
         self._parked[a.id] = asyncio.create_task(resume(), name=f"smtpq-record-{a.id}")
 
@@ -674,6 +684,7 @@ class Queue:
         """On stop: give up the parked recordings and their leases; the messages are attempted
         again (here after a restart, or by another worker)."""
         parked, self._parked = self._parked, {}
+        self._park_failures.clear()
         for task in parked.values():
             task.cancel()
         await asyncio.gather(*parked.values(), return_exceptions=True)
