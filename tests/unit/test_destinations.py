@@ -263,6 +263,45 @@ def test_the_recent_rate_counts_the_last_minute() -> None:
     assert d.rate(200.0) == 0.0
 
 
+def _finish_many(d: Destination, n: int, start: float, end: float) -> None:
+    """``n`` attempts finished one after the other, evenly from ``start`` to ``end``."""
+    for i in range(n):
+        t = start + (end - start) * i / max(1, n - 1)
+        _start(d, t)
+        d.finished(Outcome.SUCCESS, None, t, False)
+
+
+def test_postponed_messages_come_back_when_the_destination_can_take_them() -> None:
+    d = Destination("x", DestinationLimits())
+    _finish_many(d, 200, 10.0, 12.0)  # 100 a second, counted over 2 s
+    assert d.keeps_up(100, 12.0)
+    assert not d.keeps_up(101, 12.0)
+    first = [d.postpone_until(12.0, 120.0) for _ in range(3)]
+    # A second, then one more per message already out, at the destination's rate.
+    assert first == [pytest.approx(13.0), pytest.approx(13.01), pytest.approx(13.02)]
+    assert d.postpone_until(14.0, 120.0) == pytest.approx(15.0)  # the others are back
+    assert d.postponed == 4
+
+
+def test_a_rate_counted_over_less_than_a_second_is_not_trusted() -> None:
+    d = Destination("x", DestinationLimits())
+    _finish_many(d, 3, 0.0, 0.02)  # a cold start: three quick results, nothing known yet
+    assert {d.postpone_until(0.05, 120.0) for _ in range(50)} == {0.05 + 1.0}
+
+
+def test_a_destination_without_results_gets_its_messages_back_ever_more_spread() -> None:
+    d = Destination("x", DestinationLimits(initial_window=5))
+    assert not d.keeps_up(1, 0.0)
+    # The first second: every one comes back a second later, the rate may be known by then.
+    assert [d.postpone_until(0.0, 120.0), d.postpone_until(0.5, 120.0)] == [1.0, 1.5]
+    # After 10 s without a result: at most 5 attempts per 10 s, so 2 s per message out.
+    assert d.postpone_until(10.0, 120.0) == pytest.approx(11.0)
+    assert d.postpone_until(10.0, 120.0) == pytest.approx(13.0)
+    assert d.postpone_until(10.0, 120.0) == pytest.approx(15.0)
+    many = [d.postpone_until(10.0, 30.0) for _ in range(20)]
+    assert max(many) == 40.0  # within max_wait
+
+
 @given(
     st.integers(1, 30),
     st.integers(1, 30),

@@ -90,6 +90,17 @@ def test_a_postponable_backlog_is_bounded() -> None:
     assert d.push("x", "must", 0.0)  # one that may not be postponed is always taken
 
 
+def test_a_destination_that_keeps_up_takes_more_than_its_backlog() -> None:
+    d: Dispatcher[str] = Dispatcher(_policy(concurrency=2))
+    dest = d.destination("x")
+    for i in range(100):  # 50 results a second over 2 s
+        t = i / 50
+        dest.started(t, False)
+        dest.finished(Outcome.SUCCESS, None, t, False)
+    admitted = [d.push("x", str(i), 2.0, postponable=True) for i in range(60)]
+    assert admitted.count(True) == 51  # until more than a second's worth waits (4 x 2 without)
+
+
 def test_items_that_waited_too_long_are_released_postponable_ones_only() -> None:
     d: Dispatcher[str] = Dispatcher(DestinationPolicy(max_wait=60))
     d.push("x", "old", 0.0, postponable=True)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import fnmatch
+import heapq
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -77,6 +78,9 @@ _PER = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 6
 _PER |= {"h": 3600.0, "hour": 3600.0}
 # Buckets of the recent attempt rate: 12 of 5 s, the last minute.
 _BUCKET = 5.0
+#: Seconds of waiting in a ready queue that a destination working through it makes harmless:
+#: a destination that keeps up may hold more than its backlog (see the dispatcher).
+KEEP_UP = 1.0
 _BUCKETS = 12
 _POLICY_CACHE = 10_000
 
@@ -338,8 +342,13 @@ class Destination:
     deferred: int = 0
     postponed: int = 0
     last_used: float = 0.0
-    #: When the last postponed message comes back (postponements are spread from there).
-    postponed_until: float = 0.0
+    #: When the postponed messages that are not back yet come back (a heap of times).
+    _returns: list[float] = field(default_factory=list, repr=False)
+    #: Since when messages are postponed with no attempt finished (the rate is unknown).
+    _unknown_since: float | None = None
+    #: When the attempts counted in the recent buckets began to be counted.
+    _counting_since: float = 0.0
+    _last_count: float = -math.inf
     #: Dead, and no message is kept for the probe yet: the next one deferred is.
     probe_wanted: bool = False
     #: Successes since the window last changed.
@@ -437,16 +446,51 @@ class Destination:
         self.last_error = mark.error or self.last_error
 
     def postpone_until(self, now: float, max_wait: float) -> float:
-        """When a message postponed now should come back: spread after the ones postponed
-        before, one per expected completion (at least one a second), within ``max_wait``."""
-        spacing = 1.0 / max(1.0, self.rate(now))
-        at = max(self.postponed_until, now + 1.0) + spacing
+        """When a message postponed now should come back: a second from now, plus the time
+        the destination needs, at its recent rate, for the postponed messages that come back
+        before it; within ``max_wait``.
+
+        A rate counted over less than a second is not trusted: until then every message
+        comes back a second later, when the rate is known. With no attempt finished at all,
+        the destination is taken to finish at most its window of attempts in the time it has
+        been without a result, so a black hole's messages come back ever more spread out
+        (and each one is written back to the schedule no more often than that).
+        """
+        returns = self._returns
+        while returns and returns[0] <= now:
+            heapq.heappop(returns)
+        count, span = self._recent_count(now)
+        at = now + 1.0
+        if count:
+            self._unknown_since = None
+            if span >= 1.0:
+                at += len(returns) * span / count
+        elif self._unknown_since is None:
+            self._unknown_since = now
+        elif (waited := now - self._unknown_since) >= 1.0:
+            at += len(returns) * waited / self.window
         at = min(at, now + max_wait)
-        self.postponed_until = at
+        heapq.heappush(returns, at)
         self.postponed += 1
         return at
 
+    def _recent_count(self, now: float) -> tuple[float, float]:
+        """Attempts finished over the last minute, and the seconds they were counted over
+        (the minute, or less if counting began since)."""
+        oldest = math.floor(now / _BUCKET) - _BUCKETS + 1
+        count = sum(count for bucket, count in self._recent if bucket >= oldest)
+        return count, now - max(self._counting_since, oldest * _BUCKET)
+
+    def keeps_up(self, waiting: int, now: float) -> bool:
+        """Whether ``waiting`` messages ahead would start within :data:`KEEP_UP` seconds at
+        the destination's current rate (never when no attempt finished lately)."""
+        count, span = self._recent_count(now)
+        return count > 0 and waiting * max(0.1, span) <= count * KEEP_UP
+
     def _count(self, now: float) -> None:
+        if now - self._last_count > _BUCKET * _BUCKETS:
+            self._counting_since = now
+        self._last_count = now
         bucket = math.floor(now / _BUCKET)
         recent = self._recent
         if recent and recent[-1][0] == bucket:

@@ -13,11 +13,13 @@ as :class:`Defer` decisions at once, with the reply to record; the first postpon
 each dead spell carries the time of the probe (``probe_at``), to be kept for it.
 
 A ready queue holds at most :data:`BACKLOG_FACTOR` times its destination's concurrency limit
-(:meth:`~Dispatcher.push` refuses more *postponable* messages), and :meth:`~Dispatcher.sweep`
-hands back the postponable ones that waited longer than the policy's ``max_wait``
-(:class:`Release`): the driver gives those back to the schedule for later, so that a slow
-destination's backlog neither fills memory nor keeps the schedule from reaching other
-destinations' mail.
+(:meth:`~Dispatcher.push` refuses more *postponable* messages) unless the destination works
+through it within a second at its current rate (a fast smarthost with a backlog then takes all
+the room the driver gives, instead of having its mail given back and claimed again), and
+:meth:`~Dispatcher.sweep` hands back the postponable ones that waited longer than the policy's
+``max_wait`` (:class:`Release`): the driver gives those back to the schedule for later, so
+that a slow destination's backlog neither fills memory nor keeps the schedule from reaching
+other destinations' mail.
 
 Times are given, never read.
 """
@@ -164,7 +166,12 @@ class Dispatcher(Generic[T]):
         and the ready queue already holds its backlog. ``front``: an item given back."""
         dest = self.destination(name)
         queue = self._queue(name)
-        if postponable and not front and len(queue) >= BACKLOG_FACTOR * dest.limits.concurrency:
+        if (
+            postponable
+            and not front
+            and len(queue) >= BACKLOG_FACTOR * dest.limits.concurrency
+            and not dest.keeps_up(len(queue), now)
+        ):
             return False
         waiting = _Waiting(item, now, postponable)
         if front:
