@@ -20,6 +20,7 @@ else
 fi
 cat > "$work/smtpq.toml" <<TOML
 hostname = "smtpq.bench.localdomain"
+workers = 1
 [edge]
 listen = ["127.0.0.1:2535"]
 reverse_lookup = false
