@@ -19,6 +19,7 @@ frame, never pickle, so that a shared Redis or a copied queue directory cannot r
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -41,6 +42,14 @@ _CRC = struct.Struct(">I")
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _HEADER_FIELD = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
 _FOLD_AT = 78
+# One encoder for every envelope: json.dumps with options makes a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _field_pattern(name: str) -> re.Pattern[bytes]:
+    """Where a header field ``name`` begins (the policies ask for the same few names)."""
+    return re.compile(rb"(?:^|\n)" + re.escape(name.encode("ascii")) + rb"[ \t]*:", re.IGNORECASE)
 
 
 class Envelope:
@@ -116,8 +125,7 @@ class Envelope:
 
     def has_header(self, name: str) -> bool:
         """Whether the header block has a field called ``name`` (without parsing it all)."""
-        pattern = rb"(?:^|\n)" + re.escape(name.encode("ascii")) + rb"[ \t]*:"
-        return re.search(pattern, self._header_bytes, re.IGNORECASE) is not None
+        return _field_pattern(name).search(self._header_bytes) is not None
 
     def parse(self, data: bytes | bytearray | memoryview) -> None:
         """Split a whole message into its header block (with the blank line) and its body.
@@ -219,7 +227,7 @@ class Envelope:
 
     def to_bytes(self) -> bytes:
         """Serialise to the versioned frame described in the module docstring."""
-        meta = json.dumps(self._meta(), separators=(",", ":"), ensure_ascii=False).encode()
+        meta = _ENCODER.encode(self._meta()).encode()
         head = _FRAME.pack(_MAGIC, _VERSION, len(meta), len(self._header_bytes), len(self.body))
         crc = zlib.crc32(head)
         for part in (meta, self._header_bytes, self.body):

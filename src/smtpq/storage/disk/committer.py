@@ -65,8 +65,9 @@ class GroupCommitter:
                 self._start()
             else:
                 self._wait_for_company()
-        # Shielded: a cancelled caller must not cancel the outcome the batch will deliver.
-        return await asyncio.shield(future)
+        # A cancelled caller cancels only its future: the op stays in its batch all the same,
+        # and _finish leaves a done future alone (no shield needed, nor its extra future).
+        return await future
 
     def _wait_for_company(self) -> None:
         """Nobody but the finished attempts waits for the pending removals: they wait a little
