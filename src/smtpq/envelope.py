@@ -158,17 +158,21 @@ class Envelope:
 
     def _field(self, name: str, value: str) -> bytes:
         sep = self._linesep()
-        words = value.split(" ")
+        line = f"{name}: {value}"
+        if len(line) <= _FOLD_AT:
+            return line.encode("utf-8") + sep
         lines: list[str] = []
         line = f"{name}:"
-        for word in words:
-            if word and len(line) + 1 + len(word) > _FOLD_AT and line.strip() != f"{name}:":
+        bare = True  # no word on the line yet: a word too long for it stays on it anyway
+        for word in value.split(" "):
+            if word and len(line) + 1 + len(word) > _FOLD_AT and not bare:
                 lines.append(line)
                 line = "\t" + word
             else:
                 line = f"{line} {word}"
+            bare = bare and not word
         lines.append(line)
-        return sep.join(part.encode("utf-8") for part in lines) + sep
+        return ("\n" if sep == b"\n" else "\r\n").join(lines).encode("utf-8") + sep
 
     def prepend_header(self, name: str, value: str) -> None:
         """Add a header field at the top (trace fields: Received, Return-Path)."""
