@@ -41,6 +41,9 @@ _CRC = struct.Struct(">I")
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _HEADER_FIELD = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
 _FOLD_AT = 78
+_COLON = re.compile(rb"[ \t]*:")  # what ends a header field's name
+# One encoder for every envelope: json.dumps with options makes a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 class Envelope:
@@ -116,8 +119,15 @@ class Envelope:
 
     def has_header(self, name: str) -> bool:
         """Whether the header block has a field called ``name`` (without parsing it all)."""
-        pattern = rb"(?:^|\n)" + re.escape(name.encode("ascii")) + rb"[ \t]*:"
-        return re.search(pattern, self._header_bytes, re.IGNORECASE) is not None
+        # The name found with find in a lowered copy, then checked to start a line and to be
+        # followed by its colon: a regex search tries every offset of the block.
+        lowered, key = self._header_bytes.lower(), name.lower().encode("ascii")
+        at = lowered.find(key)
+        while at >= 0:
+            if (at == 0 or lowered[at - 1] == 10) and _COLON.match(lowered, at + len(key)):
+                return True
+            at = lowered.find(key, at + 1)
+        return False
 
     def parse(self, data: bytes | bytearray | memoryview) -> None:
         """Split a whole message into its header block (with the blank line) and its body.
@@ -150,17 +160,21 @@ class Envelope:
 
     def _field(self, name: str, value: str) -> bytes:
         sep = self._linesep()
-        words = value.split(" ")
+        line = f"{name}: {value}"
+        if len(line) <= _FOLD_AT:
+            return line.encode("utf-8") + sep
         lines: list[str] = []
         line = f"{name}:"
-        for word in words:
-            if word and len(line) + 1 + len(word) > _FOLD_AT and line.strip() != f"{name}:":
+        bare = True  # no word on the line yet: a word too long for it stays on it anyway
+        for word in value.split(" "):
+            if word and len(line) + 1 + len(word) > _FOLD_AT and not bare:
                 lines.append(line)
                 line = "\t" + word
             else:
                 line = f"{line} {word}"
+            bare = bare and not word
         lines.append(line)
-        return sep.join(part.encode("utf-8") for part in lines) + sep
+        return ("\n" if sep == b"\n" else "\r\n").join(lines).encode("utf-8") + sep
 
     def prepend_header(self, name: str, value: str) -> None:
         """Add a header field at the top (trace fields: Received, Return-Path)."""
@@ -219,7 +233,7 @@ class Envelope:
 
     def to_bytes(self) -> bytes:
         """Serialise to the versioned frame described in the module docstring."""
-        meta = json.dumps(self._meta(), separators=(",", ":"), ensure_ascii=False).encode()
+        meta = _ENCODER.encode(self._meta()).encode()
         head = _FRAME.pack(_MAGIC, _VERSION, len(meta), len(self._header_bytes), len(self.body))
         crc = zlib.crc32(head)
         for part in (meta, self._header_bytes, self.body):

@@ -14,6 +14,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Characters that route on from a local part: user%host@relay (the "percent hack"),
 # host!user@relay (UUCP bang paths), "user@host"@relay (a quoted address).
 _ROUTING = frozenset("%!@")
+#: Client addresses whose answer RelayPolicy keeps.
+_KNOWN_CLIENTS = 4096
 
 
 class RelayDecision(Enum):
@@ -54,6 +56,8 @@ class RelayPolicy:
             ipaddress.ip_network(n.strip(), strict=False) for n in networks
         )
         self._routing = allow_untrusted_routing
+        # Answers per client address: each connection asks, and each of its RCPTs.
+        self._trusted: dict[str, bool] = {}
 
     def domain_accepted(self, domain: str) -> bool:
         """Whether mail to ``domain`` is accepted from any client."""
@@ -62,10 +66,19 @@ class RelayPolicy:
 
     def network_trusted(self, ip: str | None) -> bool:
         """Whether a client at ``ip`` may relay anywhere."""
-        addr = _address(ip) if ip else None
-        if addr is None:
+        if not ip:
             return False
-        return any(addr.version == net.version and addr in net for net in self._networks)
+        known = self._trusted.get(ip)
+        if known is not None:
+            return known
+        addr = _address(ip)
+        trusted = addr is not None and any(
+            addr.version == net.version and addr in net for net in self._networks
+        )
+        if len(self._trusted) >= _KNOWN_CLIENTS:
+            self._trusted.clear()  # many clients: start over rather than grow
+        self._trusted[ip] = trusted
+        return trusted
 
     def decide(self, recipient: str, ip: str | None, authenticated: bool) -> RelayDecision:
         """Whether a client (at ``ip``, authenticated or not) may send to ``recipient``."""

@@ -66,7 +66,8 @@ def bind(host: str | None, port: int, *, reuse_port: bool = False) -> list[socke
 
 
 class Listener:
-    """Accepts from ``sockets`` and hands each connection to ``accepted(sock, address)``.
+    """Accepts from ``sockets`` and hands each connection to ``accepted(sock, address)`` (a
+    socket in blocking mode, as ``accept`` makes it).
 
     :ivar paused: accepting is paused for want of descriptors.
     :ivar pauses: how many times it was.
@@ -132,7 +133,7 @@ class Listener:
                 else:  # a listening socket that fails otherwise is worth knowing about
                     log.error("accept on %s failed: %s", sock.getsockname(), exc)
                 return
-            conn.setblocking(False)
+            # Left blocking: the loop makes the sockets it is given non-blocking itself.
             self._accepted(conn, address)
 
     def _pause(self, exc: OSError) -> None:

@@ -448,6 +448,7 @@ class SmtpEdge:
             # cost a handshake, so the connection is just closed.
             reply = connection_limit_reply(settings.hostname, None if total else ip)
             with contextlib.suppress(OSError):
+                sock.setblocking(False)  # a client that reads nothing cannot hold the loop
                 sock.send(f"{reply}\r\n".encode())
         sock.close()
 

@@ -85,7 +85,8 @@ RECORD_RETRY_FIRST = 1.0
 #: Messages held in memory (claimed, waiting for a slot or attempted), per relay slot.
 READY_FACTOR = 4
 
-_MESSAGE_ID = re.compile(rb"(?:^|\n)message-id[ \t]*:[ \t]*((?:[^\r\n]|\r?\n[ \t])*)", re.I)
+# The value of a Message-ID field, from just after its name (found by _message_id).
+_MESSAGE_ID_VALUE = re.compile(rb"[ \t]*:[ \t]*((?:[^\r\n]|\r?\n[ \t])*)")
 #: The longest Message-ID logged: a sender's header must not make a log line of any length.
 _MESSAGE_ID_MAX = 250
 
@@ -99,14 +100,30 @@ def _origin(env: Envelope) -> dict[str, str]:
     if ip:
         origin["client"] = f"[{ip}]"
     head, _ = env.flatten()
-    match = _MESSAGE_ID.search(head)
-    if match is not None:
+    found = _message_id(head)
+    if found is not None:
         # The first word of the unfolded value, printable ASCII only: one key=value in the line.
-        words = match.group(1).decode("ascii", "replace").split()
-        value = "".join(c for c in words[0] if c.isprintable() and c.isascii()) if words else ""
+        words = found.decode("ascii", "replace").split()
+        value = words[0] if words else ""
+        if not (value.isascii() and value.isprintable()):  # the usual word is kept whole
+            value = "".join(c for c in value if c.isprintable() and c.isascii())
         if value:
             origin["message-id"] = value[:_MESSAGE_ID_MAX]
     return origin
+
+
+def _message_id(head: bytes) -> bytes | None:
+    """The raw value of the first Message-ID field of a header block, or None. The name is
+    looked for with ``find`` in a lowered copy (a regex tried at every offset costs more)."""
+    lowered = head.lower()
+    at = lowered.find(b"message-id")
+    while at >= 0:
+        if at == 0 or lowered[at - 1] == 10:  # 10: LF, a field's name starts a line
+            match = _MESSAGE_ID_VALUE.match(head, at + 10)
+            if match is not None:
+                return match.group(1)
+        at = lowered.find(b"message-id", at + 1)
+    return None
 
 
 class Queue:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -45,9 +44,10 @@ class GroupCommitter:
         self._linger: asyncio.TimerHandle | None = None  # removals waiting for company
         self._draining = False  # nothing waits for company any more
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="smtpq-disk-commit")
-        #: Ids with a write or a removal submitted and not yet committed; read by the load's
-        #: scan thread (a Counter's reads are atomic).
-        self.inflight: Counter[str] = Counter()
+        #: Ids with a write or a removal submitted and not yet committed, and how many; read
+        #: by the load's scan thread (a dict's reads are atomic). A plain dict: Counter's
+        #: ``+=`` and ``del`` run in Python.
+        self.inflight: dict[str, int] = {}
         #: Batches committed, and the operations they carried (their ratio is the group-commit
         #: factor).
         self.batches = 0
@@ -58,15 +58,16 @@ class GroupCommitter:
         loop = asyncio.get_running_loop()
         op.future = future = loop.create_future()
         if op.kind in (OpKind.WRITE, OpKind.REMOVE):
-            self.inflight[op.id] += 1
+            self.inflight[op.id] = self.inflight.get(op.id, 0) + 1
         self._pending.append(op)
         if self._task is None:
             if op.kind != OpKind.REMOVE:
                 self._start()
             else:
                 self._wait_for_company()
-        # Shielded: a cancelled caller must not cancel the outcome the batch will deliver.
-        return await asyncio.shield(future)
+        # A cancelled caller cancels only its future: the op stays in its batch all the same,
+        # and _finish leaves a done future alone (no shield needed, nor its extra future).
+        return await future
 
     def _wait_for_company(self) -> None:
         """Nobody but the finished attempts waits for the pending removals: they wait a little
@@ -115,11 +116,14 @@ class GroupCommitter:
         """Account for a committed batch, pass it on, and wake its callers."""
         self.batches += 1
         self.batched_ops += len(batch)
+        inflight = self.inflight
         for op in batch:
             if op.kind in (OpKind.WRITE, OpKind.REMOVE):
-                self.inflight[op.id] -= 1
-                if self.inflight[op.id] <= 0:
-                    del self.inflight[op.id]
+                left = inflight[op.id] - 1
+                if left <= 0:
+                    del inflight[op.id]
+                else:
+                    inflight[op.id] = left
         self._on_committed(batch)
         for op in batch:
             future = op.future

@@ -27,6 +27,8 @@ __all__ = ["CorruptError", "Meta", "decode_meta", "encode_meta", "schedule_field
 _MAGIC = b"smtpq-meta"
 _VERSION = 1
 _HEADER = re.compile(rb"smtpq-meta (\d+) ([0-9a-f]{8})")
+# One encoder for every meta: json.dumps with options makes a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 class CorruptError(Exception):
@@ -46,15 +48,14 @@ class Meta:
 
 def encode_meta(meta: Meta) -> bytes:
     """The bytes of a meta file holding ``meta``."""
-    body = json.dumps(
+    body = _ENCODER.encode(
         {
             "timestamp": meta.timestamp,
             "attempts": meta.attempts,
             "delivered": meta.delivered,
             "held": meta.held,
             "last_reply": meta.last_reply,
-        },
-        separators=(",", ":"),
+        }
     ).encode()
     return b"%s %d %08x\n%s\n" % (_MAGIC, _VERSION, zlib.crc32(body), body)
 
