@@ -146,14 +146,14 @@ def test_lines_from_other_threads_are_written_at_once() -> None:
 
 def test_configure_logging_writes_to_standard_error(capsys: pytest.CaptureFixture[str]) -> None:
     root = logging.getLogger()
-    saved = root.handlers[:], root.level, logging._srcfile
+    saved = root.handlers[:], root.level
     try:
         configure_logging("info")
         logging.getLogger("smtpq.queue").info("accepted id=%s", "x")
         logging.getLogger("smtpq.queue").debug("not shown")
         err = capsys.readouterr().err
     finally:
-        root.handlers[:], level, logging._srcfile = saved
+        root.handlers[:], level = saved
         root.setLevel(level)
     assert err.endswith(" INFO smtpq.queue: accepted id=x\n")
     assert "not shown" not in err

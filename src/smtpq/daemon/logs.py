@@ -192,6 +192,3 @@ def configure_logging(level: LogLevel | str, log_format: LogFormat | str = LogFo
     # every record in a busy process (these two flags are the public way to say so).
     logging.logThreads = False
     logging.logMultiprocessing = False
-    # Nor the caller's file and line: finding them walks the stack for every record (the
-    # HOWTO's "Optimization" table names this attribute as the way to turn that off).
-    logging._srcfile = None
