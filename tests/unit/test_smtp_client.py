@@ -66,7 +66,9 @@ def codes(event: ClientEvent | None) -> dict[str, tuple[str | None, str | None]]
     return {rcpt: (r.code, r.command) for rcpt, r in done(event).replies.items()}
 
 
-def tx(*recipients: str, content: bytes = MESSAGE, **kwargs: object) -> Transaction:
+def tx(
+    *recipients: str, content: bytes | tuple[bytes, ...] = MESSAGE, **kwargs: object
+) -> Transaction:
     return Transaction("a@example.org", recipients, content, **kwargs)  # type: ignore[arg-type]
 
 
@@ -388,6 +390,29 @@ def test_chunking_refusals_leave_the_transaction_to_reset() -> None:
     assert conn.data_to_send() == b"RCPT TO:<a@x.example>\r\n"
     feed(conn, b"250 Ok\r\n")
     assert conn.data_to_send() == b"BDAT %d LAST\r\n" % len(MESSAGE) + MESSAGE
+
+
+@pytest.mark.parametrize("chunking", [False, True])
+def test_a_message_in_parts_is_sent_without_a_copy_of_its_body(chunking: bool) -> None:
+    ehlo = b"250-mx\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 SIZE 100000\r\n"
+    conn = session(ehlo, chunking=chunking)
+    header, body = b"Subject: t\r\n\r\n", b"line\r\n" * 1000
+    conn.send(tx("a@x.example", content=(header, body)))
+    sent = conn.chunks_to_send()
+    if not chunking:
+        assert feed(conn, b"250 Ok\r\n250 Ok\r\n354 Go\r\n") is None
+        sent = conn.chunks_to_send()
+    assert any(chunk is body for chunk in sent)  # the very object: not joined, not copied
+    assert conn.chunks_to_send() == []
+
+
+def test_a_part_that_needs_its_dots_doubled_or_its_line_endings_made() -> None:
+    conn = session(ONE_BY_ONE)
+    conn.send(tx("a@x.example", content=(b"Subject: t\n\n", b".dot\r\nend")))
+    for reply in (b"250 Ok\r\n", b"250 Ok\r\n", b"354 Go\r\n"):
+        conn.data_to_send()
+        assert feed(conn, reply) is None
+    assert conn.data_to_send() == b"Subject: t\r\n\r\n..dot\r\nend\r\n.\r\n"
 
 
 def test_chunking_can_be_turned_off() -> None:

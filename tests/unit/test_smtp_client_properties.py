@@ -2,6 +2,7 @@
 
 * however the server's byte stream is split into reads, the events are the same;
 * dot-stuffing round-trips: a reference unstuffer gives back the message, with CRLF endings;
+* a message given in parts (header block, body) goes on the wire exactly as given whole;
 * random reply bytes, in any state, get nothing out of the machine but its events and its own
   ProtocolError.
 """
@@ -126,6 +127,46 @@ def test_dot_stuffing_round_trips(message: bytes) -> None:
     if with_crlf and not with_crlf.endswith(b"\r\n"):
         with_crlf += b"\r\n"
     assert unstuff(wire) == with_crlf == canonical(message)
+
+
+# -- content in parts --------------------------------------------------------------------------
+
+_EHLOS = {
+    "data": b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250 8BITMIME\r\n",
+    "bdat": b"250-mx.example\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 SIZE 100000\r\n",
+    "one by one": b"250-mx.example\r\n250 8BITMIME\r\n",
+}
+
+
+def wire(content: bytes | tuple[bytes, ...], ehlo: bytes) -> bytes:
+    """Everything the client writes for one transaction to ``content``, every reply a yes."""
+    conn = ClientConnection(chunking=True)
+    conn.receive_data(b"220 mx.example\r\n")
+    conn.next_event()
+    conn.send(Hello("c.example"))
+    conn.receive_data(ehlo)
+    conn.next_event()
+    conn.data_to_send()
+    conn.send(Transaction("a@example.org", ("b@x.example",), content))
+    out = [conn.data_to_send()]
+    went_ahead = False
+    while conn.awaiting is not None:
+        go_ahead = conn.awaiting == "DATA" and not went_ahead
+        went_ahead = went_ahead or go_ahead
+        conn.receive_data(b"354 Go\r\n" if go_ahead else b"250 Ok\r\n")
+        conn.next_event()
+        out.append(conn.data_to_send())
+    return b"".join(out)
+
+
+@given(
+    st.lists(_pieces, max_size=30).map(b"".join),
+    st.integers(min_value=0, max_value=200),
+    st.sampled_from(sorted(_EHLOS)),
+)
+def test_content_in_parts_goes_as_the_whole(message: bytes, cut: int, ehlo: str) -> None:
+    parts = (message[:cut], message[cut:])
+    assert wire(parts, _EHLOS[ehlo]) == wire(message, _EHLOS[ehlo])
 
 
 # -- the fuzzer --------------------------------------------------------------------------------

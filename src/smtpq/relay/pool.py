@@ -141,7 +141,7 @@ def transaction_for(envelope: Envelope, recipients: Sequence[str]) -> Transactio
     return Transaction(
         envelope.sender,
         tuple(recipients),
-        header + body,
+        (header, body),  # sent as two pieces: no whole copy of the message
         body=envelope.body_type,
         smtputf8=needs_smtputf8(envelope.smtputf8, envelope.sender, recipients, header),
         ret=envelope.dsn_ret,

@@ -271,7 +271,7 @@ class SmtpSession(asyncio.Protocol):
             except ProtocolError as exc:
                 self._deliver(exc)
                 return
-            out = conn.data_to_send()
+            out = conn.chunks_to_send()
             if out and not self._lost:
                 self._send(out)
             if event is None:
@@ -292,9 +292,14 @@ class SmtpSession(asyncio.Protocol):
             # Unasked: the server is closing (421), answered our QUIT, or broke the protocol.
             self._transport.close()
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, chunks: list[bytes]) -> None:
+        """Write the machine's pieces as they are (uvloop sends them without joining them: a
+        message is not copied whole on its way out)."""
         assert self._transport is not None
-        self._transport.write(data)
+        if len(chunks) == 1:
+            self._transport.write(chunks[0])
+        else:
+            self._transport.writelines(chunks)
 
     # waiting
 
@@ -354,7 +359,7 @@ class SmtpSession(asyncio.Protocol):
                     raise ConnectionLost(name)
                 conn.send(command)
                 event = conn.next_event()  # an outcome decided without the server, or None
-                out = conn.data_to_send()
+                out = conn.chunks_to_send()
                 if out:
                     self._send(out)
             if event is None:
@@ -449,7 +454,7 @@ class SmtpSession(asyncio.Protocol):
             self.abort()
             return
         self.conn.send(Quit())
-        self._send(self.conn.data_to_send())
+        self._send(self.conn.chunks_to_send())
         self._loop.call_later(HOUSEKEEPING_TIMEOUT, self.abort)
 
     def abort(self) -> None:

@@ -64,7 +64,9 @@ class Transaction:
 
     :ivar sender: the reverse-path (``''``: the null sender).
     :ivar recipients: the forward-paths, each at most once.
-    :ivar content: the message as stored (any line endings; made canonical on the wire).
+    :ivar content: the message as stored (any line endings; made canonical on the wire): whole,
+        or its parts in order (its header block and its body), which are then sent one after
+        the other without being joined, so that a large message is not copied whole.
     :ivar body: the BODY= the originator declared (``'8BITMIME'``, ``'BINARYMIME'``, ...).
     :ivar smtputf8: the transaction needs SMTPUTF8 (:func:`needs_smtputf8`).
     :ivar ret: RFC 3461 RET (``'FULL'``/``'HDRS'``), passed on where DSN is offered.
@@ -74,7 +76,7 @@ class Transaction:
 
     sender: str
     recipients: tuple[str, ...]
-    content: bytes = field(repr=False)
+    content: bytes | tuple[bytes, ...] = field(repr=False)
     body: str | None = None
     smtputf8: bool = False
     ret: str | None = None

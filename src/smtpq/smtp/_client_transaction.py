@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 from smtpq.reply import Reply
 from smtpq.smtp._client_events import Extensions, Transaction
-from smtpq.smtp._client_writers import canonical, dot_stuffed, encoded_params, sendable
+from smtpq.smtp._client_writers import canonical_parts, encoded_params, sendable, stuffed_parts
 from smtpq.smtp._replies import BadReply
 
 __all__ = ["MakeReply", "TransactionRun"]
@@ -46,7 +46,7 @@ _COMMAND = {_MAIL: "MAIL FROM", _RCPT: "RCPT TO", _DATA: "DATA", _DOT: "DATA", _
 
 class TransactionRun:
     """One transaction in flight: :meth:`start` gives the first bytes to send, then each reply
-    goes to :meth:`on_reply`, which gives the next bytes (b"" when none) until :attr:`done`.
+    goes to :meth:`on_reply`, which gives the next bytes (none: empty) until :attr:`done`.
 
     :param transaction: what to send.
     :param extensions: what the server advertised.
@@ -85,8 +85,8 @@ class TransactionRun:
         self._expected: deque[tuple[str, str | None]] = deque()
         self._accepted: list[str] = []
         self._rcpt_lines: deque[tuple[str, bytes]] = deque()
-        self._final = b""
-        self._content = b""
+        self._final: list[bytes] = []
+        self._content: list[bytes] = []
         self._mail_ok = False
         #: Per recipient, the outcome so far: refusals (which stand if the session fails
         #: later), then the content's reply for the accepted.
@@ -109,15 +109,18 @@ class TransactionRun:
 
     # -- sending -------------------------------------------------------------------------------
 
-    def start(self) -> bytes:
-        """The first write: the whole group when pipelining, else MAIL; b"" if refused here."""
+    def start(self) -> list[bytes]:
+        """The first write: the whole group when pipelining, else MAIL; none if refused here."""
         tx, extensions = self.transaction, self._extensions
-        content = tx.content if self._binary else canonical(tx.content)
-        refusal = self._refusal(len(content))
+        parts = (tx.content,) if isinstance(tx.content, bytes) else tx.content
+        if not self._binary:
+            parts = canonical_parts(parts)
+        size = sum(map(len, parts))
+        refusal = self._refusal(size)
         if refusal is not None:
             self.replies = {rcpt: refusal.replace(address=rcpt) for rcpt in tx.recipients}
             self.done = True
-            return b""
+            return []
         encoding = "utf-8" if extensions.smtputf8 else "ascii"
         for rcpt in tx.recipients:
             if not sendable(rcpt):
@@ -131,38 +134,36 @@ class TransactionRun:
             self._rcpt_lines.append((rcpt, line + b"\r\n"))
         if not self._rcpt_lines:
             self.done = True
-            return b""
+            return []
         if self._chunk:
-            self._final = b"BDAT %d LAST\r\n" % len(content) + content
+            self._final = [b"BDAT %d LAST\r\n" % size, *parts]
         else:
-            self._final = b"DATA\r\n"
-            self._content = dot_stuffed(content)
-        mail = self._mail_line(content)
+            self._final = [b"DATA\r\n"]
+            self._content = stuffed_parts(parts)
+        mail = self._mail_line(size, all(part.isascii() for part in parts))
         self._expected.append((_MAIL, None))
         if not self._pipelined:
-            return mail
+            return [mail]
         group = [mail]
         for rcpt, line in self._rcpt_lines:
             group.append(line)
             self._expected.append((_RCPT, rcpt))
         self._rcpt_lines.clear()
-        group.append(self._final)
+        group.extend(self._final)
         self._expected.append((_BDAT if self._chunk else _DATA, None))
-        return b"".join(group)
+        return group
 
-    def _mail_line(self, content: bytes) -> bytes:
+    def _mail_line(self, size: int, ascii: bool) -> bytes:
         tx, extensions = self.transaction, self._extensions
         params: list[bytes] = []
         if tx.smtputf8:
             params.append(b"SMTPUTF8")
         if self._binary:
             params.append(b"BODY=BINARYMIME")
-        elif extensions.eightbitmime and (
-            (tx.body or "").upper() == "8BITMIME" or not content.isascii()
-        ):
+        elif extensions.eightbitmime and ((tx.body or "").upper() == "8BITMIME" or not ascii):
             params.append(b"BODY=8BITMIME")
         if extensions.size is not None:
-            params.append(b"SIZE=%d" % len(content))
+            params.append(b"SIZE=%d" % size)
         if extensions.dsn:
             dsn = {key: value for key, value in (("RET", tx.ret), ("ENVID", tx.envid)) if value}
             params.extend(encoded_params(dsn, "ascii"))
@@ -187,8 +188,8 @@ class TransactionRun:
 
     # -- replies -------------------------------------------------------------------------------
 
-    def on_reply(self, code: str, text: str) -> bytes:
-        """Take the next reply; the bytes to send next (b"" for none). Raises :class:`BadReply`
+    def on_reply(self, code: str, text: str) -> list[bytes]:
+        """Take the next reply; the bytes to send next (none: empty). Raises :class:`BadReply`
         for a reply the command cannot have."""
         step, rcpt = self._expected[0]
         command = _COMMAND[step]
@@ -199,8 +200,8 @@ class TransactionRun:
         self._expected.popleft()
         if code == "421":
             self._closing(code, text, command)
-            return b""
-        out = b""
+            return []
+        out: list[bytes] = []
         success = code[0] == "2"
         if step == _MAIL:
             if success:
@@ -224,7 +225,7 @@ class TransactionRun:
         elif step == _DATA and code == "354":
             self._expected.append((_DOT, None))
             # With nobody accepted (RFC 2920 §3.1), a lone dot ends the transaction.
-            out = self._content if self._accepted else b".\r\n"
+            out = self._content if self._accepted else [b".\r\n"]
         else:  # DATA refused, or the reply to the content (after 354, or to BDAT)
             for other in self._accepted:
                 self.replies[other] = self._make(code, text, command, other)
@@ -233,14 +234,14 @@ class TransactionRun:
         self.done = not self._expected
         return out
 
-    def _next_rcpt(self) -> bytes:
+    def _next_rcpt(self) -> list[bytes]:
         """Without pipelining: the next RCPT, or DATA/BDAT once they are all answered."""
         if self._rcpt_lines:
             rcpt, line = self._rcpt_lines.popleft()
             self._expected.append((_RCPT, rcpt))
-            return line
+            return [line]
         if not self._accepted:
-            return b""  # nobody accepted: no DATA; the transaction stays open (RSET)
+            return []  # nobody accepted: no DATA; the transaction stays open (RSET)
         self._expected.append((_BDAT if self._chunk else _DATA, None))
         return self._final
 

@@ -16,11 +16,13 @@ __all__ = [
     "auth_login_step",
     "auth_plain",
     "canonical",
+    "canonical_parts",
     "data_content",
     "dot_stuffed",
     "encoded_params",
     "needs_smtputf8",
     "sendable",
+    "stuffed_parts",
 ]
 
 _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
@@ -47,6 +49,31 @@ def dot_stuffed(message: bytes) -> bytes:
     if message.startswith(b"."):
         message = b"." + message
     return message + b".\r\n"
+
+
+def canonical_parts(parts: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """The parts of a message (in order, e.g. its header block and its body) with CRLF line
+    endings, as :func:`canonical` makes the whole, without joining them where each part already
+    is canonical and ends with CRLF (a message that came over SMTP): each part then starts a
+    line, and can be sent as it is. Empty parts are left out."""
+    parts = tuple(part for part in parts if part)
+    for part in parts:
+        crlf = part.count(b"\r\n")
+        if not part.endswith(b"\r\n") or part.count(b"\n") != crlf or part.count(b"\r") != crlf:
+            whole = canonical(b"".join(parts))
+            return (whole,) if whole else ()
+    return parts
+
+
+def stuffed_parts(parts: tuple[bytes, ...]) -> list[bytes]:
+    """Parts from :func:`canonical_parts` as DATA carries them: each dot-stuffed (each starts a
+    line), then the lone dot. A part without a dot to double is not copied."""
+    out = []
+    for part in parts:
+        part = part.replace(b"\n.", b"\n..")
+        out.append(b"." + part if part.startswith(b".") else part)
+    out.append(b".\r\n")
+    return out
 
 
 def data_content(message: bytes) -> bytes:

@@ -183,10 +183,14 @@ class ClientConnection:
 
     def data_to_send(self) -> bytes:
         """The bytes to write to the server now (``b""`` for none)."""
-        if not self._out:
-            return b""
-        out = b"".join(self._out)
-        self._out.clear()
+        return b"".join(self.chunks_to_send())
+
+    def chunks_to_send(self) -> list[bytes]:
+        """What :meth:`data_to_send` gives, in the pieces it is made of (none: empty): a driver
+        that can write them one after the other (``transport.writelines``) spares a copy of
+        each message it sends."""
+        out = self._out
+        self._out = []
         return out
 
     def tls_started(self) -> None:
@@ -299,7 +303,7 @@ class ClientConnection:
             self._ready_event = TransactionDone(run.result())
             return ClientState.READY
         self._run = run
-        self._out.append(first)
+        self._out.extend(first)
         return ClientState.TRANSACTION
 
     def _on_reply(self, code: str, lines: list[str]) -> ClientEvent | None:
@@ -309,9 +313,7 @@ class ClientConnection:
         if state is ClientState.TRANSACTION:
             run = self._run
             assert run is not None
-            out = run.on_reply(code, text)
-            if out:
-                self._out.append(out)
+            self._out.extend(run.on_reply(code, text))
             if not run.done:
                 return None
             # Forgotten once answered: an idle pooled connection must not keep the message.
