@@ -85,7 +85,8 @@ RECORD_RETRY_FIRST = 1.0
 #: Messages held in memory (claimed, waiting for a slot or attempted), per relay slot.
 READY_FACTOR = 4
 
-_MESSAGE_ID = re.compile(rb"(?:^|\n)message-id[ \t]*:[ \t]*((?:[^\r\n]|\r?\n[ \t])*)", re.I)
+#: A Message-ID field and its (folded) value, matched where a line starts (:func:`_message_id`).
+_MESSAGE_ID = re.compile(rb"message-id[ \t]*:[ \t]*((?:[^\r\n]|\r?\n[ \t])*)", re.I)
 #: The longest Message-ID logged: a sender's header must not make a log line of any length.
 _MESSAGE_ID_MAX = 250
 
@@ -99,14 +100,34 @@ def _origin(env: Envelope) -> dict[str, str]:
     if ip:
         origin["client"] = f"[{ip}]"
     head, _ = env.flatten()
-    match = _MESSAGE_ID.search(head)
+    match = _message_id(head)
     if match is not None:
         # The first word of the unfolded value, printable ASCII only: one key=value in the line.
         words = match.group(1).decode("ascii", "replace").split()
-        value = "".join(c for c in words[0] if c.isprintable() and c.isascii()) if words else ""
+        value = words[0] if words else ""
+        if not (value.isascii() and value.isprintable()):
+            value = "".join(c for c in value if c.isprintable() and c.isascii())
         if value:
             origin["message-id"] = value[:_MESSAGE_ID_MAX]
     return origin
+
+
+def _message_id(head: bytes) -> re.Match[bytes] | None:
+    """The first Message-ID field of a header block, the field name in any case.
+
+    The name is looked for with ``bytes.find`` in a lower-cased copy, and the pattern tried
+    only where it starts a line: a case-insensitive regular-expression search would try it at
+    every offset of the block.
+    """
+    lower = head.lower()
+    at = lower.find(b"message-id")
+    while at >= 0:
+        if at == 0 or head[at - 1] == 0x0A:  # "\n"
+            match = _MESSAGE_ID.match(head, at)
+            if match is not None:
+                return match
+        at = lower.find(b"message-id", at + 1)
+    return None
 
 
 class Queue:
