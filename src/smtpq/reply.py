@@ -45,16 +45,19 @@ class ReplyClass(Enum):
     UNKNOWN = "unknown"
 
 
+_CLASSES = {
+    "2": ReplyClass.SUCCESS,
+    "3": ReplyClass.INTERMEDIATE,
+    "4": ReplyClass.TRANSIENT,
+    "5": ReplyClass.PERMANENT,
+}
+
+
 def classify(code: str | None) -> ReplyClass:
     """Classify a reply code; anything not a well-formed code is UNKNOWN."""
     if code is None or not _CODE.match(code):
         return ReplyClass.UNKNOWN
-    return {
-        "2": ReplyClass.SUCCESS,
-        "3": ReplyClass.INTERMEDIATE,
-        "4": ReplyClass.TRANSIENT,
-        "5": ReplyClass.PERMANENT,
-    }[code[0]]
+    return _CLASSES[code[0]]
 
 
 class Reply:
@@ -75,6 +78,7 @@ class Reply:
     """
 
     __slots__ = (
+        "_class",
         "_esc",
         "_raw",
         "_text",
@@ -92,6 +96,7 @@ class Reply:
     remote_host: str | None
     remote_ip: str | None
     remote_dsn: bool | None
+    _class: ReplyClass
     _esc: str | None
     _raw: str | None
     _text: str
@@ -123,6 +128,8 @@ class Reply:
         init(self, "remote_host", remote_host)
         init(self, "remote_ip", remote_ip)
         init(self, "remote_dsn", remote_dsn)
+        # Classified once: the queue asks every reply its class, often more than once.
+        init(self, "_class", _CLASSES[cls] if cls is not None else ReplyClass.UNKNOWN)
         init(self, "_esc", esc)
         init(self, "_raw", message)
         init(self, "_text", text)
@@ -171,23 +178,23 @@ class Reply:
     @property
     def reply_class(self) -> ReplyClass:
         """The class of this reply's code."""
-        return classify(self.code)
+        return self._class
 
     def is_success(self) -> bool:
         """A 2xx reply."""
-        return self.reply_class is ReplyClass.SUCCESS
+        return self._class is ReplyClass.SUCCESS
 
     def is_transient(self) -> bool:
         """A 4xx reply: try again later."""
-        return self.reply_class is ReplyClass.TRANSIENT
+        return self._class is ReplyClass.TRANSIENT
 
     def is_permanent(self) -> bool:
         """A 5xx reply: do not try again."""
-        return self.reply_class is ReplyClass.PERMANENT
+        return self._class is ReplyClass.PERMANENT
 
     def is_error(self) -> bool:
         """A 4xx or 5xx reply."""
-        return self.reply_class in (ReplyClass.TRANSIENT, ReplyClass.PERMANENT)
+        return self._class is ReplyClass.TRANSIENT or self._class is ReplyClass.PERMANENT
 
     def to_dict(self) -> ReplyDict:
         """Plain values, for storage."""

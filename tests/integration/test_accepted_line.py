@@ -65,3 +65,14 @@ async def test_a_hostile_message_id_stays_one_short_field(
     message = b"Message-ID: <a\x1b[31m\xffb@origin.example> injected=1\r\n\r\nbody\r\n"
     origin = await accepted_line(message, caplog, ip="192.0.2.1")
     assert origin == "client=[192.0.2.1] message-id=<a[31mb@origin.example>"
+
+
+async def test_only_a_message_id_field_of_its_own_is_taken(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The name inside another field's name or value is no Message-ID field.
+    message = (
+        b"X-Message-ID: <not@this.example>\r\nSubject: message-id: <nor@this.example>\r\n"
+        b"MESSAGE-ID: <this@origin.example>\r\n\r\nbody\r\n"
+    )
+    assert await accepted_line(message, caplog) == "message-id=<this@origin.example>"

@@ -38,6 +38,17 @@ async def test_the_concurrency_limit_holds_and_releases(store: DestinationStore)
     assert (await store.acquire("d", LIMITS, "t3", T0, probe=False)).granted
 
 
+async def test_a_local_store_releases_at_once(store: DestinationStore) -> None:
+    assert (await store.acquire("d", LIMITS, "t1", T0, probe=False)).granted
+    assert (await store.acquire("d", LIMITS, "t2", T0, probe=False)).granted
+    local = isinstance(store, LocalDestinationStore)
+    # Only a store without I/O releases without being awaited; another says it did not.
+    assert store.release_now("d", "t1") is local
+    if not local:
+        await store.release("d", "t1")
+    assert (await store.acquire("d", LIMITS, "t3", T0, probe=False)).granted
+
+
 async def test_the_message_rate_spaces_the_starts(store: DestinationStore) -> None:
     limits = DestinationLimits(concurrency=100, message_rate=2.0)  # every 0.5 s
     assert (await store.acquire("d", limits, "a", T0, probe=False)).granted

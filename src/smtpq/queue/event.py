@@ -56,7 +56,7 @@ class QueueEvent:
         reply: Reply | None = None,
         **detail: Any,
     ) -> None:
-        self.kind = EventKind(kind)
+        self.kind = kind if type(kind) is EventKind else EventKind(kind)
         self.id = id
         self.recipients = tuple(recipients)
         self.reply = reply

@@ -51,7 +51,7 @@ from smtpq.bounce import notify_wants
 from smtpq.envelope import Envelope
 from smtpq.notice import Action, Notice, Outcome
 from smtpq.queue.event import EventKind, QueueEvent
-from smtpq.relay.base import RelayError, RelayResult
+from smtpq.relay.base import RecipientResult, RelayError, RelayResult
 from smtpq.reply import Reply, ReplyClass, missing_recipient_reply, unexpected_error_reply
 
 __all__ = [
@@ -126,28 +126,31 @@ def judge(
     transient failure (``450 4.0.0``); so is a reply that is neither 2xx, 4xx nor 5xx, and any
     exception that is not a RelayError.
     """
-    per_rcpt: dict[str, Reply | None]
+    per_rcpt: Mapping[str, RecipientResult] | None = None
+    whole: Reply | None = None
     if isinstance(result, Mapping):
-        missing = missing_recipient_reply()
-        per_rcpt = {r: _as_reply(result[r]) if r in result else missing for r in recipients}
+        per_rcpt = result
     else:
-        per_rcpt = dict.fromkeys(recipients, _as_reply(result))
-    sorted_: dict[ReplyClass, list[Verdict]] = {
-        ReplyClass.SUCCESS: [],
-        ReplyClass.PERMANENT: [],
-        ReplyClass.TRANSIENT: [],
-    }
+        whole = _as_reply(result)
+    missing = missing_recipient_reply()
+    delivered: list[Verdict] = []
+    permanent: list[Verdict] = []
+    transient: list[Verdict] = []
     for rcpt, index in zip(recipients, indexes, strict=True):
-        reply = per_rcpt[rcpt]
+        if per_rcpt is None:
+            reply = whole
+        else:
+            reply = _as_reply(per_rcpt[rcpt]) if rcpt in per_rcpt else missing
         klass = ReplyClass.SUCCESS if reply is None else reply.reply_class
-        if klass not in sorted_:
-            reply, klass = _unclassifiable(reply), ReplyClass.TRANSIENT
-        sorted_[klass].append(Verdict(index, rcpt, reply))
-    return Judgement(
-        delivered=tuple(sorted_[ReplyClass.SUCCESS]),
-        permanent=tuple(sorted_[ReplyClass.PERMANENT]),
-        transient=tuple(sorted_[ReplyClass.TRANSIENT]),
-    )
+        if klass is ReplyClass.SUCCESS:
+            delivered.append(Verdict(index, rcpt, reply))
+        elif klass is ReplyClass.PERMANENT:
+            permanent.append(Verdict(index, rcpt, reply))
+        elif klass is ReplyClass.TRANSIENT:
+            transient.append(Verdict(index, rcpt, reply))
+        else:
+            transient.append(Verdict(index, rcpt, _unclassifiable(reply)))
+    return Judgement(tuple(delivered), tuple(permanent), tuple(transient))
 
 
 def _unclassifiable(reply: Reply | None) -> Reply:
@@ -286,6 +289,9 @@ def _events(
     kind: EventKind, id: str, verdicts: Sequence[Verdict], **detail: object
 ) -> list[QueueEvent]:
     """One event per relay host and reply, naming exactly the recipients that got it."""
+    if len(verdicts) == 1:  # the usual case: nothing to group
+        v = verdicts[0]
+        return [QueueEvent(kind, id, (v.recipient,), v.reply, **detail)]
     groups: dict[tuple[str | None, str | None, Reply | None], list[str]] = {}
     for v in verdicts:
         host = v.reply.remote_host if v.reply is not None else None

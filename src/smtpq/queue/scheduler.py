@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 import time
@@ -121,6 +122,10 @@ class DestinationScheduler(Generic[P]):
         self._busy = 0  # relay slots in use
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._leases: dict[str, str] = {}  # token -> destination, of running attempts
+        # Attempt tokens: unique among every scheduler sharing a store (a random prefix per
+        # scheduler) without a call for random bytes per attempt.
+        self._token_prefix = secrets.token_hex(8) + "-"
+        self._serial = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()  # running attempts
         self._background: set[asyncio.Task[None]] = set()  # store updates
         self._timer: asyncio.Task[None] | None = None
@@ -200,7 +205,7 @@ class DestinationScheduler(Generic[P]):
 
     async def _run(self, part: P, probe: bool) -> None:
         name = part.destination
-        token = secrets.token_hex(8)
+        token = f"{self._token_prefix}{next(self._serial):x}"
         result: RelayResult | BaseException
         try:
             permit = await self._permit(part, token, probe)
@@ -273,6 +278,8 @@ class DestinationScheduler(Generic[P]):
     def _share(self, name: str, token: str, change: Transition | None) -> None:
         """Tell the store what changed, then end the lease: in that order, so that no other
         worker sees a dead destination without a probe between the two."""
+        if change is None and self.store.release_now(name, token):
+            return  # a local store, nothing to tell: no task for it
 
         async def update() -> None:
             try:

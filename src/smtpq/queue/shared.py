@@ -75,6 +75,11 @@ class DestinationStore(abc.ABC):
     async def release(self, name: str, token: str) -> None:
         """The attempt ``token`` ended: its lease (and its probe, if it was one) ends."""
 
+    def release_now(self, name: str, token: str) -> bool:
+        """:meth:`release` at once, where the store needs no I/O for it (a local store):
+        True when done; False (the default) when :meth:`release` must be awaited."""
+        return False
+
     async def renew(self, held: Mapping[str, Sequence[str]], now: float) -> None:  # noqa: B027
         """Extend the leases of running attempts (destination -> tokens); local stores have
         nothing to renew."""
@@ -138,6 +143,10 @@ class LocalDestinationStore(DestinationStore):
 
     async def release(self, name: str, token: str) -> None:
         """See :meth:`DestinationStore.release`."""
+        self.release_now(name, token)
+
+    def release_now(self, name: str, token: str) -> bool:
+        """See :meth:`DestinationStore.release_now`: always done at once."""
         held = self._leases.get(name)
         if held is not None:
             held.discard(token)
@@ -145,6 +154,7 @@ class LocalDestinationStore(DestinationStore):
                 del self._leases[name]
         if self._probes.get(name) == token:
             del self._probes[name]
+        return True
 
     async def reserve_connection(self, name: str, rate: float, now: float) -> float:
         """See :meth:`DestinationStore.reserve_connection`."""
