@@ -6,9 +6,22 @@ import asyncio
 import heapq
 import itertools
 import time
+from collections.abc import Awaitable
 from typing import Protocol
 
-__all__ = ["Clock", "ManualClock", "SystemClock"]
+__all__ = ["Clock", "ManualClock", "SystemClock", "first_of"]
+
+
+async def first_of(*waits: Awaitable[object]) -> None:
+    """Wait until the first of ``waits`` ends (a wake-up, a sleep of a :class:`Clock`, ...);
+    the others are cancelled and collected before this returns, whatever ended it."""
+    futures = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in futures:
+            future.cancel()
+        await asyncio.gather(*futures, return_exceptions=True)
 
 
 class Clock(Protocol):

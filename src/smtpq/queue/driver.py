@@ -39,7 +39,7 @@ from typing import TypeVar
 
 from smtpq.backoff import DEFAULT_LIFETIME, Backoff, DefaultBackoff
 from smtpq.bounce import BounceFactory, BounceFunction, FunctionNotifier, Notifier, notify_wants
-from smtpq.clock import Clock, SystemClock
+from smtpq.clock import Clock, SystemClock, first_of
 from smtpq.envelope import Envelope
 from smtpq.errors import EnvelopeFormatError, QueueError
 from smtpq.notice import Action, Notice, outcomes_for
@@ -411,19 +411,11 @@ class Queue:
         if self._wake.is_set():
             self._wake.clear()
             return
-        waits = [
-            asyncio.ensure_future(self._wake.wait()),
-            asyncio.ensure_future(self.clock.sleep(delay)),
-        ]
+        waits = [self._wake.wait(), self.clock.sleep(delay)]
         if free > 0 and not failures:
             # A real-time bound even under a manual clock: a store wake-up is not a due time.
-            waits.append(asyncio.ensure_future(self.store.wait(max(delay, 0.05))))
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+            waits.append(self.store.wait(max(delay, 0.05)))
+        await first_of(*waits)
         self._wake.clear()
 
     async def _renew_loop(self) -> None:

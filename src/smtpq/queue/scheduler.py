@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
-from smtpq.clock import Clock
+from smtpq.clock import Clock, first_of
 from smtpq.envelope import Envelope
 from smtpq.queue.destinations import (
     DestinationPolicy,
@@ -345,16 +345,7 @@ class DestinationScheduler(Generic[P]):
             wake = self.dispatcher.next_wakeup()
             at = next_sweep if wake is None else min(wake, next_sweep)
             self._kick.clear()
-            waits = [
-                asyncio.ensure_future(self._kick.wait()),
-                asyncio.ensure_future(self.clock.sleep(max(0.0, at - self.clock.time()))),
-            ]
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
-                await asyncio.gather(*waits, return_exceptions=True)
+            await first_of(self._kick.wait(), self.clock.sleep(max(0.0, at - self.clock.time())))
 
     def _release(self, released: Release[P]) -> None:
         self.on_released(released.item)
