@@ -78,10 +78,10 @@ _PER = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 6
 _PER |= {"h": 3600.0, "hour": 3600.0}
 # Buckets of the recent attempt rate: 12 of 5 s, the last minute.
 _BUCKET = 5.0
+_BUCKETS = 12
 #: Seconds of waiting in a ready queue that a destination working through it makes harmless:
 #: a destination that keeps up may hold more than its backlog (see the dispatcher).
 KEEP_UP = 1.0
-_BUCKETS = 12
 _POLICY_CACHE = 10_000
 
 
@@ -502,10 +502,8 @@ class Destination:
 
     def rate(self, now: float) -> float:
         """Attempts finished per second over the last minute."""
-        oldest = math.floor(now / _BUCKET) - _BUCKETS + 1
-        return sum(count for bucket, count in self._recent if bucket >= oldest) / (
-            _BUCKET * _BUCKETS
-        )
+        count, _ = self._recent_count(now)
+        return count / (_BUCKET * _BUCKETS)
 
     def view(self, now: float, waiting: int) -> DestinationView:
         """What operators see of it."""
