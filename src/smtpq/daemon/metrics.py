@@ -12,17 +12,10 @@ metric it queries is served here).
 
 from __future__ import annotations
 
-import bisect
-import math
 from collections.abc import Callable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from smtpq.clock import Clock
@@ -40,69 +33,6 @@ TOP_DESTINATIONS = 20
 OPERATOR_ACTIONS = ("flushed", "held", "released", "deleted", "requeued", "bounced")
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-
-
-class _EventCounter:
-    """A counter of queue events, a plain number until scraped: the events of every message
-    count it (prometheus_client's Counter takes a lock and several calls per increment)."""
-
-    __slots__ = ("created", "doc", "name", "value")
-
-    def __init__(self, name: str, doc: str, created: float) -> None:
-        self.name, self.doc = name, doc
-        self.value = 0.0
-        self.created = created
-
-    def family(self) -> CounterMetricFamily:
-        """The counter as prometheus_client's Counter would expose it."""
-        return CounterMetricFamily(self.name, self.doc, value=self.value, created=self.created)
-
-
-class _EventHistogram:
-    """A histogram of durations, plain numbers until scraped (see :class:`_EventCounter`)."""
-
-    __slots__ = ("bounds", "counts", "created", "doc", "name", "sum")
-
-    def __init__(self, name: str, doc: str, buckets: Sequence[float], created: float) -> None:
-        self.name, self.doc = name, doc
-        self.bounds = (*(float(b) for b in buckets), math.inf)
-        self.counts = [0] * len(self.bounds)  # per bucket, not cumulative
-        self.sum = 0.0
-        self.created = created
-
-    def observe(self, seconds: float) -> None:
-        """Count one duration in the first bucket whose upper bound holds it."""
-        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
-        self.sum += seconds
-
-    def family(self) -> HistogramMetricFamily:
-        """The histogram as prometheus_client's Histogram would expose it."""
-        cumulative, buckets = 0, []
-        for bound, count in zip(self.bounds, self.counts, strict=True):
-            cumulative += count
-            buckets.append((_bound_text(bound), float(cumulative)))
-        family = HistogramMetricFamily(self.name, self.doc, buckets=buckets, sum_value=self.sum)
-        family.add_sample(f"{self.name}_created", {}, self.created)
-        return family
-
-
-def _bound_text(bound: float) -> str:
-    """A bucket's ``le`` label, written as prometheus_client writes it."""
-    return "+Inf" if bound == math.inf else repr(bound)
-
-
-class _EventCounts(Collector):
-    """The counters and histograms that queue events feed, exposed when scraped."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        m = self.metrics
-        for counter in (m.accepted, m.delivered, m.deferred, m.bounced, m.expired):
-            yield counter.family()
-        yield m.attempts.family()
-        yield m.writes.family()
 
 
 class _QueueGauges(Collector):
@@ -221,21 +151,21 @@ class Metrics:
         self.last_info: dict[str, float | int | None] = {}
         self.registry = CollectorRegistry()
         r = self.registry
-        now = clock.time()
-        self.accepted = _EventCounter("smtpq_messages_accepted", "Messages stored.", now)
-        self.delivered = _EventCounter("smtpq_recipients_delivered", "Recipients delivered.", now)
-        self.deferred = _EventCounter("smtpq_recipients_deferred", "Recipients deferred.", now)
-        self.bounced = _EventCounter("smtpq_recipients_bounced", "Recipients bounced.", now)
-        self.expired = _EventCounter(
-            "smtpq_recipients_expired", "Recipients given up on after retries.", now
+        self.accepted = Counter("smtpq_messages_accepted", "Messages stored.", registry=r)
+        self.delivered = Counter("smtpq_recipients_delivered", "Recipients delivered.", registry=r)
+        self.deferred = Counter("smtpq_recipients_deferred", "Recipients deferred.", registry=r)
+        self.bounced = Counter("smtpq_recipients_bounced", "Recipients bounced.", registry=r)
+        self.expired = Counter(
+            "smtpq_recipients_expired", "Recipients given up on after retries.", registry=r
         )
-        self.attempts = _EventHistogram(
-            "smtpq_delivery_attempt_seconds", "Duration of delivery attempts.", _LATENCY, now
-        )
-        self.writes = _EventHistogram(
-            "smtpq_storage_write_seconds", "Duration of durable message writes.", _LATENCY, now
-        )
-        r.register(_EventCounts(self))
+        self.attempts = Histogram(
+            "smtpq_delivery_attempt_seconds", "Duration of delivery attempts.",
+            buckets=_LATENCY, registry=r,
+        )  # fmt: skip
+        self.writes = Histogram(
+            "smtpq_storage_write_seconds", "Duration of durable message writes.",
+            buckets=_LATENCY, registry=r,
+        )  # fmt: skip
         self.operator_actions = Counter(
             "smtpq_operator_actions",
             "Messages an operator named and changed, by action (a bare flush is not counted).",
@@ -255,28 +185,26 @@ class Metrics:
 
     def observe(self, event: QueueEvent) -> None:
         """Count one queue event."""
-        kind = event.kind
-        if kind == "accepted":
-            self.accepted.value += 1
-            seconds = event.detail.get("seconds")
+        n = len(event.recipients)
+        seconds = event.detail.get("seconds")
+        if event.kind == "accepted":
+            self.accepted.inc()
             if isinstance(seconds, float):
                 self.writes.observe(seconds)
-        elif kind == "attempted":
-            seconds = event.detail.get("seconds")
-            if isinstance(seconds, float):
-                self.attempts.observe(seconds)
-        elif kind == "delivered":
-            self.delivered.value += len(event.recipients)
-        elif kind == "deferred":
-            self.deferred.value += len(event.recipients)
-        elif kind == "bounced":
-            self.bounced.value += len(event.recipients)
+        elif event.kind == "attempted" and isinstance(seconds, float):
+            self.attempts.observe(seconds)
+        elif event.kind == "delivered":
+            self.delivered.inc(n)
+        elif event.kind == "deferred":
+            self.deferred.inc(n)
+        elif event.kind == "bounced":
+            self.bounced.inc(n)
             if "by" in event.detail:  # an operator's bounce
                 self.operator_actions.labels("bounced").inc()
-        elif kind in ("expired", "failed"):
-            self.expired.value += len(event.recipients)
-        elif kind in OPERATOR_ACTIONS:  # bounced is matched above
-            self.operator_actions.labels(kind).inc()
+        elif event.kind in ("expired", "failed"):
+            self.expired.inc(n)
+        elif event.kind in OPERATOR_ACTIONS:  # bounced is matched above
+            self.operator_actions.labels(event.kind).inc()
 
     async def render(self) -> bytes:
         """The text exposition format, with gauges fresh from the storage."""
