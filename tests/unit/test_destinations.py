@@ -289,6 +289,39 @@ def test_a_rate_counted_over_less_than_a_second_is_not_trusted() -> None:
     assert {d.postpone_until(0.05, 120.0) for _ in range(50)} == {0.05 + 1.0}
 
 
+def _killed(d: Destination, now: float) -> None:
+    """``dead_after`` connection failures in a row at ``now``: dead."""
+    for _ in range(d.limits.dead_after):
+        _start(d, now)
+        d.finished(Outcome.FAILURE, REFUSED, now, False)
+    assert d.state is State.DEAD
+
+
+def test_a_flush_ends_the_cool_down_and_the_next_attempt_probes() -> None:
+    d = Destination("x", DestinationLimits(cool_down=300))
+    assert not d.end_cool_down(10.0)  # active: nothing to end
+    _killed(d, 10.0)
+    assert d.start_kind(20.0) is StartKind.DEFER
+    assert d.end_cool_down(20.0)
+    assert not d.end_cool_down(20.0)  # once
+    assert d.start_kind(20.0) is StartKind.PROBE
+    assert _start(d, 20.0)
+    d.finished(Outcome.FAILURE, REFUSED, 21.0, True)  # a failed probe still doubles it
+    assert (d.state, d.dead_until) == (State.DEAD, 21.0 + 600)
+
+
+def test_mail_postponed_behind_a_probe_and_after_a_revival_comes_back_soon() -> None:
+    d = Destination("x", DestinationLimits())
+    _killed(d, 10.0)
+    d.end_cool_down(12.0)
+    assert _start(d, 12.0)  # the probe
+    # Its failures say nothing of its rate: a second later, while the probe decides.
+    assert d.postpone_until(12.5, 120.0) == 13.5
+    d.finished(Outcome.SUCCESS, None, 12.6, True)
+    assert d.state is State.ACTIVE
+    assert d.postpone_until(12.7, 120.0) == pytest.approx(13.7)  # a fresh rate: not trusted yet
+
+
 def test_a_destination_without_results_gets_its_messages_back_ever_more_spread() -> None:
     d = Destination("x", DestinationLimits(initial_window=5))
     assert not d.keeps_up(1, 0.0)

@@ -101,6 +101,19 @@ def test_a_destination_that_keeps_up_takes_more_than_its_backlog() -> None:
     assert admitted.count(True) == 51  # until more than a second's worth waits (4 x 2 without)
 
 
+def test_a_flush_makes_a_dead_destination_probe_instead_of_deferring() -> None:
+    d: Dispatcher[str] = Dispatcher(_policy(dead_after=1, cool_down=300))
+    dest = d.destination("x")
+    dest.started(0.0, False)
+    dest.finished(Outcome.FAILURE, Reply("451", "4.4.1 refused", "CONNECT"), 0.0, False)
+    _fill(d, "x", 3, now=1.0)
+    assert d.end_cool_downs(1.0) == ["x"]
+    assert d.end_cool_downs(1.0) == []
+    [start] = d.take(1.0, 10)
+    assert isinstance(start, Start)
+    assert start.probe  # one probe; the others wait for its outcome
+
+
 def test_items_that_waited_too_long_are_released_postponable_ones_only() -> None:
     d: Dispatcher[str] = Dispatcher(DestinationPolicy(max_wait=60))
     d.push("x", "old", 0.0, postponable=True)

@@ -381,6 +381,7 @@ class Destination:
         self.last_used = now
         if probe:
             self.state = State.PROBING
+            self._unknown_since = None  # its time without a result starts with the probe
 
     def unstarted(self, probe: bool) -> None:
         """An attempt that began was given back before connecting (the store refused it)."""
@@ -402,6 +403,11 @@ class Destination:
                 self.state = State.ACTIVE
                 self.window, self._credit = self.limits.window, 0
                 self.cool_down = self.limits.cool_down
+                # Its failures say nothing of how fast it works now: the rate starts afresh
+                # (else the mail postponed behind the probe would come back spread out).
+                self._recent.clear()
+                self._last_count = -math.inf
+                self._count(now)
                 return Transition.REVIVED
             self._credit += 1
             if self._credit >= self.window:
@@ -432,6 +438,15 @@ class Destination:
         """The dead mark to share (meaningful while dead)."""
         return DeadMark(self.dead_until, self.last_error or "", self.cool_down)
 
+    def end_cool_down(self, now: float) -> bool:
+        """An operator flushed the queue (Postfix's flush forgets dead destinations): a dead
+        destination's next attempt, now, is its probe; True if it was waiting out a cool-down.
+        A probe that fails still doubles the cool-down."""
+        if self.state is not State.DEAD or self.dead_until <= now:
+            return False
+        self.dead_until = now
+        return True
+
     def learn(self, mark: DeadMark, now: float) -> None:
         """The store says the destination is dead as ``mark`` says: found so by another worker,
         probed by another until ``mark.until``, or past its cool-down (``until`` has passed:
@@ -451,7 +466,8 @@ class Destination:
         before it; within ``max_wait``.
 
         A rate counted over less than a second is not trusted: until then every message
-        comes back a second later, when the rate is known. With no attempt finished at all,
+        comes back a second later, when the rate is known. With no attempt finished at all, or
+        while its probe decides whether it lives (the rate of a dead destination says nothing),
         the destination is taken to finish at most its window of attempts in the time it has
         been without a result, so a black hole's messages come back ever more spread out
         (and each one is written back to the schedule no more often than that).
@@ -461,7 +477,7 @@ class Destination:
             heapq.heappop(returns)
         count, span = self._recent_count(now)
         at = now + 1.0
-        if count:
+        if count and self.state is State.ACTIVE:
             self._unknown_since = None
             if span >= 1.0:
                 at += len(returns) * span / count

@@ -276,6 +276,15 @@ class Dispatcher(Generic[T]):
         """The probe candidate could not be kept: the next message deferred is."""
         self.destination(name).probe_wanted = True
 
+    def end_cool_downs(self, now: float) -> list[str]:
+        """Every dead destination probed now (see :meth:`Destination.end_cool_down`); the
+        names of those that were waiting out a cool-down."""
+        ended = [name for name, dest in self._dests.items() if dest.end_cool_down(now)]
+        for name in ended:
+            self._doomed.discard(name)
+            self._visit(name, now)
+        return ended
+
     def learn(self, name: str, mark: DeadMark, now: float) -> None:
         """Another worker marked the destination dead."""
         self.destination(name).learn(mark, now)

@@ -353,8 +353,12 @@ class Queue:
         return id
 
     async def flush(self, ids: Sequence[str] | None = None) -> int:
-        """Attempt deferred messages (all, or ``ids``) now; returns how many were made due."""
+        """Attempt deferred messages (all, or ``ids``) now; returns how many were made due.
+        Dead destinations are probed at once rather than after their cool-down, so that a
+        flush after a repair delivers (Postfix's flush likewise forgets dead destinations)."""
         count = await self._store(self.store.flush(self.clock.time(), ids))
+        if self._scheduler is not None:
+            await self._scheduler.end_cool_downs()
         self._wake.set()
         return count
 

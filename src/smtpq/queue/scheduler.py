@@ -139,6 +139,18 @@ class DestinationScheduler(Generic[P]):
         self._open = True
         self._timer = asyncio.create_task(self._timer_loop(), name="smtpq-destinations")
 
+    async def end_cool_downs(self) -> None:
+        """The queue was flushed: dead destinations are probed now, here and, through the
+        store, by every worker that shares it."""
+        now = self.clock.time()
+        for name in self.dispatcher.end_cool_downs(now):
+            log.info("destination %s: cool-down ended by a flush, probing it now", name)
+            try:
+                await self.store.mark_dead(name, self.dispatcher.destination(name).mark())
+            except Exception as exc:
+                log.warning("sharing the state of destination %s failed (%s)", name, exc)
+        self._kick.set()
+
     def close(self) -> list[P]:
         """Start nothing more; the parts that were waiting, taken out."""
         self._open = False

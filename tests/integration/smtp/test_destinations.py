@@ -206,6 +206,32 @@ async def test_a_destination_that_comes_back_is_used_within_one_cool_down(
         await sink.stop()
 
 
+async def test_a_flush_probes_a_dead_destination_at_once_and_delivers_its_backlog(
+    harness: Callable[..., Any],
+) -> None:
+    """An operator repairs the next hop and flushes (Postfix's flush forgets dead destinations
+    likewise): no waiting out the cool-down, and the backlog, more than a ready queue holds,
+    goes out without waiting for any clock."""
+    port = free_port()
+    h: Harness = await harness(
+        {"fixed.test": port}, destinations=DestinationPolicy(DestinationLimits(concurrency=2))
+    )
+    await h.send("fixed.test", 40)
+    await until(lambda: h.view("fixed.test").state == "dead")
+    await h.settled()  # deferred, or postponed beyond the ready queue: nothing due on this clock
+    assert h.count(EventKind.DELIVERED, "fixed.test") == 0
+    sink = await Sink(port=port).start()
+    try:
+        assert await h.queue.flush() == 40
+        await until(lambda: h.count(EventKind.DELIVERED, "fixed.test") == 40, timeout=30)
+        assert h.view("fixed.test").state == "active"
+        assert len(sink.received) == 40
+        await h.settled()
+        assert await h.store.load() == []
+    finally:
+        await sink.stop()
+
+
 async def test_a_rate_limit_is_honoured_at_the_sink(
     harness: Callable[..., Any], sink: Sink
 ) -> None:
