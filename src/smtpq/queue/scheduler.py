@@ -140,8 +140,8 @@ class DestinationScheduler(Generic[P]):
         self._timer = asyncio.create_task(self._timer_loop(), name="smtpq-destinations")
 
     async def end_cool_downs(self) -> None:
-        """The queue was flushed: dead destinations are probed now, here and, through the
-        store, by every worker that shares it."""
+        """The queue was flushed: dead destinations are probed now; the store's dead marks
+        are rewritten to end now, so that it lets the probes through."""
         now = self.clock.time()
         for name in self.dispatcher.end_cool_downs(now):
             log.info("destination %s: cool-down ended by a flush, probing it now", name)
