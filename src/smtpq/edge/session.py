@@ -542,7 +542,7 @@ class EdgeSession(asyncio.Protocol):
             return Replies.AUTH_UNAVAILABLE
         if not ok:
             self._edge._refused("auth_failed")
-            log.info("AUTH failed for %r from %s", event.login[:64], self.ip)
+            log.info("AUTH failed for %r from %s", user[:64], self.ip)  # %r: no raw controls
             return Replies.AUTH_FAILED
         self._auth_user = user
         return Replies.AUTH_OK

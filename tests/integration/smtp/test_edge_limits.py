@@ -210,8 +210,12 @@ async def guess(port: int, client_tls: ssl.SSLContext, source: str) -> list[str]
 
 
 async def test_auth_guessing_is_cut_off_and_bounded(
-    tls_files: TlsFiles, tmp_path: Path, client_tls: ssl.SSLContext
+    tls_files: TlsFiles,
+    tmp_path: Path,
+    client_tls: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, "smtpq.edge")
     async with serving(**auth_config(tls_files, tmp_path)) as (edge, _):
         most = 0
         stop = asyncio.Event()
@@ -234,6 +238,10 @@ async def test_auth_guessing_is_cut_off_and_bounded(
             ]
         assert edge.refusals["auth_failed"] == 8 * 3
         assert edge.refusals["auth_limit"] == 8
+        failed = [
+            r.getMessage() for r in caplog.records if r.getMessage().startswith("AUTH failed")
+        ]
+        assert sorted(set(failed)) == [f"AUTH failed for 'alice' from {s}" for s in sources]
         # Eight guessers at once, and never more than the process's few verifier threads.
         assert 1 <= most <= VERIFIERS
 
