@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from smtpq.queue.destinations import RATE_TOLERANCE, DeadMark, DestinationLimits, gcra
 
@@ -36,9 +36,10 @@ class Permit:
     """The store's answer to :meth:`DestinationStore.acquire`.
 
     :ivar granted: the attempt may connect (and holds a lease until released).
-    :ivar retry_at: refused for now (the limit is reached, or the rate): ask again then.
-    :ivar mark: refused: the destination is dead, or another worker probes it until
-        ``mark.until`` — or its cool-down is over and only a probe may ask (``probe=True``).
+    :ivar retry_at: refused for now (the limit is reached, the rate, or another worker's probe
+        runs): ask again then.
+    :ivar mark: refused: the destination is dead — or its cool-down is over and only a probe
+        may ask (``probe=True``).
     """
 
     granted: bool
@@ -58,6 +59,10 @@ class DestinationStore(abc.ABC):
 
     #: Seconds an attempt's lease lasts unless renewed (a dead worker's leases run out).
     lease_timeout: float = 60.0
+    #: Whether other processes share it: then a destination dead here is checked against the
+    #: store before its messages are deferred (another worker may have revived it, or an
+    #: operator flushed the queue through another worker).
+    shared: bool = False
 
     @abc.abstractmethod
     async def acquire(
@@ -100,6 +105,12 @@ class DestinationStore(abc.ABC):
     async def dead_marks(self, names: Sequence[str]) -> dict[str, DeadMark]:
         """The marks of those of ``names`` that are marked dead (for listings)."""
 
+    @abc.abstractmethod
+    async def end_cool_downs(self, now: float) -> list[str]:
+        """An operator flushed the queue: every destination marked dead and waiting out a
+        cool-down has it end ``now`` (its next attempt, by any worker, is the probe); their
+        names."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; local stores have none."""
 
@@ -125,8 +136,9 @@ class LocalDestinationStore(DestinationStore):
             if now < mark.until or not probe:
                 return Permit(False, mark=mark)
             if holder is not None and holder != token:
-                # Another Queue's probe is running: dead for us until it reports.
-                return Permit(False, mark=DeadMark(now + BUSY_RETRY, mark.error, mark.cool_down))
+                # Another Queue's probe is running: wait for what it finds (its messages are
+                # not deferred meanwhile, as they are not behind a probe of this Queue's own).
+                return Permit(False, retry_at=now + BUSY_RETRY)
         held = self._leases.setdefault(name, set())
         if len(held) >= limits.concurrency:
             return Permit(False, retry_at=now + BUSY_RETRY)
@@ -176,3 +188,10 @@ class LocalDestinationStore(DestinationStore):
     async def dead_marks(self, names: Sequence[str]) -> dict[str, DeadMark]:
         """See :meth:`DestinationStore.dead_marks`."""
         return {name: self._marks[name] for name in names if name in self._marks}
+
+    async def end_cool_downs(self, now: float) -> list[str]:
+        """See :meth:`DestinationStore.end_cool_downs`."""
+        ended = [name for name, mark in self._marks.items() if mark.until > now]
+        for name in ended:
+            self._marks[name] = replace(self._marks[name], until=now)
+        return ended

@@ -15,6 +15,9 @@ slot and the store works on Redis Cluster as it does on one server::
     P dest:{<name>}:leases   zset  one member per running attempt (its token), scored by its
                                    lease expiry: the concurrency limit counts the live ones
 
+    P dests:dead             set   the names marked dead, an index for a flush (beside the
+                                   marks, not with them: they hash to other slots)
+
 ``P`` is the prefix (``smtpq:``); a name with braces is hashed into its tag. Keys expire a day
 after their last change (or twice the longest cool-down), so destinations no longer used leave
 nothing behind. Times are the workers' clocks, as everywhere in smtpq: keep the hosts' clocks
@@ -42,8 +45,8 @@ __all__ = ["RedisDestinationStore"]
 _DAY = 86400
 
 # KEYS: state, leases. ARGV: now, token, lease expiry, limit, interval ("" = no rate),
-# tolerance, probe ("1"/"0"), ttl. Returns {"ok"}, {"busy"}, {"rate", start} or
-# {"dead", until, error, cool}.
+# tolerance, probe ("1"/"0"), ttl. Returns {"ok"}, {"busy"} (at the limit, or another
+# worker's probe runs), {"rate", start} or {"dead", until, error, cool}.
 _ACQUIRE = """
 local now = tonumber(ARGV[1])
 local probing = false
@@ -54,9 +57,7 @@ if until_ then
   if now < tonumber(until_) or ARGV[7] ~= '1' then return {'dead', until_, err, cool} end
   local holder = redis.call('HGET', KEYS[1], 'probe')
   local probe_until = redis.call('HGET', KEYS[1], 'probe_until')
-  if holder and holder ~= ARGV[2] and tonumber(probe_until) > now then
-    return {'dead', probe_until, err, cool}
-  end
+  if holder and holder ~= ARGV[2] and tonumber(probe_until) > now then return {'busy'} end
   probing = true
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
@@ -108,6 +109,15 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return string.format('%.6f', start)
 """
 
+# KEYS: state. ARGV: now. Ends a cool-down under way; 1 if it did, 0 if none, -1 if not dead.
+_END_COOL_DOWN = """
+local until_ = redis.call('HGET', KEYS[1], 'until')
+if not until_ then return -1 end
+if tonumber(until_) <= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'until', ARGV[1])
+return 1
+"""
+
 # KEYS: state. ARGV: until, error, cool, ttl.
 _MARK_DEAD = """
 redis.call('HSET', KEYS[1], 'until', ARGV[1], 'error', ARGV[2], 'cool', ARGV[3])
@@ -124,6 +134,8 @@ class RedisDestinationStore(DestinationStore):
     :param prefix: the queue's key prefix (the storage's ``prefix``).
     :param lease_timeout: seconds an attempt's lease lasts unless renewed.
     """
+
+    shared = True
 
     def __init__(
         self,
@@ -142,6 +154,8 @@ class RedisDestinationStore(DestinationStore):
         self._renew = client.register_script(_RENEW)
         self._reserve = client.register_script(_RESERVE)
         self._mark_dead = client.register_script(_MARK_DEAD)
+        self._end_cool_down = client.register_script(_END_COOL_DOWN)
+        self._dead_index = f"{prefix}dests:dead"
 
     @classmethod
     def from_url(
@@ -221,11 +235,29 @@ class RedisDestinationStore(DestinationStore):
         ttl = int(max(_DAY, 2 * mark.cool_down))
         args: list[str | int] = [repr(mark.until), mark.error, repr(mark.cool_down), ttl]
         await self._mark_dead(keys=self._keys(name)[:1], args=args)
+        # After the mark: a worker gone in between leaves a mark that a flush does not end
+        # (it runs out by itself), never an index entry without a mark.
+        await self.client.sadd(self._dead_index, name)
+        await self.client.expire(self._dead_index, ttl)  # as long as the newest mark lives
 
     async def clear_dead(self, name: str) -> None:
         """See :meth:`DestinationStore.clear_dead`."""
         state = self._keys(name)[0]
         await self.client.hdel(state, "until", "error", "cool", "probe", "probe_until")
+        await self.client.srem(self._dead_index, name)
+
+    async def end_cool_downs(self, now: float) -> list[str]:
+        """See :meth:`DestinationStore.end_cool_downs`: one call per destination in the index
+        of dead ones; names whose mark is gone (cleared, or expired) leave the index."""
+        ended: list[str] = []
+        for raw in await self.client.smembers(self._dead_index):
+            name = _text(raw)
+            done = await self._end_cool_down(keys=self._keys(name)[:1], args=[repr(now)])
+            if done == 1:
+                ended.append(name)
+            elif done == -1:
+                await self.client.srem(self._dead_index, name)
+        return sorted(ended)
 
     async def dead_marks(self, names: Sequence[str]) -> dict[str, DeadMark]:
         """See :meth:`DestinationStore.dead_marks`."""
