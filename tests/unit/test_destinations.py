@@ -310,6 +310,25 @@ def test_a_flush_ends_the_cool_down_and_the_next_attempt_probes() -> None:
     assert (d.state, d.dead_until) == (State.DEAD, 21.0 + 600)
 
 
+def test_the_shared_store_ends_a_cool_down_only_when_it_says_less() -> None:
+    d = Destination("x", DestinationLimits(cool_down=300))
+    assert not d.reconcile(None, 10.0)  # active: nothing to end
+    _killed(d, 10.0)
+    until = d.dead_until
+    assert not d.reconcile(DeadMark(until, "451 4.4.1 refused", 300.0), 20.0)  # the same
+    assert not d.reconcile(DeadMark(until + 60, "451 4.4.1 refused", 600.0), 20.0)  # longer
+    assert d.dead_until == until
+    # Ended sooner (a flush through another worker), or no mark (another worker's probe
+    # revived it): the next attempt here is the probe.
+    assert d.reconcile(DeadMark(20.0, "451 4.4.1 refused", 300.0), 20.0)
+    assert d.start_kind(20.0) is StartKind.PROBE
+    e = Destination("y", DestinationLimits(cool_down=300))
+    _killed(e, 10.0)
+    assert e.reconcile(None, 30.0)
+    assert (e.state, e.dead_until, e.start_kind(30.0)) == (State.DEAD, 30.0, StartKind.PROBE)
+    assert not e.reconcile(None, 30.0)  # once
+
+
 def test_mail_postponed_behind_a_probe_and_after_a_revival_comes_back_soon() -> None:
     d = Destination("x", DestinationLimits())
     _killed(d, 10.0)

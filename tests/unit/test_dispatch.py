@@ -114,6 +114,26 @@ def test_a_flush_makes_a_dead_destination_probe_instead_of_deferring() -> None:
     assert start.probe  # one probe; the others wait for its outcome
 
 
+def test_deferrals_taken_back_when_the_shared_store_ended_the_cool_down() -> None:
+    d: Dispatcher[str] = Dispatcher(_policy(dead_after=1, cool_down=300))
+    dest = d.destination("x")
+    dest.started(0.0, False)
+    dest.finished(Outcome.FAILURE, Reply("451", "4.4.1 refused", "CONNECT"), 0.0, False)
+    _fill(d, "x", 3, now=1.0)
+    taken = d.take(1.0, 10)
+    deferred = [x for x in taken if isinstance(x, Defer)]
+    assert len(deferred) == len(taken) == 3
+    assert (dest.deferred, d.waiting_for("x")) == (3, 0)
+    assert not d.reconcile("x", dest.mark(), 1.0)  # the store says what we know
+    assert d.reconcile("x", None, 1.0)  # revived elsewhere
+    for x in reversed(deferred):
+        d.take_back("x", x.item, 1.0, postponable=False)
+    assert (dest.deferred, d.waiting_for("x")) == (0, 3)
+    [start] = d.take(1.0, 10)
+    assert isinstance(start, Start)
+    assert (start.item, start.probe) == (deferred[0].item, True)
+
+
 def test_items_that_waited_too_long_are_released_postponable_ones_only() -> None:
     d: Dispatcher[str] = Dispatcher(DestinationPolicy(max_wait=60))
     d.push("x", "old", 0.0, postponable=True)

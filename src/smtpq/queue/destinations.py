@@ -447,6 +447,17 @@ class Destination:
         self.dead_until = now
         return True
 
+    def reconcile(self, mark: DeadMark | None, now: float) -> bool:
+        """What the shared store says of a destination dead here: no mark (another worker's
+        probe revived it) or one that ends sooner (an operator's flush elsewhere) ends the
+        cool-down here too, so that the next attempt is the probe; True if it did."""
+        if self.state is not State.DEAD or self.dead_until <= now:
+            return False
+        if mark is not None and mark.until >= self.dead_until:
+            return False
+        self.dead_until = max(now, mark.until) if mark is not None else now
+        return True
+
     def learn(self, mark: DeadMark, now: float) -> None:
         """The store says the destination is dead as ``mark`` says: found so by another worker,
         probed by another until ``mark.until``, or past its cool-down (``until`` has passed:

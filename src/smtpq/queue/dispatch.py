@@ -285,6 +285,22 @@ class Dispatcher(Generic[T]):
             self._visit(name, now)
         return ended
 
+    def reconcile(self, name: str, mark: DeadMark | None, now: float) -> bool:
+        """The shared store's view of a destination dead here (see
+        :meth:`Destination.reconcile`); True if its cool-down ended."""
+        if not self.destination(name).reconcile(mark, now):
+            return False
+        self._doomed.discard(name)
+        self._visit(name, now)
+        return True
+
+    def take_back(self, name: str, item: T, now: float, *, postponable: bool) -> None:
+        """An item :meth:`take` deferred that is not to be deferred after all (its
+        destination's cool-down ended meanwhile): to the front of its queue again."""
+        dest = self.destination(name)
+        dest.deferred = max(0, dest.deferred - 1)
+        self.push(name, item, now, postponable=postponable, front=True)
+
     def learn(self, name: str, mark: DeadMark, now: float) -> None:
         """Another worker marked the destination dead."""
         self.destination(name).learn(mark, now)

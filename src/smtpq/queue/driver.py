@@ -356,9 +356,11 @@ class Queue:
         """Attempt deferred messages (all, or ``ids``) now; returns how many were made due.
         Dead destinations are probed at once rather than after their cool-down, so that a
         flush after a repair delivers (Postfix's flush likewise forgets dead destinations)."""
-        count = await self._store(self.store.flush(self.clock.time(), ids))
+        # Cool-downs first: a worker that shares the store and claims a flushed message must
+        # find its destination's mark already ended.
         if self._scheduler is not None:
             await self._scheduler.end_cool_downs()
+        count = await self._store(self.store.flush(self.clock.time(), ids))
         self._wake.set()
         return count
 

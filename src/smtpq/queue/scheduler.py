@@ -128,6 +128,8 @@ class DestinationScheduler(Generic[P]):
         self._serial = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()  # running attempts
         self._background: set[asyncio.Task[None]] = set()  # store updates
+        # Deferrals held while the shared store is asked about their destination.
+        self._checking: dict[str, list[Defer[P]]] = {}
         self._timer: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
         self._open = False
@@ -143,19 +145,22 @@ class DestinationScheduler(Generic[P]):
         """The queue was flushed: dead destinations are probed now; the store's dead marks
         are rewritten to end now, so that it lets the probes through."""
         now = self.clock.time()
-        for name in self.dispatcher.end_cool_downs(now):
+        ended = set(self.dispatcher.end_cool_downs(now))
+        try:  # every worker's, with a shared store: the others see it before they defer
+            ended.update(await self.store.end_cool_downs(now))
+        except Exception as exc:
+            log.warning("ending the cool-downs in the destination store failed (%s)", exc)
+        for name in sorted(ended):
             log.info("destination %s: cool-down ended by a flush, probing it now", name)
-            try:
-                await self.store.mark_dead(name, self.dispatcher.destination(name).mark())
-            except Exception as exc:
-                log.warning("sharing the state of destination %s failed (%s)", name, exc)
         self._kick.set()
 
     def close(self) -> list[P]:
         """Start nothing more; the parts that were waiting, taken out."""
         self._open = False
         self._kick.set()
-        return [part for _, part in self.dispatcher.withdraw()]
+        held = [d.item for deferrals in self._checking.values() for d in deferrals]
+        self._checking.clear()
+        return [part for _, part in self.dispatcher.withdraw()] + held
 
     @property
     def running(self) -> set[asyncio.Task[None]]:
@@ -211,7 +216,44 @@ class DestinationScheduler(Generic[P]):
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             elif isinstance(decision, Defer):
-                self.on_deferred(decision.item, decision.reply, decision.probe_at)
+                self._defer(decision)
+
+    def _defer(self, decision: Defer[P]) -> None:
+        """Defer a part whose destination is dead here; with a shared store, first ask it
+        whether the destination is still dead: another worker's probe may have revived it, or
+        an operator's flush through another worker ended its cool-down, and its messages must
+        not wait out ours. One question for every deferral that comes while it is asked (one
+        read per batch of deferrals, each of which writes its message's new time anyway)."""
+        name = decision.destination
+        held = self._checking.get(name)
+        if held is not None:
+            held.append(decision)
+        elif self.store.shared:
+            self._checking[name] = [decision]
+            task = asyncio.create_task(self._check_store(name))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        else:
+            self.on_deferred(decision.item, decision.reply, decision.probe_at)
+
+    async def _check_store(self, name: str) -> None:
+        try:
+            marks = await self.store.dead_marks([name])
+        except Exception as exc:  # Redis away: defer as decided
+            log.warning("the destination store failed for %s (%s)", name, exc)
+            marks = None
+        now = self.clock.time()
+        held = self._checking.pop(name, None)
+        if held is None:
+            return  # closed meanwhile: given back by close()
+        if marks is not None and self.dispatcher.reconcile(name, marks.get(name), now):
+            log.info("destination %s: no longer dead in the shared store, probing it now", name)
+            for d in held:
+                self.dispatcher.take_back(name, d.item, now, postponable=d.item.postponable)
+            self.dispatch()
+            return
+        for d in held:
+            self.on_deferred(d.item, d.reply, d.probe_at)
 
     # -- attempts ------------------------------------------------------------------------------
 
