@@ -460,8 +460,8 @@ class Destination:
 
     def learn(self, mark: DeadMark, now: float) -> None:
         """The store says the destination is dead as ``mark`` says: found so by another worker,
-        probed by another until ``mark.until``, or past its cool-down (``until`` has passed:
-        then the next attempt here is the probe)."""
+        or past its cool-down (``until`` has passed: then the next attempt here is the
+        probe)."""
         if self.state is State.PROBING:
             return
         dead = self.state is State.DEAD
