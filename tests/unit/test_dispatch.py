@@ -11,6 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from smtpq.queue.destinations import (
     DeadMark,
+    Destination,
     DestinationLimits,
     DestinationPolicy,
     Outcome,
@@ -101,12 +102,19 @@ def test_a_destination_that_keeps_up_takes_more_than_its_backlog() -> None:
     assert admitted.count(True) == 51  # until more than a second's worth waits (4 x 2 without)
 
 
-def test_a_flush_makes_a_dead_destination_probe_instead_of_deferring() -> None:
+def _dead_with_three_waiting() -> tuple[Dispatcher[str], Destination]:
+    """A dispatcher whose destination ``x`` died at 0 s (a cool-down of 300 s), with three
+    items queued for it at 1 s."""
     d: Dispatcher[str] = Dispatcher(_policy(dead_after=1, cool_down=300))
     dest = d.destination("x")
     dest.started(0.0, False)
     dest.finished(Outcome.FAILURE, Reply("451", "4.4.1 refused", "CONNECT"), 0.0, False)
     _fill(d, "x", 3, now=1.0)
+    return d, dest
+
+
+def test_a_flush_makes_a_dead_destination_probe_instead_of_deferring() -> None:
+    d, _ = _dead_with_three_waiting()
     assert d.end_cool_downs(1.0) == ["x"]
     assert d.end_cool_downs(1.0) == []
     [start] = d.take(1.0, 10)
@@ -115,11 +123,7 @@ def test_a_flush_makes_a_dead_destination_probe_instead_of_deferring() -> None:
 
 
 def test_deferrals_taken_back_when_the_shared_store_ended_the_cool_down() -> None:
-    d: Dispatcher[str] = Dispatcher(_policy(dead_after=1, cool_down=300))
-    dest = d.destination("x")
-    dest.started(0.0, False)
-    dest.finished(Outcome.FAILURE, Reply("451", "4.4.1 refused", "CONNECT"), 0.0, False)
-    _fill(d, "x", 3, now=1.0)
+    d, dest = _dead_with_three_waiting()
     taken = d.take(1.0, 10)
     deferred = [x for x in taken if isinstance(x, Defer)]
     assert len(deferred) == len(taken) == 3
