@@ -27,7 +27,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
@@ -128,8 +128,11 @@ class DestinationScheduler(Generic[P]):
         self._serial = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()  # running attempts
         self._background: set[asyncio.Task[None]] = set()  # store updates
-        # Deferrals held while the shared store is asked about their destination.
+        # Deferrals held while the shared store is asked about their destination; the
+        # destinations whose death this scheduler is telling the store (not to be asked
+        # meanwhile: it would not know yet, and that would look like a revival).
         self._checking: dict[str, list[Defer[P]]] = {}
+        self._marking: Counter[str] = Counter()
         self._timer: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
         self._open = False
@@ -228,7 +231,7 @@ class DestinationScheduler(Generic[P]):
         held = self._checking.get(name)
         if held is not None:
             held.append(decision)
-        elif self.store.shared:
+        elif self.store.shared and not self._marking[name]:
             self._checking[name] = [decision]
             task = asyncio.create_task(self._check_store(name))
             self._background.add(task)
@@ -334,6 +337,8 @@ class DestinationScheduler(Generic[P]):
         worker sees a dead destination without a probe between the two."""
         if change is None and self.store.release_now(name, token):
             return  # a local store, nothing to tell: no task for it
+        if change is Transition.DIED:
+            self._marking[name] += 1
 
         async def update() -> None:
             try:
@@ -343,6 +348,11 @@ class DestinationScheduler(Generic[P]):
                     await self.store.clear_dead(name)
             except Exception as exc:
                 log.warning("sharing the state of destination %s failed (%s)", name, exc)
+            finally:
+                if change is Transition.DIED:
+                    self._marking[name] -= 1
+                    if not self._marking[name]:
+                        del self._marking[name]
             try:
                 await self.store.release(name, token)
             except Exception as exc:  # the lease runs out by itself
