@@ -62,6 +62,7 @@ class Worker:
         await self.queue.stop(grace_period=0)
         await self.relay.close()
         await self.shared.close()
+        await self.store.close()
 
 
 @pytest.fixture
