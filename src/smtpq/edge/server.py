@@ -29,7 +29,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 from smtpq.clock import Clock, SystemClock
 from smtpq.edge._malloc import map_large_blocks_apart
@@ -48,6 +48,24 @@ from smtpq.smtp._server_auth import MECHANISMS
 __all__ = ["REFUSALS", "EdgeConfig", "EdgeSettings", "Enqueuer", "SmtpEdge"]
 
 log = logging.getLogger("smtpq.edge")
+
+
+#: Seconds a client turned away over implicit TLS has for its handshake (its 421 follows it).
+REFUSAL_HANDSHAKE_TIMEOUT = 10.0
+
+
+class _TurnAway(asyncio.Protocol):
+    """A connection over a limit: its one reply (sent once TLS is up), then closed."""
+
+    def __init__(self, line: bytes) -> None:
+        self.line = line
+        self.attached = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.attached = True
+        stream = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        stream.write(self.line)
+        stream.close()
 
 
 class Enqueuer(Protocol):
@@ -443,14 +461,33 @@ class SmtpEdge:
                 "everyone" if total else ip,
                 limit,
             )
+        line = f"{connection_limit_reply(settings.hostname, None if total else ip)}\r\n".encode()
         if self._listen_tls is None:
-            # Told in the clear, at once, without a transport; with implicit TLS a reply would
-            # cost a handshake, so the connection is just closed.
-            reply = connection_limit_reply(settings.hostname, None if total else ip)
+            # Told in the clear, at once, without a transport.
             with contextlib.suppress(OSError):
                 sock.setblocking(False)  # a client that reads nothing cannot hold the loop
-                sock.send(f"{reply}\r\n".encode())
-        sock.close()
+                sock.send(line)
+            sock.close()
+            return
+        # With implicit TLS the reply needs the handshake first (as Postfix's wrapper mode
+        # does it), bounded by a short timeout; then it is sent and the connection closed.
+        loop = asyncio.get_running_loop()
+        turn_away = _TurnAway(line)
+        connect = loop.connect_accepted_socket(
+            lambda: turn_away, sock, ssl=self._listen_tls,
+            ssl_handshake_timeout=min(settings.config.timeout, REFUSAL_HANDSHAKE_TIMEOUT),
+        )  # fmt: skip
+        task = loop.create_task(connect)
+        self._connecting.add(task)
+        task.add_done_callback(functools.partial(self._turned_away, turn_away, sock))
+
+    def _turned_away(
+        self, turn_away: _TurnAway, sock: socket.socket, task: asyncio.Task[Any]
+    ) -> None:
+        self._connecting.discard(task)
+        failed = task.cancelled() or task.exception() is not None
+        if failed and not turn_away.attached:
+            sock.close()  # the handshake failed or timed out (else its transport closed it)
 
     def _closed(self, session: EdgeSession) -> None:
         """A session's connection is gone: its descriptor is free."""

@@ -108,6 +108,26 @@ def test_client_connection_limit(loop: str, caplog: pytest.LogCaptureFixture) ->
     assert "127.0.0.2" in lines[0].getMessage()
 
 
+async def test_over_implicit_tls_a_refused_connection_hears_its_421_too(
+    tls_files: TlsFiles, client_tls: ssl.SSLContext
+) -> None:
+    tls = {"tls_cert": str(tls_files.cert), "tls_key": str(tls_files.key), "implicit_tls": True}
+    # timeout: the bound of a refused client's handshake too (at most REFUSAL_HANDSHAKE_TIMEOUT)
+    async with serving(**UNTRUSTED, **tls, max_client_connections=1, timeout=1.0) as (edge, _):
+        first = await connect(edge.port, ssl=client_tls)
+        assert (await first.replies(1))[0].startswith("220 ")
+        refused = await connect(edge.port, ssl=client_tls)
+        assert await refused.replies(1) == [
+            "421 4.7.0 mx.smtpq.test Error: too many connections from 127.0.0.2"
+        ]
+        assert await closed(refused)
+        # A client that never completes the handshake is closed without a word.
+        silent = await connect(edge.port)
+        assert await closed(silent)
+        assert edge.refusals["client_connection_limit"] == 2
+        await first.close()
+
+
 async def test_connection_limit_in_all() -> None:
     async with serving(max_connections=2) as (edge, _):
         first = await greeted(edge.port, "127.0.0.2")
