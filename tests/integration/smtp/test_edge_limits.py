@@ -111,7 +111,11 @@ def test_client_connection_limit(loop: str, caplog: pytest.LogCaptureFixture) ->
 async def test_over_implicit_tls_a_refused_connection_hears_its_421_too(
     tls_files: TlsFiles, client_tls: ssl.SSLContext
 ) -> None:
-    tls = {"tls_cert": str(tls_files.cert), "tls_key": str(tls_files.key), "implicit_tls": True}
+    tls: dict[str, Any] = {
+        "tls_cert": str(tls_files.cert),
+        "tls_key": str(tls_files.key),
+        "implicit_tls": True,
+    }
     # timeout: the bound of a refused client's handshake too (at most REFUSAL_HANDSHAKE_TIMEOUT)
     async with serving(**UNTRUSTED, **tls, max_client_connections=1, timeout=1.0) as (edge, _):
         first = await connect(edge.port, ssl=client_tls)
