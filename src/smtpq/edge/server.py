@@ -27,6 +27,7 @@ import os
 import resource
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Protocol, cast
@@ -421,20 +422,31 @@ class SmtpEdge:
             self._refuse(sock, ip, refusal, now)
             return
         session = EdgeSession(self, settings, ip)
+        done = functools.partial(self._connected, session, sock)
+        self._connect(sock, session.attach, settings.config.timeout, done)
+
+    def _connect(
+        self,
+        sock: socket.socket,
+        protocol: Callable[[], asyncio.BaseProtocol],
+        handshake_timeout: float,
+        done: Callable[[asyncio.Task[Any]], None],
+    ) -> None:
+        """Give ``sock`` a transport (after the handshake, with implicit TLS) and ``protocol``;
+        ``done`` hears of the outcome. Cancelled by :meth:`stop` while under way."""
+        loop = asyncio.get_running_loop()
+        tls = self._listen_tls
         connect = loop.connect_accepted_socket(
-            session.attach,
-            sock,
-            ssl=self._listen_tls,
-            ssl_handshake_timeout=settings.config.timeout if self._listen_tls else None,
+            protocol, sock, ssl=tls, ssl_handshake_timeout=handshake_timeout if tls else None
         )
         task = loop.create_task(connect)
         self._connecting.add(task)
-        task.add_done_callback(functools.partial(self._connected, session, sock))
+        task.add_done_callback(self._connecting.discard)
+        task.add_done_callback(done)
 
     def _connected(
         self, session: EdgeSession, sock: socket.socket, task: asyncio.Task[Any]
     ) -> None:
-        self._connecting.discard(task)
         error = None if task.cancelled() else task.exception()
         if task.cancelled() or error is not None:
             # The connection is over before its session began (a TLS handshake failed).
@@ -471,20 +483,14 @@ class SmtpEdge:
             return
         # With implicit TLS the reply needs the handshake first (as Postfix's wrapper mode
         # does it), bounded by a short timeout; then it is sent and the connection closed.
-        loop = asyncio.get_running_loop()
         turn_away = _TurnAway(line)
-        connect = loop.connect_accepted_socket(
-            lambda: turn_away, sock, ssl=self._listen_tls,
-            ssl_handshake_timeout=min(settings.config.timeout, REFUSAL_HANDSHAKE_TIMEOUT),
-        )  # fmt: skip
-        task = loop.create_task(connect)
-        self._connecting.add(task)
-        task.add_done_callback(functools.partial(self._turned_away, turn_away, sock))
+        timeout = min(settings.config.timeout, REFUSAL_HANDSHAKE_TIMEOUT)
+        done = functools.partial(self._turned_away, turn_away, sock)
+        self._connect(sock, lambda: turn_away, timeout, done)
 
     def _turned_away(
         self, turn_away: _TurnAway, sock: socket.socket, task: asyncio.Task[Any]
     ) -> None:
-        self._connecting.discard(task)
         failed = task.cancelled() or task.exception() is not None
         if failed and not turn_away.attached:
             sock.close()  # the handshake failed or timed out (else its transport closed it)
