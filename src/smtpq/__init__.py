@@ -30,7 +30,14 @@ from smtpq.relay import (
     TransientRelayError,
 )
 from smtpq.reply import Reply
-from smtpq.storage import DictStorage, DiskStorage, QueueStorage, RedisStorage, StoredMessage
+from smtpq.storage import (
+    DictStorage,
+    DiskStorage,
+    JournalStorage,
+    QueueStorage,
+    RedisStorage,
+    StoredMessage,
+)
 
 __all__ = [
     "AddMissingHeaders",
@@ -45,6 +52,7 @@ __all__ = [
     "EdgeConfig",
     "Envelope",
     "EnvelopeFormatError",
+    "JournalStorage",
     "ManualClock",
     "MessageGone",
     "MxRelayConfig",

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from smtpq.storage import DictStorage, DiskStorage, QueueStorage, RedisStorage
+from smtpq.storage import DictStorage, DiskStorage, JournalStorage, QueueStorage, RedisStorage
 from tests.redis_server import RedisClusterServers, RedisServer
 
 
@@ -60,6 +60,24 @@ async def disk_backend(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncI
 
 
 @asynccontextmanager
+async def journal_backend(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    # Small segments, so that the suite also runs over rolls, deletions and compaction.
+    path = tmp_path / "journal"
+    opened: list[JournalStorage] = []
+
+    async def reopen() -> QueueStorage:
+        other = JournalStorage(path, lease_timeout=5.0, segment_size=16384)
+        opened.append(other)
+        return other
+
+    storage = JournalStorage(path, lease_timeout=5.0, segment_size=16384)
+    yield Backend(storage, reopen, durable=True)
+    for other in opened:
+        await other.close()
+    await storage.close()
+
+
+@asynccontextmanager
 async def redis_backend(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     server: RedisServer = request.getfixturevalue("redis_server")
     async with _redis(server.url, cluster=False) as backend:
@@ -97,6 +115,7 @@ async def _redis(url: str, cluster: bool) -> AsyncIterator[Backend]:
 BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], Any]] = {
     "dict": dict_backend,
     "disk": disk_backend,
+    "journal": journal_backend,
     "redis": redis_backend,
     "redis-cluster": redis_cluster_backend,
 }

@@ -1,6 +1,9 @@
-"""The child of the crash test: writes through DiskStorage as fast as it can until it is killed.
+"""The child of the crash tests: writes through DiskStorage (or JournalStorage) as fast as it
+can until it is killed.
 
-Run as ``python disk_crash_writer.py ENV_DIR META_DIR FIRST_COUNTER SYNC_MODE``. It prints
+Run as ``python disk_crash_writer.py ENV_DIR META_DIR FIRST_COUNTER SYNC_MODE``; SYNC_MODE
+``journal`` writes to a JournalStorage in ``ENV_DIR/../journal`` instead, with small segments
+so that kills land in rolls, deletions and compaction too. It prints
 ``ready``, then one line per operation *after* the operation returned, with one ``os.write`` per
 line (atomic on a pipe), so that the parent knows exactly what was acknowledged when its SIGKILL
 lands:
@@ -19,7 +22,7 @@ import random
 import sys
 
 from smtpq.envelope import Envelope
-from smtpq.storage import DiskStorage
+from smtpq.storage import DiskStorage, JournalStorage, QueueStorage
 from smtpq.storage.disk import SyncMode
 
 WRITERS = 16
@@ -43,12 +46,25 @@ def counter_of(envelope: Envelope) -> int:
     return int(envelope.sender[1:].split("@")[0])
 
 
+#: The SYNC_MODE argument that means a JournalStorage.
+JOURNAL = "journal"
+
+
+def journal_at(env_dir: str | os.PathLike[str]) -> JournalStorage:
+    """The journal a crash writer given ``env_dir`` writes to (small segments: 64 KiB)."""
+    return JournalStorage(os.path.join(os.path.dirname(env_dir), "journal"), segment_size=65536)
+
+
 def say(line: str) -> None:
     os.write(1, line.encode() + b"\n")
 
 
 async def main(env_dir: str, meta_dir: str, first: int, sync: str) -> None:
-    store = DiskStorage(env_dir, meta_dir, sync=SyncMode(sync))
+    store: QueueStorage
+    if sync == JOURNAL:
+        store = journal_at(env_dir)
+    else:
+        store = DiskStorage(env_dir, meta_dir, sync=SyncMode(sync))
     await store.load()
     say("ready")
     counters = iter(range(first, first + 10_000_000))

@@ -64,7 +64,7 @@ class Acknowledged:
 
 
 async def run_and_kill(
-    root: Path, first: int, rng: random.Random, *, early: bool, sync: SyncMode
+    root: Path, first: int, rng: random.Random, *, early: bool, sync: str
 ) -> list[str]:
     """Start a writer, SIGKILL it at a random moment; its complete output lines.
 

@@ -1,0 +1,87 @@
+"""Replaying a journal at start-up (blocking; run in the journal's thread).
+
+Every segment is read oldest first and its good records replayed into an
+:class:`~smtpq.storage.journal.index.Index`. Nothing stops the replay:
+
+* a damaged stretch between good records (bit rot, a bad sector) is copied to the corrupt
+  directory, logged and counted; the records around it count as usual;
+* the *torn tail* of the newest segment — an append that a crash interrupted, never
+  acknowledged since a write returns only after its flush — is copied there too (so that
+  nothing is ever thrown away unseen), then cut off;
+* a segment whose header is not this format's is moved there whole; one that a crash left
+  shorter than its header (created, never written) is deleted.
+
+A damaged stretch is copied once, under a name made of its segment and offsets, so that a
+restart does not copy it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from smtpq.storage.journal.index import Index
+from smtpq.storage.journal.records import SEGMENT_HEADER, Scan, scan
+from smtpq.storage.journal.segments import SegmentFiles
+
+__all__ = ["Recovered", "recover"]
+
+log = logging.getLogger("smtpq.storage.journal")
+
+
+@dataclass
+class Recovered:
+    """What a replay found: the index, and how much damage it set aside."""
+
+    index: Index = field(default_factory=Index)
+    corrupt: int = 0
+    torn_tails: int = 0
+
+
+def recover(files: SegmentFiles) -> Recovered:
+    """Replay the journal in ``files`` (creating its directories if missing)."""
+    files.open()
+    found = Recovered()
+    numbers = files.numbers()
+    for number in numbers:
+        data = files.read_all(number)
+        damage = Scan()
+        for record in scan(data, damage):
+            found.index.apply(number, record)
+        name = os.path.basename(files.name(number))
+        if not damage.header_ok:
+            if SEGMENT_HEADER.startswith(data):
+                files.delete(number)  # a crash while it was being created: it holds nothing
+                continue
+            kept = files.keep_once(name, data)
+            files.delete(number)
+            found.corrupt += 1
+            log.error(
+                "journal %s: %s is not a journal segment, moved to %s", files.path, name, kept
+            )
+            continue
+        for start, end in damage.bad:
+            kept = files.keep_once(f"{name}.{start}-{end}", data[start:end])
+            found.corrupt += 1
+            log.error(
+                "journal %s: %s damaged at bytes %d-%d, skipped (kept in %s)",
+                files.path,
+                name,
+                start,
+                end,
+                kept,
+            )
+        if damage.end < len(data):
+            kept = files.keep_once(f"{name}.{damage.end}-{len(data)}", data[damage.end :])
+            files.truncate(number, damage.end)
+            found.torn_tails += 1
+            log.warning(
+                "journal %s: %s ended in %d bytes of an interrupted write, cut off (kept in %s)",
+                files.path,
+                name,
+                len(data) - damage.end,
+                kept,
+            )
+        found.index.grown(number, damage.end)
+    return found

@@ -1,0 +1,359 @@
+"""JournalStorage on real files: layout, one flush per append, segments, damage, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import sys
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smtpq.envelope import Envelope
+from smtpq.errors import MessageGone
+from smtpq.storage import JournalStorage
+from smtpq.storage.journal.records import SEGMENT_HEADER
+
+NOW = 1_800_000_000.0
+
+
+def make_envelope(n: int = 0, size: int = 200) -> Envelope:
+    env = Envelope(f"s{n}@example.org", ["a@example.com", "b@example.com"])
+    env.parse(b"Subject: journal %d\r\n\r\n" % n + b"x" * size)
+    return env
+
+
+def segments(path: Path) -> list[Path]:
+    return sorted(path.glob("*.log"))
+
+
+def corrupt_files(path: Path) -> set[str]:
+    corrupt = path / "corrupt"
+    return {p.name for p in corrupt.iterdir()} if corrupt.exists() else set()
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "journal"
+
+
+@pytest.fixture
+async def store(path: Path) -> AsyncIterator[JournalStorage]:
+    s = JournalStorage(path)
+    yield s
+    await s.close()
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Wait (at most 10 s) for background work that ``check`` sees done."""
+    for _ in range(1000):
+        if await check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+# -- layout and flushes --------------------------------------------------------------------------
+
+
+async def test_messages_go_into_one_owner_only_segment(store: JournalStorage, path: Path) -> None:
+    first = await store.write(make_envelope(1), NOW)
+    await store.write(make_envelope(2), NOW)
+    (segment,) = segments(path)
+    assert segment.name == "00000001.log"
+    assert segment.read_bytes().startswith(SEGMENT_HEADER)
+    assert stat.S_IMODE(segment.stat().st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+    assert make_envelope(1).to_bytes() in segment.read_bytes()
+    assert (await store.get(first))[0].to_bytes() == make_envelope(1).to_bytes()
+
+
+class Flushes:
+    """The fsync and fdatasync calls made, with the thread that made each."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[str] = []
+        self.threads: set[int] = set()
+        for name in ("fsync", "fdatasync"):
+            real = getattr(os, name)
+
+            def spy(fd: int, _real: Any = real, _name: str = name) -> None:
+                self.calls.append(_name)
+                self.threads.add(threading.get_ident())
+                _real(fd)
+
+            monkeypatch.setattr(os, name, spy)
+
+
+async def test_a_write_is_one_append_and_one_fdatasync(
+    store: JournalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.write(make_envelope(0), NOW)  # creates the segment (its name made durable)
+    flushes = Flushes(monkeypatch)
+    id = await store.write(make_envelope(1), NOW)
+    assert flushes.calls == ["fdatasync"]
+    await store.increment_attempts(id)
+    await store.set_timestamp(id, NOW + 60)
+    assert flushes.calls == ["fdatasync"] * 3
+    assert threading.get_ident() not in flushes.threads
+
+
+async def test_concurrent_changes_share_their_appends(store: JournalStorage) -> None:
+    ids = await asyncio.gather(*(store.write(make_envelope(i), NOW) for i in range(50)))
+    await asyncio.gather(*(store.increment_attempts(id) for id in ids for _ in range(2)))
+    info = await store.get_info()
+    assert info["size"] == 50
+    assert info["batched_ops"] > info["batches"]
+    # Two changes of one message in one batch are one record of its state.
+    assert info["batched_ops"] < 150
+    assert {(await store.get(id))[1] for id in ids} == {2}
+
+
+async def test_removals_wait_for_company_and_close_commits_the_last(path: Path) -> None:
+    store = JournalStorage(path)
+    a = await store.write(make_envelope(1), NOW)
+    removal = asyncio.create_task(store.remove(a))
+    await asyncio.sleep(0)
+    b = await store.write(make_envelope(2), NOW)
+    await removal
+    assert (await store.get_info())["batches"] == 2  # the removal rode with the write
+    c = await store.write(make_envelope(3), NOW)
+    late = asyncio.create_task(store.remove(b))
+    await asyncio.sleep(0)
+    await store.close()  # does not wait out the linger, and loses nothing
+    assert late.done()
+    again = JournalStorage(path)
+    try:
+        assert {id for _, id in await again.load()} == {c}
+    finally:
+        await again.close()
+
+
+async def test_no_file_io_on_the_event_loop(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loop_thread = threading.get_ident()
+    seen: set[int] = set()
+    for name in ("open", "fsync", "fdatasync", "unlink", "listdir", "pread", "write"):
+        real = getattr(os, name)
+
+        def spy(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            seen.add(threading.get_ident())
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, spy)
+    store = JournalStorage(path, segment_size=2048)
+    try:
+        ids = [await store.write(make_envelope(i, 800), NOW) for i in range(10)]
+        await store.increment_attempts(ids[0])
+        await store.get(ids[0])
+        await store.get_infos(ids)
+        for id in ids[1:]:
+            await store.remove(id)
+    finally:
+        await store.close()
+    monkeypatch.undo()
+    assert seen
+    assert loop_thread not in seen
+
+
+# -- segments: rolling, deleting, compacting -----------------------------------------------------
+
+
+async def test_dead_segments_are_deleted_oldest_first(path: Path) -> None:
+    store = JournalStorage(path, segment_size=4096)
+    try:
+        ids = [await store.write(make_envelope(i, 1000), NOW) for i in range(20)]
+        assert len(segments(path)) >= 5
+        for id in ids:
+            await store.remove(id)
+        await store.write(make_envelope(99), NOW)
+
+        async def one_left() -> bool:
+            return len(segments(path)) == 1
+
+        await until(one_left, "every dead segment deleted")
+        info = await store.get_info()
+        assert info["segments"] == 1
+        assert info["size"] == 1
+    finally:
+        await store.close()
+
+
+async def test_a_long_deferred_message_does_not_keep_the_journal_growing(path: Path) -> None:
+    store = JournalStorage(path, segment_size=4096)
+    try:
+        kept = await store.write(make_envelope(-1, 500), NOW)
+        await store.increment_attempts(kept)
+        await store.set_timestamp(kept, NOW + 3600)
+        for round in range(10):  # 300 messages come and go behind it
+            batch = range(30 * round, 30 * round + 30)
+            ids = await asyncio.gather(*(store.write(make_envelope(i, 1000), NOW) for i in batch))
+            await asyncio.gather(*(store.remove(id) for id in ids))
+        await store.write(make_envelope(1000), NOW)
+
+        async def compacted() -> bool:
+            info = await store.get_info()
+            return bool(info["compacted"]) and info["journal_bytes"] < 5 * 4096 + 4 * 1300
+
+        await until(compacted, "the old segments compacted away")
+        assert len(segments(path)) <= 6
+    finally:
+        await store.close()
+    again = JournalStorage(path, segment_size=4096)
+    try:
+        entry = await again.get_entry(kept)
+        assert entry.envelope.to_bytes() == make_envelope(-1, 500).to_bytes()
+        assert (entry.attempts, entry.timestamp) == (1, NOW + 3600)
+        assert len(await again.load()) == 2
+    finally:
+        await again.close()
+
+
+# -- damage --------------------------------------------------------------------------------------
+
+
+async def written(path: Path, count: int) -> list[str]:
+    store = JournalStorage(path)
+    try:
+        return [await store.write(make_envelope(i), NOW) for i in range(count)]
+    finally:
+        await store.close()
+
+
+async def test_a_torn_tail_is_kept_aside_and_cut_off_once(path: Path) -> None:
+    ids = await written(path, 3)
+    (segment,) = segments(path)
+    good = segment.stat().st_size
+    torn = make_envelope(9).to_bytes()[:150]
+    with segment.open("ab") as f:
+        f.write(b"SJW\x00\x00\x10\x00" + torn)  # an append cut short by a crash
+    store = JournalStorage(path)
+    try:
+        assert {id for _, id in await store.load()} == set(ids)
+        info = await store.get_info()
+        assert info["torn_tails"] == 1
+        assert info["corrupt"] == 0
+        assert segment.stat().st_size == good
+        assert corrupt_files(path) == {f"{segment.name}.{good}-{good + 7 + len(torn)}"}
+        await store.write(make_envelope(4), NOW)
+    finally:
+        await store.close()
+    again = JournalStorage(path)
+    try:
+        assert len(await again.load()) == 4
+        assert (await again.get_info())["torn_tails"] == 0
+    finally:
+        await again.close()
+
+
+async def test_a_damaged_record_loses_only_its_message_and_is_kept(path: Path) -> None:
+    ids = await written(path, 3)
+    (segment,) = segments(path)
+    data = bytearray(segment.read_bytes())
+    second = data.find(b"journal 1\r\n")  # inside the second message's record
+    data[second] ^= 0x20
+    segment.write_bytes(bytes(data))
+    for _ in range(2):  # kept once, whatever the number of restarts
+        store = JournalStorage(path)
+        try:
+            assert {id for _, id in await store.load()} == {ids[0], ids[2]}
+            assert (await store.get_info())["corrupt"] == 1
+            assert len(corrupt_files(path)) == 1
+            assert (await store.get(ids[2]))[0].to_bytes() == make_envelope(2).to_bytes()
+        finally:
+            await store.close()
+
+
+async def test_an_envelope_damaged_after_the_start_is_quarantined_when_read(
+    store: JournalStorage, path: Path
+) -> None:
+    id = await store.write(make_envelope(1), NOW)
+    (segment,) = segments(path)
+    data = bytearray(segment.read_bytes())
+    data[data.find(b"x" * 50)] ^= 0x01
+    segment.write_bytes(bytes(data))
+    with pytest.raises(MessageGone):
+        await store.get_entry(id)
+    assert corrupt_files(path) == {f"{id}.env"}
+    assert await store.load() == []
+    assert (await store.get_info())["corrupt"] == 1
+
+
+async def test_a_segment_of_another_format_is_moved_aside(path: Path) -> None:
+    ids = await written(path, 2)
+    path.joinpath("00000007.log").write_bytes(b"not a journal at all\n")
+    path.joinpath("00000008.log").write_bytes(SEGMENT_HEADER[:5])  # created, never written
+    store = JournalStorage(path)
+    try:
+        assert {id for _, id in await store.load()} == set(ids)
+        assert (await store.get_info())["corrupt"] == 1
+        assert corrupt_files(path) == {"00000007.log"}
+        await store.write(make_envelope(3), NOW)
+        assert [p.name for p in segments(path)] == ["00000001.log", "00000002.log"]
+    finally:
+        await store.close()
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+_FSIZE_CHILD = """
+import asyncio, json, resource, signal, sys
+from smtpq.envelope import Envelope
+from smtpq.errors import QueueError
+from smtpq.storage import JournalStorage
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so that write(2) fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+
+def envelope(subject, size):
+    env = Envelope("a@example.org", ["b@example.com"])
+    env.parse(b"Subject: " + subject + b"\\r\\n\\r\\n" + b"y" * size)
+    return env
+
+async def main():
+    store = JournalStorage(sys.argv[1])
+    out = {"small": [await store.write(envelope(b"small", 10), 1.0)]}
+    try:
+        await store.write(envelope(b"big", 50_000), 1.0)
+    except QueueError as exc:
+        out["error"] = [str(exc), exc.reply.code, exc.reply.enhanced_status_code]
+    out["small"].append(await store.write(envelope(b"after", 10), 1.0))
+    await store.close()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+async def test_a_failed_append_fails_its_writes_and_leaves_nothing(path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _FSIZE_CHILD,
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    result = json.loads(out)
+    message, code, esc = result["error"]
+    assert "too large" in message.lower()
+    assert (code, esc) == ("451", "4.3.0")
+    store = JournalStorage(path)
+    try:
+        assert {id for _, id in await store.load()} == set(result["small"])
+        info = await store.get_info()
+        assert (info["torn_tails"], info["corrupt"]) == (0, 0)
+    finally:
+        await store.close()
+
+
+async def test_a_closed_journal_refuses_writes(store: JournalStorage) -> None:
+    await store.close()
+    with pytest.raises(Exception, match="closed"):
+        await store.write(make_envelope(), NOW)
