@@ -150,12 +150,17 @@ async def test_next_hop_down_then_up(daemon_factory: DaemonFactory, sink_factory
     assert strip_received(sink.received[0].data) == MESSAGE
 
 
+@pytest.mark.parametrize("storage", ["disk", "journal"])
 async def test_sigterm_mid_load_then_restart_loses_nothing(
-    daemon_factory: DaemonFactory, sink: Sink
+    daemon_factory: DaemonFactory, sink: Sink, storage: str
 ) -> None:
     sink.behaviour.rcpt["held"] = "451 4.3.2 Not now"
     daemon = await daemon_factory(
-        {"routes": routes_to(sink, "dest.example"), "retry": {"initial": 1.0, "maximum": 1.0}}
+        {
+            "routes": routes_to(sink, "dest.example"),
+            "retry": {"initial": 1.0, "maximum": 1.0},
+            "storage": {"type": storage},
+        }
     )
     accepted: list[str] = []
 

@@ -67,13 +67,14 @@ def subjects(received: list[Received]) -> list[str]:
 
 
 async def deferred_queue(
-    daemon_factory: DaemonFactory, sink: Sink, n: int, workers: int = 1
+    daemon_factory: DaemonFactory, sink: Sink, n: int, workers: int = 1, storage: str = "disk"
 ) -> DaemonProcess:
     """A daemon whose next hop defers ``n`` messages ``m1``..: retried only in an hour."""
     sink.behaviour.rcpt["stuck"] = "451 4.2.1 Mailbox busy"
     daemon = await daemon_factory(
         {
             "workers": workers,
+            "storage": {"type": storage},
             "routes": {
                 "dest.example": f"[127.0.0.1]:{sink.port}",
                 "origin.example": f"[127.0.0.1]:{sink.port}",  # bounces reach the sink too
@@ -91,10 +92,11 @@ async def deferred_queue(
     raise AssertionError(f"not all {n} messages were deferred: {queued}")
 
 
+@pytest.mark.parametrize("storage", ["disk", "journal"])
 async def test_offline_actions_are_honoured_at_the_next_start(
-    daemon_factory: DaemonFactory, sink: Sink
+    daemon_factory: DaemonFactory, sink: Sink, storage: str
 ) -> None:
-    daemon = await deferred_queue(daemon_factory, sink, 6)
+    daemon = await deferred_queue(daemon_factory, sink, 6, storage=storage)
     m1, m2, m3, m4, m5, m6 = (m["id"] for m in await listing(daemon))
     assert (await daemon.stop()) == 0
     del sink.behaviour.rcpt["stuck"]  # the next hop takes everything from now on

@@ -1,4 +1,5 @@
-"""``smtpq queue ...`` against a queue filled by a real daemon (disk and Redis storage)."""
+"""``smtpq queue ...`` against a queue filled by a real daemon (disk, journal and Redis
+storage)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from tests.integration.smtp.sink import Sink
 from tests.redis_server import RedisServer
 
 
-@pytest.fixture(params=["disk", "redis"])
+@pytest.fixture(params=["disk", "journal", "redis"])
 def storage(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """The daemon's storage settings: disk, or a prefix of its own on the private Redis."""
-    if request.param == "disk":
-        return {"type": "disk"}
+    """The daemon's storage settings: disk, a journal, or a prefix of its own on the private
+    Redis."""
+    if request.param in ("disk", "journal"):
+        return {"type": request.param}
     server: RedisServer = request.getfixturevalue("redis_server")
     prefix: str = request.getfixturevalue("redis_prefix")
     return {"type": "redis", "url": server.url, "prefix": prefix, "lease_timeout": 5.0}

@@ -87,7 +87,7 @@ async def test_sighup_with_a_broken_file_keeps_the_running_configuration(
     os.kill(daemon.pid, signal.SIGHUP)
     await daemon.logged("reload failed: configuration error", count=2)
     logs = daemon.logs()
-    assert "storage.type must be one of disk, redis, memory, not 'tape'" in logs
+    assert "storage.type must be one of disk, journal, redis, memory, not 'tape'" in logs
     assert "Traceback" not in logs
     await send(daemon, "still")
     await until(lambda: len(sink.received) == 1, timeout=30)

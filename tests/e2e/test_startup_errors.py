@@ -62,7 +62,7 @@ def lock_held(daemon: DaemonProcess, stack: ExitStack) -> str:
 
 def bad_config(daemon: DaemonProcess, stack: ExitStack) -> str:
     daemon.rewrite({"storage": {"type": "tape"}})
-    why = "storage.type must be one of disk, redis, memory, not 'tape'"
+    why = "storage.type must be one of disk, journal, redis, memory, not 'tape'"
     return f"smtpq: configuration error: {why}"
 
 
@@ -74,6 +74,16 @@ def bad_certificate(daemon: DaemonProcess, stack: ExitStack) -> str:
     return f"smtpq: configuration error: edge.tls_cert {cert}: cannot load: {why}"
 
 
+def other_layout(daemon: DaemonProcess, stack: ExitStack) -> str:
+    shard = daemon.queue_dir / "shard-0"
+    (shard / "journal").mkdir(parents=True)
+    (shard / "journal" / "00000001.log").write_bytes(b"smtpq-journal 1\n")
+    return (
+        f"smtpq: queue directory {shard} holds a journal queue, not storage.type = disk"
+        " (deliver or move its mail first, or set storage.type = journal)"
+    )
+
+
 TRAPS: dict[str, Trap] = {
     "port in use": port_in_use,
     "admin port in use": admin_port_in_use,
@@ -82,6 +92,7 @@ TRAPS: dict[str, Trap] = {
     "lock held": lock_held,
     "bad config": bad_config,
     "bad certificate": bad_certificate,
+    "a queue of the other type": other_layout,
 }
 
 

@@ -81,8 +81,10 @@ def main() -> None:
 @main.command()
 @click.option("-c", "--config", "config_path", type=click.Path(), help="TOML configuration file.")
 @click.option("--listen", multiple=True, help="Address to listen on, host:port (repeatable).")
-@click.option("--queue-dir", help="Directory of the disk queue (storage.path).")
-@click.option("--storage", "storage_type", type=click.Choice(["disk", "redis", "memory"]))
+@click.option("--queue-dir", help="Directory of a disk or journal queue (storage.path).")
+@click.option(
+    "--storage", "storage_type", type=click.Choice(["disk", "journal", "redis", "memory"])
+)
 @click.option("--redis-url", help="Redis URL for storage = redis.")
 @click.option("--smarthost", help="Relay all mail through host[:port] instead of MX look-ups.")
 @click.option("--hostname", help="Our host name (greeting, Received, DSNs).")
@@ -207,7 +209,7 @@ class QueueAccess:
         from smtpq.daemon.server import shards
 
         found = shards(self.config)
-        if self.config.storage.type != "disk":
+        if not self.config.storage.type.local:
             return found
         present = [s for s in found if s.path is not None and s.path.is_dir()]
         if not present:
@@ -466,9 +468,9 @@ def _action_command(name: str, doc: str, confirm: bool = False) -> None:
         async def offline(q: Any) -> dict[str, Any]:
             by = f"uid:{os.getuid()}"
             try:
-                # A disk queue's schedule is rebuilt from its files at the next start: a flush
+                # A local queue's schedule is rebuilt from its files at the next start: a flush
                 # is stored there. A shared (Redis) queue stores its schedule anyway.
-                stored = config.storage.type == "disk"
+                stored = config.storage.type.local
                 return await admin.run_action(q, name, params, by, stored=stored)
             except admin.HttpError as exc:
                 raise click.ClickException(str(exc)) from None

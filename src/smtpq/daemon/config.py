@@ -24,7 +24,7 @@ once uncommented)::
     # credentials_file = "/etc/smtpq/passwd"   # lines from `smtpq passwd USER`
 
     [storage]
-    type = "disk"                     # disk | redis | memory
+    type = "disk"                     # disk | journal | redis | memory
     path = "./smtpq-queue"
     # url = "redis://127.0.0.1:6379/0"
 
@@ -116,12 +116,21 @@ class ConfigError(StartupError):
 class StorageType(enum.StrEnum):
     """Where the queue is stored."""
 
-    #: Files in a directory (``storage.path``), one shard per worker process.
+    #: Files in a directory (``storage.path``), one shard per worker process: two small files
+    #: per message (:class:`~smtpq.storage.DiskStorage`).
     DISK = "disk"
+    #: An append-only journal in a directory (``storage.path``), one shard per worker process:
+    #: one flush per batch of changes (:class:`~smtpq.storage.JournalStorage`).
+    JOURNAL = "journal"
     #: A Redis server (``storage.url``) shared by every worker, on any number of hosts.
     REDIS = "redis"
     #: In memory: lost when the daemon stops (tests, throw-away set-ups).
     MEMORY = "memory"
+
+    @property
+    def local(self) -> bool:
+        """Whether the queue lies in ``storage.path``, one shard per worker process."""
+        return self in (StorageType.DISK, StorageType.JOURNAL)
 
 
 class RelayType(enum.StrEnum):
@@ -202,7 +211,8 @@ class StorageConfig:
     """Which storage holds the queue.
 
     :ivar sync: disk durability, a :class:`SyncMode`; ``none`` is unsafe: a crash may lose mail
-        that was acknowledged with 250. See :mod:`smtpq.storage.disk`.
+        that was acknowledged with 250. See :mod:`smtpq.storage.disk`. A journal flushes each
+        append with ``fdatasync`` in every mode but ``none``.
     :ivar cluster, shards, wait_replicas, wait_timeout: Redis storage on a Redis Cluster (``url``
         names any node), the shards new mail is spread over, and the replicas each write must
         reach within ``wait_timeout`` seconds. See docs/redis.md.

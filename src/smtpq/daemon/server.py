@@ -44,7 +44,8 @@ from smtpq.relay.mx import MxSmtpRelay
 from smtpq.relay.smtp import StaticSmtpRelay
 from smtpq.storage.base import QueueStorage
 from smtpq.storage.dict import DictStorage
-from smtpq.storage.disk import DiskStorage
+from smtpq.storage.disk import DiskStorage, SyncMode
+from smtpq.storage.journal import JournalStorage
 from smtpq.storage.lock import ShardLock, ShardLocked
 from smtpq.storage.redis import RedisStorage
 
@@ -78,7 +79,7 @@ class Shard:
 
 def shard_at(config: Config, index: int) -> Shard:
     """Shard ``index`` of the configured queue."""
-    if config.storage.type != StorageType.DISK:
+    if not config.storage.type.local:
         return Shard(0, None, config.admin_socket())
     path = Path(config.storage.path) / f"shard-{index}"
     socket_path = config.admin.socket
@@ -92,7 +93,7 @@ def shards(config: Config, worker: int | None = None, workers: int = 1) -> list[
     For disk storage: every ``shard-K`` directory found (and the worker's own); worker ``i``
     owns the shards with ``K % workers == i``. Other storages have one queue.
     """
-    if config.storage.type != StorageType.DISK:
+    if not config.storage.type.local:
         return [shard_at(config, 0)]
     root = Path(config.storage.path)
     found = {int(p.name[6:]) for p in root.glob("shard-*") if p.name[6:].isdigit() and p.is_dir()}
@@ -182,13 +183,14 @@ def probe_listen(addresses: Iterable[tuple[str, int]]) -> None:
 
 def preflight(config: Config, owned: Sequence[Shard]) -> dict[int, ShardLock]:
     """Everything a start checks before it touches anything: the shards' locks (taken, and
-    returned), then the admin sockets and the listening addresses. StartupError on failure,
-    with the locks released again."""
+    returned) and that none holds a queue of the other local type, then the admin sockets and
+    the listening addresses. StartupError on failure, with the locks released again."""
     locks: dict[int, ShardLock] = {}
     try:
         for shard in owned:
             if shard.path is not None:
                 locks[shard.index] = lock_shard(shard.path, create=True)
+                _refuse_the_other_layout(shard.path, config.storage.type)
         for shard in owned:
             check_admin_socket(shard.admin_socket)
         addresses = config.listen_addresses()
@@ -221,12 +223,36 @@ def build_storage(config: Config, shard: Shard) -> QueueStorage:
         except ValueError as exc:
             raise ConfigError(f"storage.url: {exc}") from None
     assert shard.path is not None
+    _refuse_the_other_layout(shard.path, settings.type)
+    if settings.type == StorageType.JOURNAL:
+        return JournalStorage(
+            shard.path / "journal",
+            durable=settings.sync != SyncMode.NONE,
+            lease_timeout=settings.lease_timeout,
+        )
     return DiskStorage(
         shard.path / "env",
         shard.path / "meta",
         lease_timeout=settings.lease_timeout,
         sync=settings.sync.value,
     )
+
+
+def _refuse_the_other_layout(path: Path, kind: StorageType) -> None:
+    """A shard that holds a queue of the other local storage type is a start-up error: its
+    mail would sit there unseen (change ``storage.type`` only on an empty queue)."""
+    other, names = (
+        ("journal", [path / "journal"])
+        if kind == StorageType.DISK
+        else ("disk", [path / "env", path / "meta"])
+    )
+    for where in names:
+        with contextlib.suppress(OSError):
+            if any(entry.name != "corrupt" and entry.name != "tmp" for entry in os.scandir(where)):
+                raise StartupError(
+                    f"queue directory {path} holds a {other} queue, not storage.type = {kind}"
+                    f" (deliver or move its mail first, or set storage.type = {other})"
+                )
 
 
 def build_relay(config: Config) -> Relay:
@@ -276,7 +302,8 @@ def build_queue(
 
 
 def _holds_queue(path: Path) -> bool:
-    return (path / "env").is_dir() and (path / "meta").is_dir()
+    """Whether a shard directory holds a stored queue (a disk queue's or a journal's)."""
+    return (path / "journal").is_dir() or ((path / "env").is_dir() and (path / "meta").is_dir())
 
 
 @contextlib.asynccontextmanager
