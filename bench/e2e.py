@@ -10,6 +10,8 @@ MTAs (``--mta``):
   process (``--smtpq-workers``).
 * ``smtpq-w2``: the same with two worker processes (``workers = 2``: SO_REUSEPORT listeners,
   one disk shard each), both cores of the benchmark machine; ``smtpq-wN`` for N workers.
+* ``smtpq-journal``, ``smtpq-journal-wN``: the same on journal storage (``type = "journal"``:
+  an append-only journal per shard, one fdatasync per batch of writes).
 * ``postfix``: Postfix from the distribution with stock performance settings, listening on the
   MTA port and relaying everything to the sink (``relayhost``); queue on disk, fsync.
 * ``slimta``: python-slimta 5.0.5 (SmtpEdge + Queue + DiskStorage + StaticSmtpRelay) in its own
@@ -79,8 +81,8 @@ SMTP_SINK = "/usr/sbin/smtp-sink"
 SLIMTA_VENV = REPO / "bench" / "work" / "slimta-venv"
 SLIMTA_PACKAGES = ("python-slimta==5.0.5", "setuptools>=80,<82", "pyaio==0.4")
 MTAS = ("smtpq", "smtpq-w2", "postfix", "slimta", "direct")
-# smtpq with N worker processes: "smtpq-wN".
-_SMTPQ_WORKERS = re.compile(r"smtpq-w([1-9][0-9]*)")
+# smtpq with N worker processes: "smtpq-wN"; on journal storage: "smtpq-journal[-wN]".
+_SMTPQ_WORKERS = re.compile(r"smtpq(-journal)?(?:-w([1-9][0-9]*))?")
 SENDER = "from@example.com"
 RECIPIENT = "to@example.net"
 HOST = "127.0.0.1"
@@ -423,6 +425,7 @@ def smtpq_config(
     queue_dir: Path,
     workers: int = 1,
     sync: str | None = None,
+    storage: str = "disk",
 ) -> str:
     """The TOML configuration of ``smtpq serve`` under test (format: smtpq.daemon.config).
 
@@ -441,7 +444,7 @@ listen = ["{HOST}:{listen_port}"]
 reverse_lookup = false
 
 [storage]
-type = "disk"
+type = "{storage}"
 path = "{queue_dir}"
 {f'sync = "{sync}"' if sync else ""}
 
@@ -459,7 +462,8 @@ class ChildMta:
         self.name = name
         self.settings = settings
         match = _SMTPQ_WORKERS.fullmatch(name)
-        self.workers = int(match.group(1)) if match else settings.smtpq_workers
+        self.workers = int(match.group(2)) if match and match.group(2) else settings.smtpq_workers
+        self.storage = "journal" if match and match.group(1) else "disk"
         self._proc: subprocess.Popen[bytes] | None = None
         self._queue_dir: Path | None = None
 
@@ -475,6 +479,7 @@ class ChildMta:
                     queue_dir=queue_dir,
                     workers=self.workers,
                     sync=s.smtpq_sync,
+                    storage=self.storage,
                 )
             )
             return [*s.smtpq_command(), "serve", "-c", str(config)]
@@ -518,7 +523,8 @@ class ChildMta:
         self._proc = None
 
     def leftover(self) -> int:
-        """Queue files left (envelope files for both MTAs: ``*.env``)."""
+        """Queue files left (envelope files for both MTAs: ``*.env``; a journal has none, and
+        the sink's count tells whether everything was delivered)."""
         if self._queue_dir is None:
             return 0
         return sum(1 for _ in self._queue_dir.rglob("*.env"))
@@ -1013,7 +1019,7 @@ def environment(settings: Settings) -> dict[str, Any]:
 
 def is_smtpq(name: str) -> bool:
     """``smtpq`` or ``smtpq-wN``."""
-    return name == "smtpq" or _SMTPQ_WORKERS.fullmatch(name) is not None
+    return _SMTPQ_WORKERS.fullmatch(name) is not None
 
 
 def make_mta(name: str, settings: Settings) -> Mta:

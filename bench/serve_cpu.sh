@@ -1,10 +1,12 @@
 #!/bin/bash
 # The CPU one `smtpq serve` spends per message, split into user and system time.
 #
-#   bench/serve_cpu.sh STORAGE SESSIONS N     STORAGE: memory | none | fsync | syncfs | auto
+#   bench/serve_cpu.sh STORAGE SESSIONS N
+#
+#   STORAGE: memory, a disk queue's sync mode (none | fsync | syncfs | auto), or journal
 #
 # Starts smtp-sink on 127.0.0.1:2536 and `smtpq serve` (one worker, smarthost to the sink) on
-# 127.0.0.1:2535 with the storage given (memory, or a disk queue with that sync mode), sends N
+# 127.0.0.1:2535 with the storage given (memory, a journal, or a disk queue with that sync mode), sends N
 # messages of 2 KB over SESSIONS sessions with smtp-source, and prints the daemon's user and
 # system CPU over the run (from /proc/PID/stat) and its voluntary context switches. Stops what it
 # started, by pid. Needs Postfix's smtp-source and smtp-sink (bench/e2e.py --setup).
@@ -15,6 +17,8 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 if [ "$storage" = memory ]; then
     store='type = "memory"'
+elif [ "$storage" = journal ]; then
+    store=$(printf 'type = "journal"\npath = "%s/queue"' "$work")
 else
     store=$(printf 'type = "disk"\npath = "%s/queue"\nsync = "%s"' "$work" "$storage")
 fi
