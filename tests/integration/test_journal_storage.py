@@ -114,19 +114,29 @@ async def test_concurrent_changes_share_their_appends(store: JournalStorage) -> 
     assert {(await store.get(id))[1] for id in ids} == {2}
 
 
-async def test_removals_wait_for_company_and_close_commits_the_last(path: Path) -> None:
+async def test_a_removal_is_written_at_once_and_flushed_with_the_next_write(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = JournalStorage(path)
     a = await store.write(make_envelope(1), NOW)
-    removal = asyncio.create_task(store.remove(a))
-    await asyncio.sleep(0)
+    (segment,) = segments(path)
+    size = segment.stat().st_size
+    flushes = Flushes(monkeypatch)
+    await store.remove(a)
+    # In the file when remove() returns (a SIGKILL cannot undo it), without a flush of its own.
+    assert segment.stat().st_size > size
+    assert flushes.calls == []
     b = await store.write(make_envelope(2), NOW)
-    await removal
-    assert (await store.get_info())["batches"] == 2  # the removal rode with the write
-    c = await store.write(make_envelope(3), NOW)
-    late = asyncio.create_task(store.remove(b))
+    assert flushes.calls == ["fdatasync"]  # which makes the removal durable too
+    # A removal and a write that follows it soon share one append.
+    batches = (await store.get_info())["batches"]
+    removal = asyncio.create_task(store.remove(b))
     await asyncio.sleep(0)
-    await store.close()  # does not wait out the linger, and loses nothing
-    assert late.done()
+    c = await store.write(make_envelope(3), NOW)
+    await removal
+    assert (await store.get_info())["batches"] == batches + 1
+    assert flushes.calls == ["fdatasync"] * 2
+    await store.close()
     again = JournalStorage(path)
     try:
         assert {id for _, id in await again.load()} == {c}

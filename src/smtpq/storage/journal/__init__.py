@@ -16,11 +16,13 @@ oldest first; the live messages of a mostly dead oldest segment — or of the ol
 the journal holds more than twice its live data — are appended again, so that the journal
 stays within about twice the queue's size plus two segments.
 
-Crash safety: a record is acknowledged only after the flush of the append that carries it; a
+Crash safety: a write or a state change is acknowledged only after the flush of the append that
+carries it; a
 record replayed must pass its CRC and its shape; a removal can never be lost behind a later
 segment's deletion, since segments go oldest first, each deletion durable before the next.
-A removal itself waits up to :data:`~smtpq.storage.disk.committer.REMOVE_LINGER` for company,
-so that a crash meanwhile may deliver a message again, never lose one.
+A removal waits up to 20 ms for a write to share an append with, and is never flushed on its
+own (it rides in the next flush, or the kernel's write-back): a process crash never undoes it,
+a power cut may deliver the message again, never lose it.
 """
 
 from smtpq.storage.journal.storage import JournalStorage

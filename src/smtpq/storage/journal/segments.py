@@ -86,9 +86,11 @@ class SegmentFiles:
             os.close(self._fd)
         self._fd, self.active, self.size, self._broken = fd, number, len(SEGMENT_HEADER), False
 
-    def append(self, data: bytes, roll_at: int) -> tuple[int, int]:
+    def append(self, data: bytes, roll_at: int, flush: bool = True) -> tuple[int, int]:
         """Append ``data`` to the active segment (a new one once it holds ``roll_at`` bytes,
-        or after a failed append) and flush it; ``(segment, offset)`` where ``data`` begins.
+        or after a failed append) and flush it (unless ``flush`` is false: then it is written,
+        which the process's death cannot undo, and flushed with a later append or by the
+        kernel); ``(segment, offset)`` where ``data`` begins.
 
         On an error nothing of ``data`` stays: the segment is cut back to where it was (or,
         when that fails too, the next append starts a new segment).
@@ -102,7 +104,7 @@ class SegmentFiles:
             view = memoryview(data)
             while view:
                 view = view[os.write(self._fd, view) :]
-            if self.durable:
+            if flush and self.durable:
                 os.fdatasync(self._fd)
         except OSError:
             try:

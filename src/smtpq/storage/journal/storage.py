@@ -92,12 +92,11 @@ class JournalStorage(LocallyScheduled):
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="smtpq-journal-append")
         self._readers = ThreadPoolExecutor(2, thread_name_prefix="smtpq-journal-read")
         self._pending: list[_Op] = []
-        self._company = asyncio.Event()  # a change other than a removal is pending
         self._run_task: asyncio.Task[None] | None = None
         self._compact_task: asyncio.Task[None] | None = None
-        self._draining = False
         # Ids whose last change failed to reach the journal: their state is appended again.
         self._dirty: set[str] = set()
+        self._company = asyncio.Event()  # a change other than a removal is pending
         self._recovered = Recovered()
         self._quarantined = 0
         self.batches = 0
@@ -120,9 +119,10 @@ class JournalStorage(LocallyScheduled):
     async def _run(self) -> None:
         try:
             while self._pending:
-                if not self._draining and all(op.kind == Kind.REMOVE for op in self._pending):
-                    # Removals alone wait a little for a write to share the flush with (see
-                    # smtpq.storage.disk.committer): at one session the next message carries it.
+                if not self._closed and all(op.kind == Kind.REMOVE for op in self._pending):
+                    # Removals alone wait a little for a write to share its append with (see
+                    # smtpq.storage.disk.committer): at one session the next message carries
+                    # them, and one hand-off to the append thread serves both.
                     self._company.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._company.wait(), REMOVE_LINGER)
@@ -178,10 +178,12 @@ class JournalStorage(LocallyScheduled):
         ops, chunks, places = self._records(batch)
         if not ops:
             return
+        # Removals alone are written, not flushed: see remove().
+        flush = any(op.kind != Kind.REMOVE for op in ops)
         loop = asyncio.get_running_loop()
         try:
             segment, start = await loop.run_in_executor(
-                self._writer, self._files.append, b"".join(chunks), self.segment_size
+                self._writer, self._files.append, b"".join(chunks), self.segment_size, flush
             )
         except OSError as exc:
             error = queue_error("cannot write to the queue journal", exc)
@@ -339,7 +341,16 @@ class JournalStorage(LocallyScheduled):
         await self._change(id, change)
 
     async def remove(self, id: str) -> None:
-        """See :meth:`QueueStorage.remove`; durable when it returns."""
+        """See :meth:`QueueStorage.remove`.
+
+        The removal is written to the journal when this returns, so that it survives the
+        process (a SIGKILL, a crash of the daemon). It waits up to ``REMOVE_LINGER`` for a
+        change to share its append with (at one session, the next message's write), and is
+        flushed with the next append that flushes, or by the kernel's write-back of dirty
+        pages, but never waits for a flush of its own: a power cut before then delivers the
+        message again, never loses one. Postfix does not flush the removal of a delivered
+        queue file either.
+        """
         await self._ensure_loaded()
         if self._index.remove(id) is None:
             return
@@ -522,8 +533,7 @@ class JournalStorage(LocallyScheduled):
         if self._closed:
             return
         self._closed = True
-        self._draining = True
-        self._company.set()
+        self._company.set()  # removals waiting for company go now
         for task in (self._compact_task, self._run_task):
             if task is not None:
                 with contextlib.suppress(Exception):
