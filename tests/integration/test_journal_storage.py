@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from smtpq.envelope import Envelope
-from smtpq.errors import MessageGone
+from smtpq.errors import MessageGone, QueueError
 from smtpq.storage import JournalStorage
 from smtpq.storage.journal.records import SEGMENT_HEADER
 
@@ -306,6 +306,41 @@ async def test_a_segment_of_another_format_is_moved_aside(path: Path) -> None:
         assert [p.name for p in segments(path)] == ["00000001.log", "00000002.log"]
     finally:
         await store.close()
+
+
+async def test_a_reader_beside_the_owner_repairs_nothing(path: Path) -> None:
+    ids = await written(path, 3)
+    (segment,) = segments(path)
+    # What a running owner may have on disk at any moment: an append under way at the end of
+    # its segment, and a segment it is creating, its header not written yet.
+    with segment.open("ab") as f:
+        f.write(b"SJW\x00\x00\x10\x00" + b"half a record")
+    before = segment.read_bytes()
+    creating = path / "00000002.log"
+    creating.write_bytes(SEGMENT_HEADER[:4])
+    reader = JournalStorage(path, read_only=True)
+    try:
+        assert {id for _, id in await reader.load()} == set(ids)
+        assert [i.id for i in await reader.get_infos(ids)] == ids
+        assert (await reader.get(ids[1]))[0].to_bytes() == make_envelope(1).to_bytes()
+        with pytest.raises(QueueError, match="reading only"):
+            await reader.write(make_envelope(4), NOW)
+        with pytest.raises(QueueError, match="reading only"):
+            await reader.remove(ids[0])
+    finally:
+        await reader.close()
+    assert segment.read_bytes() == before
+    assert creating.read_bytes() == SEGMENT_HEADER[:4]
+    assert corrupt_files(path) == set()
+
+
+async def test_a_reader_of_no_journal_creates_none(tmp_path: Path) -> None:
+    reader = JournalStorage(tmp_path / "none", read_only=True)
+    try:
+        assert await reader.load() == []
+    finally:
+        await reader.close()
+    assert not (tmp_path / "none").exists()
 
 
 # -- failures ------------------------------------------------------------------------------------

@@ -204,8 +204,12 @@ def preflight(config: Config, owned: Sequence[Shard]) -> dict[int, ShardLock]:
     return locks
 
 
-def build_storage(config: Config, shard: Shard) -> QueueStorage:
-    """The storage the config names, for one shard (not yet loaded; nothing is created)."""
+def build_storage(config: Config, shard: Shard, *, read_only: bool = False) -> QueueStorage:
+    """The storage the config names, for one shard (not yet loaded; nothing is created).
+
+    :param read_only: for a listing without the shard's lock, beside a daemon that may be
+        writing: a journal then repairs nothing it finds (see JournalStorage).
+    """
     settings = config.storage
     if settings.type == StorageType.MEMORY:
         return DictStorage(lease_timeout=settings.lease_timeout)
@@ -229,6 +233,7 @@ def build_storage(config: Config, shard: Shard) -> QueueStorage:
             shard.path / "journal",
             durable=settings.sync != SyncMode.NONE,
             lease_timeout=settings.lease_timeout,
+            read_only=read_only,
         )
     return DiskStorage(
         shard.path / "env",
@@ -330,7 +335,7 @@ async def open_offline_queue(
         if changes:
             lock = lock_shard(shard.path, create=False)
     try:
-        storage = build_storage(config, shard)
+        storage = build_storage(config, shard, read_only=not changes)
         try:
             yield build_queue(config, storage, None, SystemClock())
         finally:

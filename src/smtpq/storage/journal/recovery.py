@@ -39,49 +39,62 @@ class Recovered:
     torn_tails: int = 0
 
 
-def recover(files: SegmentFiles) -> Recovered:
-    """Replay the journal in ``files`` (creating its directories if missing)."""
-    files.open()
+def recover(files: SegmentFiles, *, repair: bool = True) -> Recovered:
+    """Replay the journal in ``files``.
+
+    :param repair: set the damage aside as the module says (and create the directories if
+        missing). ``False`` only reads — for a listing beside a running daemon, whose newest
+        segment may end in an append under way or begin without its header yet: such a
+        reader must never cut, move or delete anything.
+    """
+    if repair:
+        files.open()
+    elif not os.path.isdir(files.path):
+        return Recovered()
     found = Recovered()
-    numbers = files.numbers()
-    for number in numbers:
-        data = files.read_all(number)
+    for number in files.numbers():
+        try:
+            data = files.read_all(number)
+        except FileNotFoundError:  # deleted by the owner meanwhile (read-only)
+            continue
         damage = Scan()
         for record in scan(data, damage):
             found.index.apply(number, record)
-        name = os.path.basename(files.name(number))
-        if not damage.header_ok:
-            if SEGMENT_HEADER.startswith(data):
-                files.delete(number)  # a crash while it was being created: it holds nothing
-                continue
-            kept = files.keep_once(name, data)
-            files.delete(number)
-            found.corrupt += 1
-            log.error(
-                "journal %s: %s is not a journal segment, moved to %s", files.path, name, kept
-            )
-            continue
-        for start, end in damage.bad:
-            kept = files.keep_once(f"{name}.{start}-{end}", data[start:end])
-            found.corrupt += 1
-            log.error(
-                "journal %s: %s damaged at bytes %d-%d, skipped (kept in %s)",
-                files.path,
-                name,
-                start,
-                end,
-                kept,
-            )
-        if damage.end < len(data):
-            kept = files.keep_once(f"{name}.{damage.end}-{len(data)}", data[damage.end :])
-            files.truncate(number, damage.end)
-            found.torn_tails += 1
-            log.warning(
-                "journal %s: %s ended in %d bytes of an interrupted write, cut off (kept in %s)",
-                files.path,
-                name,
-                len(data) - damage.end,
-                kept,
-            )
         found.index.grown(number, damage.end)
+        if not damage.header_ok:
+            found.index.dropped(number)
+            if not SEGMENT_HEADER.startswith(data):
+                found.corrupt += 1
+        else:
+            found.corrupt += len(damage.bad)
+            found.torn_tails += damage.end < len(data)
+        if repair:
+            _set_aside(files, number, data, damage)
     return found
+
+
+def _set_aside(files: SegmentFiles, number: int, data: bytes, damage: Scan) -> None:
+    """Copy a segment's damage to the corrupt directory, cut off its torn tail, or move it
+    away whole when it is not a segment of this format."""
+    name = os.path.basename(files.name(number))
+    if not damage.header_ok:
+        if SEGMENT_HEADER.startswith(data):
+            files.delete(number)  # a crash while it was being created: it holds nothing
+            return
+        kept = files.keep_once(name, data)
+        files.delete(number)
+        log.error("journal %s: %s is not a journal segment, moved to %s", files.path, name, kept)
+        return
+    for start, end in damage.bad:
+        kept = files.keep_once(f"{name}.{start}-{end}", data[start:end])
+        log.error(
+            "journal %s: %s damaged at bytes %d-%d, skipped (kept in %s)",
+            files.path, name, start, end, kept,
+        )  # fmt: skip
+    if damage.end < len(data):
+        kept = files.keep_once(f"{name}.{damage.end}-{len(data)}", data[damage.end :])
+        files.truncate(number, damage.end)
+        log.warning(
+            "journal %s: %s ended in %d bytes of an interrupted write, cut off (kept in %s)",
+            files.path, name, len(data) - damage.end, kept,
+        )  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -27,7 +28,7 @@ from smtpq.storage.schedule import LocallyScheduled, LocalSchedule
 
 __all__ = ["DEFAULT_SEGMENT_SIZE", "JournalStorage"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("smtpq.storage.journal")
 T = TypeVar("T")
 
 #: Bytes after which appends go to a new segment.
@@ -66,6 +67,8 @@ class JournalStorage(LocallyScheduled):
         against power loss — and meant for tests and benchmarks.
     :param segment_size: bytes after which appends go to a new segment.
     :param lease_timeout: seconds a claim lasts unless renewed.
+    :param read_only: only read: for a listing beside the daemon that owns the journal (every
+        change raises :class:`~smtpq.errors.QueueError`, and the replay repairs nothing).
     """
 
     def __init__(
@@ -76,8 +79,10 @@ class JournalStorage(LocallyScheduled):
         durable: bool = True,
         segment_size: int = DEFAULT_SEGMENT_SIZE,
         lease_timeout: float = 60.0,
+        read_only: bool = False,
     ) -> None:
         self.path = os.path.abspath(path)
+        self.read_only = read_only
         self.corrupt_dir = os.path.abspath(corrupt_dir or os.path.join(self.path, "corrupt"))
         self.segment_size = segment_size
         self.lease_timeout = lease_timeout
@@ -108,6 +113,8 @@ class JournalStorage(LocallyScheduled):
     async def _submit(self, kind: Kind, id: str, **fields: Any) -> Any:
         if self._closed:
             raise QueueError("the queue storage is closed")
+        if self.read_only:
+            raise QueueError("the queue journal is open for reading only")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append(_Op(kind, id, future, **fields))
         if kind != Kind.REMOVE:
@@ -393,7 +400,8 @@ class JournalStorage(LocallyScheduled):
         try:
             envelope = Envelope.from_bytes(data)
         except EnvelopeFormatError as exc:
-            await self._quarantine(id, data, exc)
+            if not self.read_only:
+                await self._quarantine(id, data, exc)
             raise MessageGone(id) from None
         meta = entry.meta
         return StoredMessage.from_written(
@@ -484,15 +492,18 @@ class JournalStorage(LocallyScheduled):
         if not self._loaded:
             loop = asyncio.get_running_loop()
             try:
-                found = await loop.run_in_executor(self._writer, recover, self._files)
+                found = await loop.run_in_executor(
+                    self._writer, functools.partial(recover, self._files, repair=not self.read_only)
+                )
             except OSError as exc:
                 raise queue_error("cannot read the queue journal", exc) from exc
             self._index, self._recovered = found.index, found
             self._loaded = True
+            segments = len(found.index.segment_bytes)
             log.info(
-                "journal %s: loaded %d queued messages from %d segments"
+                "journal %s: loaded %d queued messages from %d segment%s"
                 " (%d damaged stretches set aside, %d torn tails cut off)",
-                self.path, len(found.index), len(found.index.segment_bytes),
+                self.path, len(found.index), segments, "" if segments == 1 else "s",
                 found.corrupt, found.torn_tails,
             )  # fmt: skip
         entries = self._index.entries
