@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from smtpq.errors import MessageGone
-from smtpq.storage import DiskStorage
+from smtpq.storage import DiskStorage, QueueStorage
 from smtpq.storage.disk import SyncMode
 from smtpq.storage.disk.libc import syncfs_function
 from tests.integration import disk_crash_writer
@@ -97,6 +97,29 @@ async def run_and_kill(
     return complete
 
 
+async def check_after_kill(
+    store: QueueStorage, loaded: set[str], acked: Acknowledged, new: list[str], context: str
+) -> None:
+    """What a storage must show after a kill: every acknowledged write, unless the child was
+    removing it, and no acknowledged removal; the new messages whole; a storage that works."""
+    assert set(acked.written) - acked.removing() <= loaded, context
+    assert not acked.removed & loaded, context
+    # New messages, acknowledged or not, are whole: byte for byte what was written.
+    unacked = loaded - set(acked.written)
+    for id in loaded & (set(new) | unacked):
+        entry = await store.get_entry(id)
+        n = acked.written.get(id, counter_of(entry.envelope))
+        assert entry.envelope.to_bytes() == crash_envelope(n).to_bytes(), context
+        assert entry.attempts >= acked.attempts.get(id, 0), context
+        assert entry.held or id not in acked.held, context
+    # ... and the storage goes on working after the crash.
+    id = await store.write(crash_envelope(-1), 1.0)
+    assert (await store.get(id))[0].to_bytes() == crash_envelope(-1).to_bytes()
+    await store.remove(id)
+    with pytest.raises(MessageGone):
+        await store.get(id)
+
+
 def names(path: Path) -> set[str]:
     return {p.name for p in path.iterdir()}
 
@@ -128,23 +151,7 @@ async def test_sigkill_loses_nothing_acknowledged(tmp_path: Path) -> None:
             assert {n[:-5] for n in names(tmp_path / "meta") if n.endswith(".meta")} == loaded
             assert {n[:-4] for n in names(tmp_path / "env") if n.endswith(".env")} == loaded
             assert not [n for n in names(tmp_path / "meta" / "tmp") if n.endswith(".tmp")]
-            # Every acknowledged write is there, unless the child was removing it.
-            assert set(acked.written) - acked.removing() <= loaded, context
-            assert not acked.removed & loaded, context
-            # New messages, acknowledged or not, are whole: byte for byte what was written.
-            unacked = loaded - set(acked.written)
-            for id in loaded & (set(new) | unacked):
-                entry = await store.get_entry(id)
-                n = acked.written.get(id, counter_of(entry.envelope))
-                assert entry.envelope.to_bytes() == crash_envelope(n).to_bytes(), context
-                assert entry.attempts >= acked.attempts.get(id, 0), context
-                assert entry.held or id not in acked.held, context
-            # ... and the storage goes on working after the crash.
-            id = await store.write(crash_envelope(-1), 1.0)
-            assert (await store.get(id))[0].to_bytes() == crash_envelope(-1).to_bytes()
-            await store.remove(id)
-            with pytest.raises(MessageGone):
-                await store.get(id)
+            await check_after_kill(store, loaded, acked, new, context)
         finally:
             await store.close()
 

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from smtpq.errors import MessageGone
-from tests.integration.disk_crash_writer import JOURNAL, counter_of, crash_envelope, journal_at
-from tests.integration.test_disk_crash import Acknowledged, run_and_kill
+from tests.integration.disk_crash_writer import JOURNAL, crash_envelope, journal_at
+from tests.integration.test_disk_crash import Acknowledged, check_after_kill, run_and_kill
 
 ROUNDS = 16
 
@@ -39,20 +38,7 @@ async def test_sigkill_of_a_journal_writer_loses_nothing_acknowledged(tmp_path: 
             info = await store.get_info()
             context = f"seed {seed}, round {round}"
             assert info["corrupt"] == 0, context
-            assert set(acked.written) - acked.removing() <= loaded, context
-            assert not acked.removed & loaded, context
-            unacked = loaded - set(acked.written)
-            for id in loaded & (set(new) | unacked):
-                entry = await store.get_entry(id)
-                n = acked.written.get(id, counter_of(entry.envelope))
-                assert entry.envelope.to_bytes() == crash_envelope(n).to_bytes(), context
-                assert entry.attempts >= acked.attempts.get(id, 0), context
-                assert entry.held or id not in acked.held, context
-            id = await store.write(crash_envelope(-1), 1.0)
-            assert (await store.get(id))[0].to_bytes() == crash_envelope(-1).to_bytes()
-            await store.remove(id)
-            with pytest.raises(MessageGone):
-                await store.get(id)
+            await check_after_kill(store, loaded, acked, new, context)
         finally:
             await store.close()
     assert len(acked.written) > 200

@@ -23,7 +23,7 @@ from smtpq.storage.base import MessageInfo, StoredMessage
 from smtpq.storage.disk.meta import CorruptError, Meta, decode_meta
 from smtpq.storage.disk.spool import ENV_SUFFIX, META_NAME, META_SUFFIX, Spool, read_all
 
-__all__ = ["INFO_AHEAD", "meta_keys", "read_ahead", "read_entry", "read_infos"]
+__all__ = ["INFO_AHEAD", "meta_keys", "read_ahead", "read_entry", "read_infos", "record_of"]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def read_entry(spool: Spool, id: str) -> StoredMessage:
         envelope = Envelope.from_bytes(data)
     except EnvelopeFormatError as exc:
         raise CorruptError(str(exc)) from exc
-    return _record(StoredMessage.from_written, id, envelope, meta)
+    return record_of(StoredMessage.from_written, id, envelope, meta)
 
 
 def meta_keys(spool: Spool) -> list[int]:
@@ -118,10 +118,10 @@ def _read_info(id: str, meta_fd: int | OSError, env_fd: int | OSError) -> Messag
         for fd in (meta_fd, env_fd):
             if isinstance(fd, int):
                 os.close(fd)
-    return _record(MessageInfo.from_head, id, data, meta)
+    return record_of(MessageInfo.from_head, id, data, meta)
 
 
-def _record(make: Callable[..., T], id: str, stored: Envelope | bytes, meta: Meta) -> T:
+def record_of(make: Callable[..., T], id: str, stored: Envelope | bytes, meta: Meta) -> T:
     """A record of message ``id`` by ``make`` (:meth:`StoredMessage.from_written`,
     :meth:`MessageInfo.from_head`), from its envelope or envelope head, and its meta."""
     return make(

@@ -19,6 +19,7 @@ from smtpq.reply import Reply
 from smtpq.storage.base import MessageInfo, StoredMessage, new_id
 from smtpq.storage.disk.committer import REMOVE_LINGER
 from smtpq.storage.disk.meta import Meta
+from smtpq.storage.disk.reader import record_of
 from smtpq.storage.disk.spool import queue_error
 from smtpq.storage.journal.index import Entry, Index
 from smtpq.storage.journal.records import Kind, encode
@@ -403,16 +404,7 @@ class JournalStorage(LocallyScheduled):
             if not self.read_only:
                 await self._quarantine(id, data, exc)
             raise MessageGone(id) from None
-        meta = entry.meta
-        return StoredMessage.from_written(
-            id,
-            envelope,
-            meta.delivered,
-            attempts=meta.attempts,
-            timestamp=meta.timestamp,
-            held=meta.held,
-            last_reply=Reply.from_dict(meta.last_reply) if meta.last_reply else None,
-        )
+        return record_of(StoredMessage.from_written, id, envelope, entry.meta)
 
     async def _quarantine(self, id: str, data: bytes, exc: Exception) -> None:
         loop = asyncio.get_running_loop()
@@ -446,18 +438,7 @@ class JournalStorage(LocallyScheduled):
                     entry, head = await self._envelope_bytes(id, _HEAD_READ)
                 if len(head) >= HEAD_MIN and len(head) < Envelope.head_size(head):
                     entry, head = await self._envelope_bytes(id, Envelope.head_size(head))
-                meta = entry.meta
-                infos.append(
-                    MessageInfo.from_head(
-                        id,
-                        head,
-                        meta.delivered,
-                        attempts=meta.attempts,
-                        timestamp=meta.timestamp,
-                        held=meta.held,
-                        last_reply=Reply.from_dict(meta.last_reply) if meta.last_reply else None,
-                    )
-                )
+                infos.append(record_of(MessageInfo.from_head, id, head, entry.meta))
             except (KeyError, EnvelopeFormatError):
                 continue
         return infos
