@@ -93,8 +93,8 @@ class JournalStorage(LocallyScheduled):
         self._loaded = False
         self._load_lock = asyncio.Lock()
         self._closed = False
-        # One thread appends (the order of the records is the order of the changes); reads
-        # and recovery have their own.
+        # One thread appends, and replays at start (the order of the records is the order of
+        # the changes); reads have threads of their own.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="smtpq-journal-append")
         self._readers = ThreadPoolExecutor(2, thread_name_prefix="smtpq-journal-read")
         self._pending: list[_Op] = []
