@@ -78,12 +78,14 @@ def history(rcpts: set[str], sink: Sink, logs: str, kills: list[float]) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("storage", ["disk", "journal"])
 async def test_supervisor_sigkill_loop_duplicates_only_what_was_in_flight(
-    daemon_factory: DaemonFactory, sink: Sink
+    daemon_factory: DaemonFactory, sink: Sink, storage: str
 ) -> None:
     daemon = await daemon_factory(
         {
             "workers": 2,
+            "storage": {"type": storage},
             "routes": {"dest.example": f"[127.0.0.1]:{sink.port}"},
             "retry": {"initial": 0.5, "maximum": 0.5},
             "log_level": "debug",  # "removed id=...": the delivery is recorded
