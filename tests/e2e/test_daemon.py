@@ -227,11 +227,15 @@ async def test_policy_refusals(daemon_factory: DaemonFactory, sink: Sink) -> Non
         assert declared.value.code == 552
 
 
+@pytest.mark.parametrize("storage", ["disk", "journal"])
 async def test_full_disk_answers_451_and_loses_nothing(
-    small_fs: Path, daemon_factory: DaemonFactory, sink: Sink
+    small_fs: Path, daemon_factory: DaemonFactory, sink: Sink, storage: str
 ) -> None:
     daemon = await daemon_factory(
-        {"routes": routes_to(sink, "dest.example"), "storage": {"path": str(small_fs / "q")}}
+        {
+            "routes": routes_to(sink, "dest.example"),
+            "storage": {"type": storage, "path": str(small_fs / "q")},
+        }
     )
     filler = small_fs / "filler"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
