@@ -90,8 +90,8 @@ def shard_at(config: Config, index: int) -> Shard:
 def shards(config: Config, worker: int | None = None, workers: int = 1) -> list[Shard]:
     """The queues of the daemon, or of one worker (``worker`` of ``workers``).
 
-    For disk storage: every ``shard-K`` directory found (and the worker's own); worker ``i``
-    owns the shards with ``K % workers == i``. Other storages have one queue.
+    For local (disk or journal) storage: every ``shard-K`` directory found (and the worker's
+    own); worker ``i`` owns the shards with ``K % workers == i``. Other storages have one queue.
     """
     if not config.storage.type.local:
         return [shard_at(config, 0)]
