@@ -97,6 +97,16 @@ def test_a_record_with_a_good_crc_but_a_bad_shape_is_damage() -> None:
     assert len(found.bad) == 1
 
 
+def test_a_damaged_segment_header_costs_only_itself() -> None:
+    (a,) = ids(1)
+    data = bytearray(segment(encode(Kind.WRITE, a, Meta(NOW), b"x" * 10)))
+    data[2] ^= 0x04  # "smtpq" -> "swtpq"
+    records, found = read(bytes(data))
+    assert [r.id for r in records] == [a]
+    assert found.header_ok
+    assert found.bad == [(0, len(SEGMENT_HEADER))]
+
+
 def test_another_format_is_not_read() -> None:
     (a,) = ids(1)
     data = b"smtpq-journal 2\n" + b"".join(encode(Kind.REMOVE, a))

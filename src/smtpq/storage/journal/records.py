@@ -16,7 +16,9 @@ Replaying the records in order gives the queue. A reader checks every record's C
 :func:`scan` never stops at a bad one: it looks for the next good record and reports the bytes
 in between (:class:`Scan`), so that one damaged record costs only itself. Bytes at the end that
 hold no whole good record are the *torn tail* of a write that a crash interrupted (never
-acknowledged: a write returns only after its flush). Nothing is pickled.
+acknowledged: a write returns only after its flush). A damaged segment header is such a
+stretch too when good records follow; another version's header is never read past.
+Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ __all__ = [
 
 #: The first bytes of every segment file: the format and its version.
 SEGMENT_HEADER = b"smtpq-journal 1\n"
+_FORMAT = b"smtpq-journal "
 _MAGIC = b"SJ"
 _HEADER = struct.Struct(">2sBII")
 #: Bytes of a record's header.
@@ -170,11 +173,19 @@ class Scan:
 def scan(data: bytes, found: Scan) -> Iterator[Record]:
     """The good records of a segment's bytes, in order; damage goes into ``found``."""
     view = memoryview(data)
-    if bytes(view[: len(SEGMENT_HEADER)]) != SEGMENT_HEADER:
-        found.header_ok = False
-        found.end = 0
-        return
-    pos = found.end = len(SEGMENT_HEADER)
+    pos = len(SEGMENT_HEADER)
+    head = bytes(view[:pos])
+    if head != SEGMENT_HEADER:
+        # Another version is never read; a damaged header costs only itself when records of
+        # this format follow it.
+        resume = None if head.startswith(_FORMAT) else _next_good(data, view, 0)
+        if resume is None:
+            found.header_ok = False
+            found.end = 0
+            return
+        found.bad.append((0, resume))
+        pos = resume
+    found.end = pos
     while pos < len(view):
         record = _record_at(view, pos)
         if record is None:

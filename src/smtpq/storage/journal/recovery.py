@@ -8,8 +8,10 @@ Every segment is read oldest first and its good records replayed into an
 * the *torn tail* of the newest segment — an append that a crash interrupted, never
   acknowledged since a write returns only after its flush — is copied there too (so that
   nothing is ever thrown away unseen), then cut off;
-* a segment whose header is not this format's is moved there whole; one that a crash left
-  shorter than its header (created, never written) is deleted.
+* a segment of another format (another version's header, or no record of this one) is moved
+  there whole, while a damaged header before good records is a damaged stretch like any
+  other; a segment that a crash left shorter than its header (created, never written) is
+  deleted.
 
 A damaged stretch is copied once, under a name made of its segment and offsets, so that a
 restart does not copy it again.
