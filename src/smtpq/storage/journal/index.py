@@ -43,6 +43,10 @@ class Index:
         self.live_bytes: defaultdict[int, int] = defaultdict(int)
         #: segment -> bytes of the segment file (as far as this index knows it).
         self.segment_bytes: dict[int, int] = {}
+        #: Bytes of every segment, and of the records that keep a live message (kept up to
+        #: date as they change: they are read after every append).
+        self.total_bytes = 0
+        self.total_live = 0
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -60,6 +64,7 @@ class Index:
         self.entries[id] = entry
         self.by_segment[entry.segment].add(id)
         self.live_bytes[entry.segment] += entry.size
+        self.total_live += entry.size
 
     def remove(self, id: str) -> Entry | None:
         """``id`` is gone; its entry, if it was live."""
@@ -74,6 +79,7 @@ class Index:
             ids = self.by_segment[entry.segment]
             ids.discard(id)
             self.live_bytes[entry.segment] -= entry.size
+            self.total_live -= entry.size
             if not ids:
                 del self.by_segment[entry.segment]
                 del self.live_bytes[entry.segment]
@@ -97,26 +103,16 @@ class Index:
 
     def grown(self, segment: int, size: int) -> None:
         """Segment ``segment`` now holds ``size`` bytes."""
+        self.total_bytes += size - self.segment_bytes.get(segment, 0)
         self.segment_bytes[segment] = size
 
     def dropped(self, segment: int) -> None:
         """Segment ``segment`` was deleted."""
-        self.segment_bytes.pop(segment, None)
-
-    @property
-    def total_bytes(self) -> int:
-        """Bytes of every segment."""
-        return sum(self.segment_bytes.values())
-
-    @property
-    def total_live(self) -> int:
-        """Bytes of the records that keep a live message."""
-        return sum(self.live_bytes.values())
+        self.total_bytes -= self.segment_bytes.pop(segment, 0)
 
     def oldest(self, active: int | None) -> int | None:
         """The oldest segment other than ``active``, if there is one."""
-        older = [s for s in self.segment_bytes if s != active]
-        return min(older) if older else None
+        return min((s for s in self.segment_bytes if s != active), default=None)
 
     def deletable(self, active: int | None) -> int | None:
         """The oldest segment, when it is not the active one and holds no live message.

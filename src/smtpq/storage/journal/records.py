@@ -104,7 +104,7 @@ def encode(kind: Kind, id: str, meta: Meta | None = None, env: bytes = b"") -> l
     return [_HEADER.pack(_MAGIC, kind, length, crc), *parts]
 
 
-def envelope_offset(record_offset: int, id: str, meta_size: int) -> int:
+def _envelope_offset(record_offset: int, id: str, meta_size: int) -> int:
     """Where the envelope of a ``WRITE`` record written at ``record_offset`` starts."""
     return record_offset + HEADER_SIZE + 1 + len(id) + _U32.size + meta_size
 
@@ -133,7 +133,7 @@ def _decode(kind: Kind, payload: memoryview, offset: int, size: int) -> Record:
     if _U32.size + meta_size > len(rest):
         raise CorruptError("write record's meta runs past its end")
     meta = decode_meta(bytes(rest[_U32.size : _U32.size + meta_size]))
-    env_offset = envelope_offset(offset, id, meta_size)
+    env_offset = _envelope_offset(offset, id, meta_size)
     return Record(kind, id, offset, size, meta, env_offset, offset + size - env_offset)
 
 

@@ -62,12 +62,10 @@ def recover(files: SegmentFiles, *, repair: bool = True) -> Recovered:
         damage = Scan()
         for record in scan(data, damage):
             found.index.apply(number, record)
-        found.index.grown(number, damage.end)
         if not damage.header_ok:
-            found.index.dropped(number)
-            if not SEGMENT_HEADER.startswith(data):
-                found.corrupt += 1
+            found.corrupt += not SEGMENT_HEADER.startswith(data)
         else:
+            found.index.grown(number, damage.end)
             found.corrupt += len(damage.bad)
             found.torn_tails += damage.end < len(data)
         if repair:

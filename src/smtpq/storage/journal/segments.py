@@ -145,17 +145,10 @@ class SegmentFiles:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def read(self, number: int, offset: int, size: int) -> bytes:
-        """``size`` bytes of segment ``number`` from ``offset`` (fewer at its end)."""
-        fd = os.open(self.name(number), os.O_RDONLY)
-        try:
-            return os.pread(fd, size, offset)
-        finally:
-            os.close(fd)
-
     def read_many(self, places: list[tuple[int, int, int]]) -> list[bytes | None]:
-        """The bytes at each ``(segment, offset, size)``, each segment opened once; ``None``
-        where the segment is gone (deleted after compaction moved what it held)."""
+        """The bytes at each ``(segment, offset, size)`` (fewer at a segment's end), each
+        segment opened once; ``None`` where the segment is gone (deleted after compaction
+        moved what it held)."""
         fds: dict[int, int | None] = {}
         try:
             found: list[bytes | None] = []

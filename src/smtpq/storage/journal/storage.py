@@ -25,7 +25,7 @@ from smtpq.storage.journal.index import Entry, Index
 from smtpq.storage.journal.records import Kind, encode
 from smtpq.storage.journal.recovery import Recovered, recover
 from smtpq.storage.journal.segments import SegmentFiles
-from smtpq.storage.schedule import LocallyScheduled, LocalSchedule
+from smtpq.storage.schedule import LocallyScheduled, LocalSchedule, id_key
 
 __all__ = ["DEFAULT_SEGMENT_SIZE", "JournalStorage"]
 
@@ -140,10 +140,7 @@ class JournalStorage(LocallyScheduled):
                     await self._append(batch)
                 except Exception as exc:  # a bug: fail the batch, never leave a caller waiting
                     log.exception("journal %s: append failed", self.path)
-                    error = QueueError(f"cannot write to the queue journal: {exc}")
-                    for op in batch:
-                        for future in (op.future, *op.waiters):
-                            _settle(future, error)
+                    _fail(batch, QueueError(f"cannot write to the queue journal: {exc}"))
                 self._maintain()
         finally:
             self._run_task = None
@@ -194,12 +191,8 @@ class JournalStorage(LocallyScheduled):
                 self._writer, self._files.append, b"".join(chunks), self.segment_size, flush
             )
         except OSError as exc:
-            error = queue_error("cannot write to the queue journal", exc)
-            for op in ops:
-                if op.kind != Kind.WRITE:
-                    self._dirty.add(op.id)
-                for future in (op.future, *op.waiters):
-                    _settle(future, error)
+            self._dirty.update(op.id for op in ops if op.kind != Kind.WRITE)
+            _fail(ops, queue_error("cannot write to the queue journal", exc))
             return
         self.batches += 1
         self.batched_ops += len(ops)
@@ -213,14 +206,13 @@ class JournalStorage(LocallyScheduled):
 
     def _written(self, op: _Op, segment: int, offset: int, env_offset: int) -> str | None:
         """Record where a WRITE went; the new id for a new message."""
+        size = env_offset - offset + len(op.env)
         if op.moved_from is not None:  # compaction: the message stays what it is
             entry = self._index.get(op.id)
             if entry is not None and entry.segment == op.moved_from:
-                size = env_offset - offset + len(op.env)
                 self._index.put(op.id, Entry(entry.meta, segment, env_offset, len(op.env), size))
             return None
         assert op.meta is not None
-        size = env_offset - offset + len(op.env)
         self._index.put(op.id, Entry(op.meta, segment, env_offset, len(op.env), size))
         lease = op.meta.timestamp + self.lease_timeout if op.claimed else None
         self._schedule.add(op.id, op.meta.timestamp, lease_until=lease)
@@ -261,20 +253,23 @@ class JournalStorage(LocallyScheduled):
             self._compact_task = None
 
     async def _move_from(self, segment: int) -> None:
-        """Append again the envelopes of (up to a round of) the live messages of ``segment``."""
-        ids, size = [], 0
-        for id in list(self._index.by_segment.get(segment, ())):
+        """Append again the envelopes of (up to a round of) the live messages of ``segment``,
+        read in one call of a reader thread."""
+        ids, places, size = [], [], 0
+        for id in self._index.by_segment.get(segment, ()):
+            entry = self._index.entries[id]
             ids.append(id)
-            size += self._index.entries[id].env_size
+            places.append((segment, entry.env_offset, entry.env_size))
+            size += entry.env_size
             if size >= _COMPACT_ROUND:
                 break
-        moves = []
-        for id in ids:
-            entry = self._index.get(id)
-            if entry is None or entry.segment != segment:
-                continue  # removed, or moved, while the previous envelope was read
-            env = await self._read(entry.segment, entry.env_offset, entry.env_size)
-            moves.append(self._submit(Kind.WRITE, id, env=env, moved_from=segment))
+        envs = await self._read_many(places)
+        # A message removed meanwhile is not moved: the append leaves it out (_records).
+        moves = [
+            self._submit(Kind.WRITE, id, env=env, moved_from=segment)
+            for id, env in zip(ids, envs, strict=True)
+            if env is not None
+        ]
         await asyncio.gather(*moves)
         self.compacted += len(moves)
 
@@ -365,12 +360,11 @@ class JournalStorage(LocallyScheduled):
         self._schedule.discard(id)
         await self._submit(Kind.REMOVE, id)
 
-    async def _read(self, segment: int, offset: int, size: int) -> bytes:
+    async def _read_many(self, places: list[tuple[int, int, int]]) -> list[bytes | None]:
+        """:meth:`SegmentFiles.read_many` in a reader thread."""
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(
-                self._readers, self._files.read, segment, offset, size
-            )
+            return await loop.run_in_executor(self._readers, self._files.read_many, places)
         except OSError as exc:
             raise queue_error("cannot read the queue journal", exc) from exc
 
@@ -379,15 +373,10 @@ class JournalStorage(LocallyScheduled):
         now: compaction may move it while the read runs."""
         for _ in range(3):
             entry = self._entry(id)
-            try:
-                data = await self._read(
-                    entry.segment, entry.env_offset, min(size or entry.env_size, entry.env_size)
-                )
-            except QueueError as exc:
-                if not isinstance(exc.__cause__, FileNotFoundError):
-                    raise
-                continue
-            return entry, data
+            wanted = min(size or entry.env_size, entry.env_size)
+            (data,) = await self._read_many([(entry.segment, entry.env_offset, wanted)])
+            if data is not None:
+                return entry, data
         raise QueueError(f"cannot read message {id}: it keeps moving")
 
     async def get_entry(self, id: str) -> StoredMessage:
@@ -425,12 +414,9 @@ class JournalStorage(LocallyScheduled):
         each envelope from the journal, all of them in one call of a reader thread."""
         await self._ensure_loaded()
         wanted = [(id, entry) for id in ids if (entry := self._index.get(id)) is not None]
-        places = [(e.segment, e.env_offset, min(e.env_size, _HEAD_READ)) for _, e in wanted]
-        loop = asyncio.get_running_loop()
-        try:
-            heads = await loop.run_in_executor(self._readers, self._files.read_many, places)
-        except OSError as exc:
-            raise queue_error("cannot read the queue journal", exc) from exc
+        heads = await self._read_many(
+            [(e.segment, e.env_offset, min(e.env_size, _HEAD_READ)) for _, e in wanted]
+        )
         infos = []
         for (id, entry), head in zip(wanted, heads, strict=True):
             try:
@@ -487,12 +473,12 @@ class JournalStorage(LocallyScheduled):
                 self.path, len(found.index), segments, "" if segments == 1 else "s",
                 found.corrupt, found.torn_tails,
             )  # fmt: skip
-        entries = self._index.entries
-        leases = self._schedule.leases()
-        self._schedule.clear()
-        for id, entry in entries.items():
-            meta = entry.meta
-            self._schedule.add(id, meta.timestamp, held=meta.held, lease_until=leases.get(id))
+        entries = self._index.entries.items()
+        times = {id_key(id): entry.meta.timestamp for id, entry in entries}
+        held = {id_key(id) for id, entry in entries if entry.meta.held}
+        # Keep the leases this object holds: a reload must not hand an attempt to a second
+        # worker.
+        self._schedule.rebuild(times, held, self._schedule.leases())
 
     async def get_info(self) -> dict[str, Any]:
         """``size`` (messages stored), ``held``, ``active`` (being attempted), ``oldest``, and
@@ -551,6 +537,12 @@ def _unawaited() -> asyncio.Future[Any]:
     future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     future.add_done_callback(lambda f: f.cancelled() or f.exception())
     return future
+
+
+def _fail(ops: list[_Op], error: QueueError) -> None:
+    for op in ops:
+        for future in (op.future, *op.waiters):
+            _settle(future, error)
 
 
 def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
