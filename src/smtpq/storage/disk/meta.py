@@ -45,6 +45,24 @@ class Meta:
     held: bool = False
     last_reply: ReplyDict | None = None
 
+    # The changes the storage contract makes (the local storages apply them to the meta they
+    # hold, then store it).
+
+    def reschedule(self, timestamp: float, reply: ReplyDict | None) -> None:
+        """A new next attempt time, and the reply that deferred the message, if given."""
+        self.timestamp = float(timestamp)
+        if reply is not None:
+            self.last_reply = reply
+
+    def count_attempt(self) -> int:
+        """One more attempt; the new count."""
+        self.attempts += 1
+        return self.attempts
+
+    def add_delivered(self, indexes: set[int]) -> None:
+        """Recipients (indexes as first written) done, with those done before."""
+        self.delivered = sorted(indexes.union(self.delivered))
+
 
 def encode_meta(meta: Meta) -> bytes:
     """The bytes of a meta file holding ``meta``."""

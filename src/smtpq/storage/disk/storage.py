@@ -147,32 +147,17 @@ class DiskStorage(LocallyScheduled):
     ) -> None:
         """See :meth:`QueueStorage.set_timestamp`."""
         reply = last_reply.to_dict() if last_reply is not None else None
-
-        def change(meta: Meta) -> None:
-            meta.timestamp = float(timestamp)
-            if reply is not None:
-                meta.last_reply = reply
-
-        await self._update(id, change, Effect.RESCHEDULE)
+        await self._update(id, lambda meta: meta.reschedule(timestamp, reply), Effect.RESCHEDULE)
 
     async def increment_attempts(self, id: str) -> int:
         """See :meth:`QueueStorage.increment_attempts`."""
-
-        def change(meta: Meta) -> int:
-            meta.attempts += 1
-            return meta.attempts
-
-        result: int = await self._update(id, change)
+        result: int = await self._update(id, Meta.count_attempt)
         return result
 
     async def set_recipients_delivered(self, id: str, indexes: Iterable[int]) -> None:
         """See :meth:`QueueStorage.set_recipients_delivered`."""
         new = {int(i) for i in indexes}
-
-        def change(meta: Meta) -> None:
-            meta.delivered = sorted(new.union(meta.delivered))
-
-        await self._update(id, change)
+        await self._update(id, lambda meta: meta.add_delivered(new))
 
     async def remove(self, id: str) -> None:
         """See :meth:`QueueStorage.remove`; durable when it returns."""

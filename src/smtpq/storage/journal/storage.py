@@ -309,30 +309,19 @@ class JournalStorage(LocallyScheduled):
         reply = last_reply.to_dict() if last_reply is not None else None
 
         def change(meta: Meta) -> None:
-            meta.timestamp = float(timestamp)
-            if reply is not None:
-                meta.last_reply = reply
+            meta.reschedule(timestamp, reply)
             self._schedule.reschedule(id, meta.timestamp)
 
         await self._change(id, change)
 
     async def increment_attempts(self, id: str) -> int:
         """See :meth:`QueueStorage.increment_attempts`."""
-
-        def change(meta: Meta) -> int:
-            meta.attempts += 1
-            return meta.attempts
-
-        return await self._change(id, change)
+        return await self._change(id, Meta.count_attempt)
 
     async def set_recipients_delivered(self, id: str, indexes: Iterable[int]) -> None:
         """See :meth:`QueueStorage.set_recipients_delivered`."""
         new = {int(i) for i in indexes}
-
-        def change(meta: Meta) -> None:
-            meta.delivered = sorted(new.union(meta.delivered))
-
-        await self._change(id, change)
+        await self._change(id, lambda meta: meta.add_delivered(new))
 
     async def set_held(self, id: str, held: bool) -> None:
         """See :meth:`QueueStorage.set_held`; persisted, so a held message stays held."""
