@@ -21,6 +21,7 @@ from smtpq.errors import MessageGone, QueueError
 from smtpq.reply import Reply
 from smtpq.storage import DiskStorage
 from smtpq.storage.disk import committer, libc, reader, scan, sync
+from tests.integration import fsize_child
 
 NOW = 1_800_000_000.0
 
@@ -371,52 +372,14 @@ async def test_full_disk_fails_the_write_and_leaves_nothing(small_fs: Path) -> N
         await again.close()
 
 
-_FSIZE_CHILD = """
-import asyncio, json, resource, signal, sys
-from smtpq.envelope import Envelope
-from smtpq.errors import QueueError
-from smtpq.storage import DiskStorage, disk
-
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so that write(2) fails with EFBIG instead
-resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
-
-async def main():
-    store = DiskStorage(sys.argv[1], sys.argv[2])
-    out = {}
-    small = Envelope("a@example.org", ["b@example.com"])
-    small.parse(b"Subject: small\\r\\n\\r\\nhello\\r\\n")
-    out["small"] = await store.write(small, 1.0)
-    big = Envelope("a@example.org", ["b@example.com"])
-    big.parse(b"Subject: big\\r\\n\\r\\n" + b"y" * 50_000)
-    try:
-        await store.write(big, 1.0)
-    except QueueError as exc:
-        out["error"] = [str(exc), exc.reply.code, exc.reply.enhanced_status_code]
-    await store.close()
-    print(json.dumps(out))
-
-asyncio.run(main())
-"""
-
-
 async def test_file_size_limit_fails_the_write_cleanly(dirs: Dirs) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _FSIZE_CHILD,
-        str(dirs.env),
-        str(dirs.meta),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    result = json.loads(out)
+    result = await fsize_child.run("disk", str(dirs.env), str(dirs.meta))
     message, code, esc = result["error"]
     assert "too large" in message.lower()
     assert (code, esc) == ("451", "4.3.0")
     assert dirs.names(dirs.tmp) == set()
-    assert dirs.ids(dirs.env, ".env") == dirs.ids(dirs.meta, ".meta") == {result["small"]}
+    written = set(result["written"])
+    assert dirs.ids(dirs.env, ".env") == dirs.ids(dirs.meta, ".meta") == written
 
 
 @pytest.fixture

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import stat
-import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,6 +16,7 @@ from smtpq.envelope import Envelope
 from smtpq.errors import MessageGone, QueueError
 from smtpq.storage import JournalStorage
 from smtpq.storage.journal.records import SEGMENT_HEADER
+from tests.integration import fsize_child
 
 NOW = 1_800_000_000.0
 
@@ -345,53 +344,15 @@ async def test_a_reader_of_no_journal_creates_none(tmp_path: Path) -> None:
 
 # -- failures ------------------------------------------------------------------------------------
 
-_FSIZE_CHILD = """
-import asyncio, json, resource, signal, sys
-from smtpq.envelope import Envelope
-from smtpq.errors import QueueError
-from smtpq.storage import JournalStorage
-
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so that write(2) fails with EFBIG instead
-resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
-
-def envelope(subject, size):
-    env = Envelope("a@example.org", ["b@example.com"])
-    env.parse(b"Subject: " + subject + b"\\r\\n\\r\\n" + b"y" * size)
-    return env
-
-async def main():
-    store = JournalStorage(sys.argv[1])
-    out = {"small": [await store.write(envelope(b"small", 10), 1.0)]}
-    try:
-        await store.write(envelope(b"big", 50_000), 1.0)
-    except QueueError as exc:
-        out["error"] = [str(exc), exc.reply.code, exc.reply.enhanced_status_code]
-    out["small"].append(await store.write(envelope(b"after", 10), 1.0))
-    await store.close()
-    print(json.dumps(out))
-
-asyncio.run(main())
-"""
-
 
 async def test_a_failed_append_fails_its_writes_and_leaves_nothing(path: Path) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _FSIZE_CHILD,
-        str(path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    result = json.loads(out)
+    result = await fsize_child.run("journal", str(path))
     message, code, esc = result["error"]
     assert "too large" in message.lower()
     assert (code, esc) == ("451", "4.3.0")
     store = JournalStorage(path)
     try:
-        assert {id for _, id in await store.load()} == set(result["small"])
+        assert {id for _, id in await store.load()} == set(result["written"])
         info = await store.get_info()
         assert (info["torn_tails"], info["corrupt"]) == (0, 0)
     finally:
