@@ -212,6 +212,8 @@ class Queue:
         self._reading: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
+        # Whether the schedule loop waits for room (a settled message wakes it only then).
+        self._starved = False
         self._running = False
         #: Callables given every :class:`QueueEvent` (metrics); exceptions in them are logged.
         self.observers: list[Callable[[QueueEvent], None]] = []
@@ -381,6 +383,7 @@ class Queue:
         failures = 0
         while self._running:
             free = self._room()
+            self._starved = free <= 0
             claimed: list[str] = []
             if free > 0:
                 try:
@@ -620,7 +623,10 @@ class Queue:
             finally:
                 if self._messages.get(a.id) is message:
                     del self._messages[a.id]
-                self._wake.set()
+                if self._starved:
+                    # With room to spare, a freed slot changes nothing: the loop waits for a
+                    # write or a due time. Waking it for each message costs its timers.
+                    self._wake.set()
 
         self._track(asyncio.create_task(settle(), name=f"smtpq-record-{a.id}"))
 
