@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from smtpq.errors import QueueError
 from smtpq.storage.disk.batch import BatchWriter, Op, OpKind
+from smtpq.storage.thread import CallThread
 
 __all__ = ["REMOVE_LINGER", "GroupCommitter"]
 
@@ -43,7 +43,7 @@ class GroupCommitter:
         self._task: asyncio.Task[None] | None = None
         self._linger: asyncio.TimerHandle | None = None  # removals waiting for company
         self._draining = False  # nothing waits for company any more
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="smtpq-disk-commit")
+        self._thread = CallThread("smtpq-disk-commit")
         #: Ids with a write or a removal submitted and not yet committed, and how many; read
         #: by the load's scan thread (a dict's reads are atomic). A plain dict: Counter's
         #: ``+=`` and ``del`` run in Python.
@@ -84,14 +84,13 @@ class GroupCommitter:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         size = self._writer.max_batch
         try:
             while self._pending:
                 batch = self._pending[:size]
                 del self._pending[:size]
                 try:
-                    await loop.run_in_executor(self._pool, self._writer.commit, batch)
+                    await self._thread.run(self._writer.commit, batch)
                 except Exception as exc:  # the batch is lost, the committer goes on
                     log.exception("queue commit failed")
                     for op in batch:
@@ -145,4 +144,4 @@ class GroupCommitter:
 
     def shutdown(self) -> None:
         """Stop the commit thread (blocks; after :meth:`drain`)."""
-        self._pool.shutdown(wait=True)
+        self._thread.shutdown(wait=True)

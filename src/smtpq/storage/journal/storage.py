@@ -26,6 +26,7 @@ from smtpq.storage.journal.records import Kind, encode
 from smtpq.storage.journal.recovery import Recovered, recover
 from smtpq.storage.journal.segments import SegmentFiles
 from smtpq.storage.schedule import LocallyScheduled, LocalSchedule, id_key
+from smtpq.storage.thread import CallThread
 
 __all__ = ["DEFAULT_SEGMENT_SIZE", "JournalStorage"]
 
@@ -95,7 +96,7 @@ class JournalStorage(LocallyScheduled):
         self._closed = False
         # One thread appends, and replays at start (the order of the records is the order of
         # the changes); reads have threads of their own.
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="smtpq-journal-append")
+        self._writer = CallThread("smtpq-journal-append")
         self._readers = ThreadPoolExecutor(2, thread_name_prefix="smtpq-journal-read")
         self._pending: list[_Op] = []
         self._run_task: asyncio.Task[None] | None = None
@@ -185,10 +186,9 @@ class JournalStorage(LocallyScheduled):
             return
         # Removals alone are written, not flushed: see remove().
         flush = any(op.kind != Kind.REMOVE for op in ops)
-        loop = asyncio.get_running_loop()
         try:
-            segment, start = await loop.run_in_executor(
-                self._writer, self._files.append, b"".join(chunks), self.segment_size, flush
+            segment, start = await self._writer.run(
+                self._files.append, b"".join(chunks), self.segment_size, flush
             )
         except OSError as exc:
             self._dirty.update(op.id for op in ops if op.kind != Kind.WRITE)
@@ -233,13 +233,12 @@ class JournalStorage(LocallyScheduled):
         self._compact_task = asyncio.create_task(self._compact())
 
     async def _compact(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while not self._closed:
                 active = self._files.active
                 oldest = self._index.deletable(active)
                 if oldest is not None:
-                    await loop.run_in_executor(self._writer, self._files.delete, oldest)
+                    await self._writer.run(self._files.delete, oldest)
                     self._index.dropped(oldest)
                     log.debug("journal %s: segment %d deleted", self.path, oldest)
                     continue
@@ -385,11 +384,8 @@ class JournalStorage(LocallyScheduled):
         return record_of(StoredMessage.from_written, id, envelope, entry.meta)
 
     async def _quarantine(self, id: str, data: bytes, exc: Exception) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            kept = await loop.run_in_executor(
-                self._writer, self._files.keep_once, f"{id}.env", data
-            )
+            kept = await self._writer.run(self._files.keep_once, f"{id}.env", data)
         except OSError as error:
             raise queue_error("cannot quarantine a damaged message", error) from error
         log.error("journal %s: message %s damaged (%s), kept in %s", self.path, id, exc, kept)
@@ -446,10 +442,9 @@ class JournalStorage(LocallyScheduled):
         if self._closed:
             raise QueueError("the queue storage is closed")
         if not self._loaded:
-            loop = asyncio.get_running_loop()
             try:
-                found = await loop.run_in_executor(
-                    self._writer, functools.partial(recover, self._files, repair=not self.read_only)
+                found = await self._writer.run(
+                    functools.partial(recover, self._files, repair=not self.read_only)
                 )
             except OSError as exc:
                 raise queue_error("cannot read the queue journal", exc) from exc
