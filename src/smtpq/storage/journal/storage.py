@@ -103,7 +103,8 @@ class JournalStorage(LocallyScheduled):
         self._compact_task: asyncio.Task[None] | None = None
         # Ids whose last change failed to reach the journal: their state is appended again.
         self._dirty: set[str] = set()
-        self._company = asyncio.Event()  # a change other than a removal is pending
+        # Set while removals alone wait for company: done by the next other change.
+        self._company: asyncio.Future[None] | None = None
         self._recovered = Recovered()
         self._quarantined = 0
         self.batches = 0
@@ -120,10 +121,15 @@ class JournalStorage(LocallyScheduled):
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append(_Op(kind, id, future, **fields))
         if kind != Kind.REMOVE:
-            self._company.set()
+            self._join_removals()
         if self._run_task is None:
             self._run_task = asyncio.create_task(self._run())
         return await future
+
+    def _join_removals(self) -> None:
+        """Removals waiting for company have it: they go with the next append."""
+        if self._company is not None:
+            _settle(self._company, None)
 
     async def _run(self) -> None:
         try:
@@ -132,11 +138,16 @@ class JournalStorage(LocallyScheduled):
                     # Removals alone wait a little for a write to share its append with (see
                     # smtpq.storage.disk.committer): at one session the next message carries
                     # them, and one hand-off to the append thread serves both.
-                    self._company.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._company.wait(), REMOVE_LINGER)
+                    # A future and a timer: asyncio.wait_for would cost a task per wait.
+                    loop = asyncio.get_running_loop()
+                    self._company = company = loop.create_future()
+                    timer = loop.call_later(REMOVE_LINGER, _settle, company, None)
+                    try:
+                        await company
+                    finally:
+                        timer.cancel()
+                        self._company = None
                 batch, self._pending = self._pending, []
-                self._company.clear()
                 try:
                     await self._append(batch)
                 except Exception as exc:  # a bug: fail the batch, never leave a caller waiting
@@ -495,7 +506,7 @@ class JournalStorage(LocallyScheduled):
         if self._closed:
             return
         self._closed = True
-        self._company.set()  # removals waiting for company go now
+        self._join_removals()  # removals waiting for company go now
         for task in (self._compact_task, self._run_task):
             if task is not None:
                 with contextlib.suppress(Exception):
