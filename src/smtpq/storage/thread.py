@@ -1,13 +1,13 @@
 """One thread that runs blocking calls, one after the other, for an event loop.
 
 The local storages hand every batch to a thread of their own (a commit, an append and its
-flush). ``loop.run_in_executor`` with a one-thread :class:`~concurrent.futures.ThreadPoolExecutor`
-does the same for twice the cost: a concurrent future with its condition, a work item, the
-executor's thread accounting, then an asyncio future chained to the concurrent one. Measured on
-the benchmark machine (uvloop, a call that does nothing): 67 to 98 µs of CPU and 59 to 89 µs of wall
-time per call, against 31 to 32 µs here, where a call is a tuple on a :class:`queue.SimpleQueue`
-and its result one ``call_soon_threadsafe``. At one session a message costs one such hand-off,
-and its wall time is part of the time before ``250``.
+flush). ``loop.run_in_executor`` with a one-thread ``ThreadPoolExecutor`` does the same for
+twice the cost: a concurrent future with its condition, a work item, the executor's thread
+accounting, then an asyncio future chained to the concurrent one. Measured on the benchmark
+machine (uvloop, a call that does nothing): 67 to 98 µs of CPU and 59 to 89 µs of wall time
+per call, against 31 to 32 µs here, where a call is a tuple on a :class:`queue.SimpleQueue`
+and its result one ``call_soon_threadsafe``. At one session a message costs one such
+hand-off, and its wall time is part of the time before ``250``.
 """
 
 from __future__ import annotations
