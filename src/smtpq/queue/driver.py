@@ -332,8 +332,6 @@ class Queue:
             log.exception("queue policy failed for message from <%s>", envelope.sender)
             return [(envelope, QueueError(f"queue policy failed: {exc!r}"))]
         deliver = self.relay is not None and self._running
-        if len(envelopes) == 1:  # the usual case, without a task of its own
-            return [(envelopes[0], await self._write(envelopes[0], now, deliver))]
         results = await asyncio.gather(*(self._write(env, now, deliver) for env in envelopes))
         return list(zip(envelopes, results, strict=True))
 
