@@ -29,7 +29,11 @@ _Call = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., An
 class CallThread:
     """A thread named ``name``, started at the first call, that runs the calls given to
     :meth:`run` in order. A call whose caller was cancelled before it began is skipped, as an
-    executor skips it; one under way runs to its end."""
+    executor skips it; one under way runs to its end.
+
+    The thread is a daemon thread: a storage never closed does not keep the interpreter from
+    exiting. A storage's ``close()`` calls :meth:`shutdown`, which runs what was given first;
+    a process that ends without it ends as a crash would, which the storages survive."""
 
     def __init__(self, name: str) -> None:
         self.name = name
