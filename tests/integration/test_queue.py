@@ -110,6 +110,21 @@ async def test_success_removes(harness: Harness, scripted: ScriptedRelay) -> Non
     assert await harness.bounce_messages() == []
 
 
+async def test_the_caller_has_its_ids_before_the_first_attempt_begins(
+    harness: Harness, scripted: ScriptedRelay
+) -> None:
+    # As the edge waits for a store: a task, answered from its done callback. The answer (the
+    # client's 250) must not wait for the attempt's work, which begins on the next turn.
+    calls_when_answered: list[int] = []
+    task = asyncio.create_task(enqueue_ok(harness.queue, make_envelope()))
+    task.add_done_callback(lambda _: calls_when_answered.append(len(scripted.calls)))
+    assert len(await task) == 1
+    await harness.drained()
+    assert calls_when_answered == [0]
+    assert scripted.calls == [(["rcpt@example.com"], 0)]
+    assert await harness.size() == 0
+
+
 async def test_permanent_failure_bounces_once_and_removes(
     harness: Harness, scripted: ScriptedRelay
 ) -> None:

@@ -333,6 +333,16 @@ class Queue:
             return [(envelope, QueueError(f"queue policy failed: {exc!r}"))]
         deliver = self.relay is not None and self._running
         results = await asyncio.gather(*(self._write(env, now, deliver) for env in envelopes))
+        if deliver:
+            # Begun on the loop's next turn rather than here, so that our caller answers first:
+            # the edge's 250 leaves before the first attempt's work, not after its first round
+            # trips to the next hop (the client waits for it; the attempt does not).
+            attempts = [
+                Attempt(id, env.copy(), 0, tuple(range(len(env.recipients))), now)
+                for env, id in zip(envelopes, results, strict=True)
+                if isinstance(id, str)
+            ]
+            asyncio.get_running_loop().call_soon(self._admit_stored, attempts)
         return list(zip(envelopes, results, strict=True))
 
     async def _write(self, env: Envelope, now: float, deliver: bool) -> str | QueueError:
@@ -349,10 +359,12 @@ class Queue:
         self._emit(
             QueueEvent(EventKind.ACCEPTED, id, env.recipients, None, **_origin(env), seconds=took)
         )
-        if deliver:
-            pending = tuple(range(len(env.recipients)))
-            self._admit(Attempt(id, env.copy(), 0, pending, now))
         return id
+
+    def _admit_stored(self, attempts: list[Attempt]) -> None:
+        """First attempts of messages just enqueued (stored claimed by us)."""
+        for a in attempts:
+            self._admit(a)
 
     async def flush(self, ids: Sequence[str] | None = None) -> int:
         """Attempt deferred messages (all, or ``ids``) now; returns how many were made due.
