@@ -135,7 +135,7 @@ class ServerListener(Listener):
             await self._relay(pubsub, ("message",), None)
         finally:
             with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
 
 
 class ClusterListener(Listener):
@@ -216,6 +216,6 @@ class ClusterListener(Listener):
             await self._relay(pubsub, ("smessage",), "sunsubscribe")
         finally:
             with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
