@@ -64,13 +64,8 @@ def one_run(work: Path, storage: str, n: int, src: str | None) -> int:
             listen_port=port, sink_port=sink_port, queue_dir=run_dir / "queue", storage=storage
         )
     )
-    user = ["-u", "nobody"] if os.geteuid() == 0 else []
-    sink = subprocess.Popen(
-        [e2e.SMTP_SINK, *user, f"{e2e.HOST}:{sink_port}", "100"], stdout=subprocess.DEVNULL
-    )
-    env = dict(os.environ)
-    if src:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    sink = start_sink(sink_port)
+    env = src_env(src)
     out, log_path = run_dir / "callgrind.out", run_dir / "serve.log"
     smtpq = Path(sys.executable).parent / "smtpq"
     grind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
@@ -93,6 +88,22 @@ def one_run(work: Path, storage: str, n: int, src: str | None) -> int:
         sink.terminate()
         sink.wait(10)
     return callgrind_total(out)
+
+
+def start_sink(port: int) -> subprocess.Popen[bytes]:
+    """smtp-sink on loopback ``port`` (as nobody when we are root: it will not run as root)."""
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    return subprocess.Popen(
+        [e2e.SMTP_SINK, *user, f"{e2e.HOST}:{port}", "100"], stdout=subprocess.DEVNULL
+    )
+
+
+def src_env(src: str | None) -> dict[str, str]:
+    """Our environment with ``src`` (a checkout's src directory) first on PYTHONPATH."""
+    env = dict(os.environ)
+    if src:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    return env
 
 
 def delivered(log_path: Path) -> int:

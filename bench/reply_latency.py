@@ -20,7 +20,6 @@ msgs/s (the client is Python: its own time is in that figure, the same for every
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import smtplib
 import statistics
@@ -31,7 +30,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from instructions import free_port, wait_for
+from instructions import free_port, src_env, start_sink, wait_for
 
 import e2e
 
@@ -78,13 +77,8 @@ def one_round(work: Path, src: str, n: int, body: bytes) -> tuple[list[float], f
     config = work / "smtpq.toml"
     queue = Path(tempfile.mkdtemp(dir=work))
     config.write_text(e2e.smtpq_config(listen_port=port, sink_port=sink_port, queue_dir=queue))
-    user = ["-u", "nobody"] if os.geteuid() == 0 else []
-    sink = subprocess.Popen(
-        [e2e.SMTP_SINK, *user, f"{e2e.HOST}:{sink_port}", "100"], stdout=subprocess.DEVNULL
-    )
-    env = dict(os.environ)
-    if src:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    sink = start_sink(sink_port)
+    env = src_env(src)
     smtpq = Path(sys.executable).parent / "smtpq"
     with open(work / "serve.log", "ab") as log:
         serve = subprocess.Popen(
