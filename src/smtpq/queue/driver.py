@@ -318,7 +318,8 @@ class Queue:
         return envelopes
 
     async def enqueue(self, envelope: Envelope) -> list[tuple[Envelope, str | QueueError]]:
-        """Store ``envelope`` (after the policies) and start its first attempt at once.
+        """Store ``envelope`` (after the policies) and start its first attempt at once: on the
+        event loop's next turn, once the caller has the ids.
 
         Returns each resulting envelope with its queue id, or with the :class:`QueueError` that
         kept it from being stored (a storage failure, or an unexpected error in a policy).
