@@ -115,12 +115,15 @@ async def test_the_caller_has_its_ids_before_the_first_attempt_begins(
 ) -> None:
     # As the edge waits for a store: a task, answered from its done callback. The answer (the
     # client's 250) must not wait for the attempt's work, which begins on the next turn.
-    calls_when_answered: list[int] = []
+    # It counts as in flight from the start all the same.
+    when_answered: list[tuple[int, int]] = []
     task = asyncio.create_task(enqueue_ok(harness.queue, make_envelope()))
-    task.add_done_callback(lambda _: calls_when_answered.append(len(scripted.calls)))
+    task.add_done_callback(
+        lambda _: when_answered.append((len(scripted.calls), harness.queue.inflight))
+    )
     assert len(await task) == 1
     await harness.drained()
-    assert calls_when_answered == [0]
+    assert when_answered == [(0, 1)]
     assert scripted.calls == [(["rcpt@example.com"], 0)]
     assert await harness.size() == 0
 

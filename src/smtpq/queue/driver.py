@@ -343,6 +343,8 @@ class Queue:
                 for env, id in zip(envelopes, results, strict=True)
                 if isinstance(id, str)
             ]
+            for a in attempts:
+                self._messages[a.id] = None  # leased by us: in flight from now on
             asyncio.get_running_loop().call_soon(self._admit_stored, attempts)
         return list(zip(envelopes, results, strict=True))
 
