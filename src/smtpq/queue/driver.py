@@ -202,7 +202,8 @@ class Queue:
                 on_released=self._released, on_cancelled=self._withdraw,
             )  # fmt: skip
         self._store_sem = asyncio.Semaphore(store_pool) if store_pool else None
-        #: Messages leased by this queue and in memory: reading (None), waiting, attempted.
+        #: Messages leased by this queue and in memory: reading or just stored (None), waiting,
+        #: attempted.
         self._messages: dict[str, MessageAttempt | None] = {}
         #: Messages whose recording failed: the steps left wait here, with the lease kept.
         self._parked: dict[str, asyncio.Task[None]] = {}
