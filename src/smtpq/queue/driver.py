@@ -335,19 +335,20 @@ class Queue:
             return [(envelope, QueueError(f"queue policy failed: {exc!r}"))]
         deliver = self.relay is not None and self._running
         results = await asyncio.gather(*(self._write(env, now, deliver) for env in envelopes))
+        stored = list(zip(envelopes, results, strict=True))
         if deliver:
             # Begun on the loop's next turn rather than here, so that our caller answers first:
             # the edge's 250 leaves before the first attempt's work, not after its first round
             # trips to the next hop (the client waits for it; the attempt does not).
             attempts = [
                 Attempt(id, env.copy(), 0, tuple(range(len(env.recipients))), now)
-                for env, id in zip(envelopes, results, strict=True)
+                for env, id in stored
                 if isinstance(id, str)
             ]
             for a in attempts:
                 self._messages[a.id] = None  # leased by us: in flight from now on
             asyncio.get_running_loop().call_soon(self._admit_stored, attempts)
-        return list(zip(envelopes, results, strict=True))
+        return stored
 
     async def _write(self, env: Envelope, now: float, deliver: bool) -> str | QueueError:
         started = time.perf_counter()
