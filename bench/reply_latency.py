@@ -20,7 +20,6 @@ msgs/s (the client is Python: its own time is in that figure, the same for every
 from __future__ import annotations
 
 import argparse
-import signal
 import smtplib
 import statistics
 import subprocess
@@ -91,8 +90,8 @@ def one_round(work: Path, src: str, n: int, body: bytes) -> tuple[list[float], f
         wait_for(lambda: e2e.port_open(port), 60, "smtpq serve did not listen")
         return send(port, n, body)
     finally:
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(60)
+        e2e.stop_pid(serve.pid)
+        serve.wait()
         sink.terminate()
         sink.wait(10)
 
